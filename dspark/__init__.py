@@ -1,0 +1,3 @@
+"""DSpark: lossless speculative decoding with semi-autoregressive drafters."""
+
+__version__ = "0.1.0"
