@@ -1,0 +1,99 @@
+"""The `dspark` command line.
+
+    dspark generate "def fibonacci(n):"            # bundled demo target, plain decoding
+    dspark generate --model DIR --temperature 0.8 --seed 1 --json "import os" "class Foo:"
+    dspark pretrain --out models/my-target          # train a tokenizer and a small code model
+
+Run `dspark SUBCOMMAND --help` for the options of each subcommand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from dspark.errors import DSparkError
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "generate", help="generate continuations of prompts",
+        description="Generate a continuation for each PROMPT with the target model and print it with a "
+                    "one-line stats summary (or one JSON object per prompt with --json). All prompts are "
+                    "decoded together in batched steps.")
+    p.add_argument("prompts", nargs="+", metavar="PROMPT", help="prompt text (use $'...' for newlines)")
+    p.add_argument("--model", default=None, help="Hugging Face model directory (default: the bundled demo target)")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate per prompt (default: 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default: 1)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = off (default: 0)")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling (per request)")
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16", "auto"],
+                   help="weights dtype (default: float32 on CPU)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--max-num-seqs", type=int, default=8, help="prompts decoded together (default: 8)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    p.set_defaults(func=_cmd_generate)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from dspark.engine import LLM
+    from dspark.sampling import SamplingParams
+
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            max_tokens=args.max_tokens, seed=args.seed, stop=args.stop)
+    llm = LLM(model=args.model, dtype=args.dtype, num_threads=args.threads, max_num_seqs=args.max_num_seqs)
+    prompts = list(args.prompts)
+    if args.chat:
+        prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
+    outs = llm.generate(prompts, params)
+    for o in outs:
+        m = o.metrics
+        if args.json:
+            print(json.dumps({
+                "prompt": o.prompt, "text": o.text, "token_ids": o.token_ids, "finish_reason": o.finish_reason,
+                "num_prompt_tokens": m.num_prompt_tokens, "num_tokens": m.num_tokens,
+                "seconds": round(m.seconds, 6), "tokens_per_s": round(m.tokens_per_s, 3),
+            }))
+        else:
+            print(o.prompt + o.text)
+            print(f"[{m.num_tokens} tokens in {m.seconds:.3f} s, {m.tokens_per_s:.1f} tokens/s, "
+                  f"finish: {o.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def _add_pretrain(sub: argparse._SubParsersAction) -> None:
+    from dspark.train import pretrain
+
+    p = sub.add_parser("pretrain", help="train a tokenizer and a small Qwen3 code model from scratch",
+                       description=pretrain.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    pretrain.add_arguments(p)
+    p.set_defaults(func=lambda a: pretrain.train(pretrain.config_from_args(a, a.raw_argv)) and 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dspark", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", metavar="SUBCOMMAND", required=True)
+    _add_generate(sub)
+    _add_pretrain(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    raw = list(argv) if argv is not None else sys.argv[1:]
+    args = build_parser().parse_args(raw)
+    args.raw_argv = raw[1:]
+    try:
+        return args.func(args) or 0
+    except (DSparkError, ValueError, FileNotFoundError) as e:
+        # Bad input is reported in one line that names what is wrong, never as a traceback.
+        print(f"dspark {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,338 @@
+"""The decoding engine and the user-facing `LLM` API (vLLM's shape).
+
+Usage:
+    from dspark import LLM, SamplingParams
+    llm = LLM()                                   # the bundled demo target
+    outs = llm.generate(["def fib(n):"], SamplingParams(temperature=0, max_tokens=64))
+    print(outs[0].text, outs[0].metrics.tokens_per_s)
+    for delta in llm.generate_stream("import os\\n", SamplingParams(max_tokens=32)):
+        print(delta.text, end="", flush=True)
+
+`Engine.step()` reads as schedule -> run -> postprocess: admit waiting requests into free cache
+slots (prefill, which also samples each request's first token), run one batched forward over every
+running request, then append tokens and retire finished requests. Every token goes through the one
+logits -> probabilities -> token path of `dspark.sampling`, with a generator per request so a seeded
+request's output does not depend on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dspark.errors import DSparkError
+from dspark.models import TargetModel, load_target
+from dspark.sampling import SamplingParams, SamplingTensors, logits_to_probs, make_generator, sample_from_probs
+from dspark.tokenizer import IncrementalDetokenizer
+
+DEFAULT_MODEL_ENV = "DSPARK_MODEL"
+_REPO_MODELS = Path(__file__).resolve().parent.parent / "models"
+DEFAULT_MODEL_NAME = "dspark-demo-target"
+
+
+class RequestError(DSparkError, ValueError):
+    """A request cannot be served as given (empty prompt, prompt longer than the context, ...)."""
+
+
+def default_model_path() -> Path:
+    """The bundled demo target (or $DSPARK_MODEL); a clear error when it is not there."""
+    env = os.environ.get(DEFAULT_MODEL_ENV)
+    path = Path(env) if env else _REPO_MODELS / DEFAULT_MODEL_NAME
+    if not (path / "config.json").is_file():
+        raise DSparkError(
+            f"no default model at {path}: pass --model DIR (a Hugging Face model directory), set "
+            f"${DEFAULT_MODEL_ENV}, or build the demo target with `dspark pretrain --out {path}` "
+            "(see the README)")
+    return path
+
+
+@dataclass
+class RequestMetrics:
+    num_prompt_tokens: int
+    num_tokens: int = 0
+    seconds: float = 0.0
+    tokens_per_s: float = 0.0
+    rounds: int = 0                       # target forwards after prefill that produced tokens
+    accepted_length: float | None = None  # τ: tokens per round, bonus included (speculative only)
+    accepted_by_position: list[int] = field(default_factory=list)  # drafts accepted at position k
+    tried_by_position: list[int] = field(default_factory=list)     # drafts verified at position k
+
+    @property
+    def acceptance_by_position(self) -> list[float]:
+        """Conditional acceptance at k: P(k accepted | 1..k-1 accepted)."""
+        return [a / t if t else 0.0 for a, t in zip(self.accepted_by_position, self.tried_by_position)]
+
+
+@dataclass
+class RequestOutput:
+    request_id: int
+    prompt: str
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (eos, stop token or stop string) or "length" (max_tokens or context)
+    metrics: RequestMetrics
+
+
+@dataclass
+class StreamDelta:
+    text: str
+    token_ids: list[int]
+    finished: bool
+    finish_reason: str | None = None
+    output: RequestOutput | None = None  # the whole result, on the last delta
+
+
+@dataclass
+class Request:
+    request_id: int
+    prompt: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    generator: torch.Generator | None
+    detok: IncrementalDetokenizer
+    eos_ids: frozenset[int]
+    max_total_len: int
+    slot: int = -1
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    pending_delta: str = ""
+    new_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    t_start: float = 0.0
+    t_end: float = 0.0
+    metrics: RequestMetrics | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def last_token(self) -> int:
+        return self.output_ids[-1]
+
+
+class Engine:
+    """Holds the target, its KV cache and the running requests; `step()` advances all of them."""
+
+    def __init__(self, target: TargetModel, max_num_seqs: int = 8, max_model_len: int | None = None) -> None:
+        if max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+        self.target = target
+        self.tokenizer = target.tokenizer
+        ctx = target.context_length
+        if max_model_len is not None and not 1 < max_model_len <= ctx:
+            raise ValueError(f"max_model_len must be in [2, {ctx}] (the model's context), got {max_model_len}")
+        self.max_model_len = max_model_len or ctx
+        self.max_num_seqs = max_num_seqs
+        self.cache = target.new_cache(max_num_seqs, self.max_model_len)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self._next_id = 0
+
+    # ---- requests --------------------------------------------------------------------------------
+
+    def add_request(self, prompt: str | Sequence[int], params: SamplingParams) -> Request:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise RequestError("prompt is empty: give at least one character of text")
+            ids = self.tokenizer.encode(prompt)
+            text = prompt
+        else:
+            ids = [int(t) for t in prompt]
+            text = self.tokenizer.decode(ids, skip_special_tokens=False)
+            bad = [t for t in ids if not 0 <= t < self.target.vocab_size]
+            if bad:
+                raise RequestError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.target.vocab_size})")
+        if not ids:
+            raise RequestError("prompt encodes to no tokens")
+        if len(ids) >= self.max_model_len:
+            raise RequestError(f"prompt has {len(ids)} tokens; the model's context is {self.max_model_len} tokens, "
+                               "which must also leave room for at least one generated token")
+        eos = frozenset() if params.ignore_eos else frozenset(self.target.eos_token_ids)
+        req = Request(self._next_id, text, ids, params, make_generator(params.seed),
+                      IncrementalDetokenizer(self.tokenizer), eos | frozenset(params.stop_token_ids),
+                      max_total_len=min(self.max_model_len, len(ids) + params.max_tokens))
+        self._next_id += 1
+        self.waiting.append(req)
+        return req
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- the step --------------------------------------------------------------------------------
+
+    def step(self) -> list[Request]:
+        """Advance every request by one target forward; return the requests that finished."""
+        finished: list[Request] = []
+        admitted = self._schedule()
+        for req in admitted:  # prefill one prompt at a time: lengths differ, padding would waste compute
+            res = self.target.forward(self.cache, [req.slot], [req.prompt_ids], all_logits=False)
+            self._postprocess([req], self._sample(res.logits[:, -1], [req]), finished)
+        decoding = [r for r in self.running if r not in admitted and not r.finished]
+        if decoding:
+            tokens = torch.tensor([[r.last_token] for r in decoding])  # [batch, 1]
+            res = self.target.forward(self.cache, [r.slot for r in decoding], tokens)
+            self._postprocess(decoding, self._sample(res.logits[:, 0], decoding), finished)
+        return finished
+
+    def _schedule(self) -> list[Request]:
+        admitted = []
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            req = self.waiting.popleft()
+            req.slot = self.cache.allocate()
+            req.t_start = time.perf_counter()
+            req.metrics = RequestMetrics(num_prompt_tokens=len(req.prompt_ids))
+            self.running.append(req)
+            admitted.append(req)
+        return admitted
+
+    def _sample(self, logits: torch.Tensor, reqs: Sequence[Request]) -> list[int]:
+        """logits: [batch, vocab] for the next position of each request."""
+        if all(r.params.greedy for r in reqs):
+            return logits.argmax(dim=-1).tolist()  # same as the one-hot path, without building it
+        st = SamplingTensors.from_params([r.params for r in reqs])
+        probs = logits_to_probs(logits, st.temperature, st.top_k, st.top_p)  # [batch, vocab]
+        return sample_from_probs(probs, [r.generator for r in reqs], st.greedy).tolist()
+
+    def _postprocess(self, reqs: Sequence[Request], tokens: Sequence[int], finished: list[Request]) -> None:
+        for req, tok in zip(reqs, tokens):
+            req.metrics.rounds += 1
+            self._append(req, [tok])
+            if req.finished:
+                finished.append(req)
+
+    def _append(self, req: Request, tokens: Sequence[int]) -> None:
+        """Append generated tokens one by one, stopping at eos, a stop string or a length limit."""
+        for tok in tokens:
+            req.output_ids.append(tok)
+            req.new_ids.append(tok)
+            if tok in req.eos_ids:
+                self._finish(req, "stop")
+                return
+            delta = req.detok.push([tok])
+            if delta:
+                req.text += delta
+                req.pending_delta += delta
+                if req.params.stop and self._check_stop_strings(req, len(delta)):
+                    return
+            if len(req.output_ids) >= req.params.max_tokens or \
+                    len(req.prompt_ids) + len(req.output_ids) >= req.max_total_len:
+                self._finish(req, "length")
+                return
+
+    def _check_stop_strings(self, req: Request, delta_len: int) -> bool:
+        longest = max(len(s) for s in req.params.stop)
+        window_start = max(0, len(req.text) - delta_len - longest + 1)
+        hits = [i for s in req.params.stop if (i := req.text.find(s, window_start)) >= 0]
+        if not hits:
+            return False
+        cut = min(hits)
+        removed = len(req.text) - cut
+        req.text = req.text[:cut]  # the stop string is not part of the output (vLLM's default)
+        req.pending_delta = req.pending_delta[:max(0, len(req.pending_delta) - removed)]
+        self._finish(req, "stop")
+        return True
+
+    def _finish(self, req: Request, reason: str) -> None:
+        req.finish_reason = reason
+        if reason != "stop" or not req.params.stop:
+            tail = req.detok.flush()
+            req.text += tail
+            req.pending_delta += tail
+        req.t_end = time.perf_counter()
+        m = req.metrics
+        m.num_tokens = len(req.output_ids)
+        m.seconds = req.t_end - req.t_start
+        m.tokens_per_s = m.num_tokens / m.seconds if m.seconds > 0 else 0.0
+        self.running.remove(req)
+        self.cache.free(req.slot)
+
+    def abort_all(self) -> None:
+        for req in list(self.running):
+            self.running.remove(req)
+            self.cache.free(req.slot)
+        self.waiting.clear()
+
+    @staticmethod
+    def to_output(req: Request) -> RequestOutput:
+        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, req.text, list(req.output_ids),
+                             req.finish_reason or "", req.metrics)
+
+
+class LLM:
+    """Offline generation over a target model, optionally with a speculative drafter.
+
+    ``model``: a Hugging Face model directory (default: the bundled demo target).
+    ``max_num_seqs``: how many requests are decoded together in one batched forward.
+    """
+
+    def __init__(self, model: str | os.PathLike | None = None, drafter: str | os.PathLike | None = None,
+                 dtype: str | None = None, max_num_seqs: int = 8, max_model_len: int | None = None,
+                 num_threads: int | None = None, device: str = "cpu") -> None:
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
+        self.model_path = Path(model) if model is not None else default_model_path()
+        if drafter is not None:
+            raise DSparkError("speculative drafters are not available yet in this version; pass drafter=None")
+        self.target = load_target(self.model_path, dtype=dtype, device=device)
+        self.tokenizer = self.target.tokenizer
+        self.engine = Engine(self.target, max_num_seqs=max_num_seqs, max_model_len=max_model_len)
+
+    def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Generate for every prompt (batched), returning one RequestOutput per prompt, in order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = list(sampling_params) if isinstance(sampling_params, Sequence) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
+        reqs = []
+        try:
+            for p, sp in zip(prompts, params):
+                reqs.append(self.engine.add_request(p, sp))
+        except Exception:
+            self.engine.abort_all()
+            raise
+        bar = None
+        if use_tqdm:
+            from tqdm import tqdm
+            bar = tqdm(total=len(reqs), desc="generate", unit="req")
+        try:
+            while self.engine.has_unfinished():
+                done = self.engine.step()
+                if bar is not None and done:
+                    bar.update(len(done))
+        except BaseException:
+            self.engine.abort_all()
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return [Engine.to_output(r) for r in reqs]
+
+    def generate_stream(self, prompt: str | Sequence[int], sampling_params: SamplingParams | None = None
+                        ) -> Iterator[StreamDelta]:
+        """Yield text deltas for one prompt as tokens are produced; the last delta has the output."""
+        req = self.engine.add_request(prompt, sampling_params or SamplingParams())
+        try:
+            while not req.finished:
+                self.engine.step()
+                if req.pending_delta or req.new_ids or req.finished:
+                    delta = StreamDelta(req.pending_delta, req.new_ids, req.finished, req.finish_reason,
+                                        Engine.to_output(req) if req.finished else None)
+                    req.pending_delta, req.new_ids = "", []
+                    yield delta
+        finally:
+            if not req.finished:
+                self.engine.abort_all()

@@ -1,0 +1,418 @@
+"""Pretrain a small Qwen3-architecture code model from scratch: the recipe behind the bundled demo target.
+
+Usage (the demo target, see models/dspark-demo-target/README.md for the exact command used):
+
+    dspark pretrain --out models/dspark-demo-target                 # corpus: the stdlib source
+    dspark pretrain --corpus DIR --out OUT --steps 200 --hidden-size 64 --num-layers 2
+    torchrun --nproc-per-node 2 -m dspark.train.pretrain --out OUT   # data parallel (gloo on CPU)
+
+Steps: discover files and split train/validation by file (a hash of the path), train a byte-level
+BPE tokenizer, tokenise both splits into one stream each, then train with AdamW (warm-up, cosine
+decay), random windows drawn deterministically from (seed, step) so a resumed or data-parallel run
+sees exactly the batches an uninterrupted single-process run sees. Checkpoints go to
+``OUT/.work/checkpoint.pt`` atomically; starting the same command again resumes. At the end the
+model is written as a Hugging Face directory that transformers' Auto classes load as they are,
+with a model card (README.md) recording the command, data, steps, tokens, time and losses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dspark.train.checkpoint import atomic_torch_save, atomic_write_text
+from dspark.train.corpus import CorpusError, discover, read_text, tokenize_files
+from dspark.train.tokenizer_train import (EOS_TOKEN, MASK_TOKEN, PAD_TOKEN, save_tokenizer,
+                                          train_tokenizer)
+
+
+@dataclass
+class PretrainConfig:
+    out: str
+    corpus: str | None = None            # None: the running Python's standard library
+    extensions: tuple[str, ...] = (".py",)
+    val_percent: float = 3.0
+    vocab_size: int = 8192
+    hidden_size: int = 320
+    intermediate_size: int = 864
+    num_layers: int = 8
+    num_heads: int = 5
+    num_kv_heads: int = 1
+    head_dim: int = 64
+    max_position_embeddings: int = 2048
+    seq_len: int = 512
+    batch_size: int = 8                  # global batch, in sequences
+    steps: int = 1200
+    lr: float = 1.5e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    eval_tokens: int = 65536
+    ckpt_every: int = 50
+    seed: int = 0
+    threads: int | None = None
+    save_dtype: str = "bfloat16"
+    stop_after: int | None = None        # stop (as if killed) after this step; for tests
+    command: str = field(default="", repr=False)
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim", "seq_len", "batch_size", "steps", "eval_every",
+                     "ckpt_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"--num-heads ({self.num_heads}) must be a multiple of --num-kv-heads "
+                             f"({self.num_kv_heads})")
+        if not 0 < self.val_percent < 100:
+            raise ValueError(f"--val-percent must be in (0, 100), got {self.val_percent}")
+        if self.seq_len >= self.max_position_embeddings:
+            raise ValueError(f"--seq-len ({self.seq_len}) must be below --max-position-embeddings "
+                             f"({self.max_position_embeddings})")
+        if self.save_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"--save-dtype must be float32, bfloat16 or float16, got {self.save_dtype!r}")
+
+
+def lr_at(step: int, cfg: PretrainConfig) -> float:
+    """Linear warm-up, then cosine decay to min_lr_ratio * lr."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def batch_offsets(seed: int, step: int, n_tokens: int, seq_len: int, batch_size: int) -> np.ndarray:
+    """Window starts for one global batch; a pure function of (seed, step) so resume is exact."""
+    rng = np.random.default_rng([seed, step])
+    return rng.integers(0, n_tokens - seq_len - 1, size=batch_size)
+
+
+def windows(stream: np.ndarray, offsets: np.ndarray, seq_len: int) -> torch.Tensor:
+    idx = offsets[:, None] + np.arange(seq_len + 1)[None, :]
+    return torch.from_numpy(stream[idx].astype(np.int64))  # [batch, seq_len + 1]
+
+
+def build_model(cfg: PretrainConfig, special: dict):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    mcfg = Qwen3Config(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim, max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=True, rope_theta=10000.0, rms_norm_eps=1e-6,
+        bos_token_id=None, eos_token_id=special[EOS_TOKEN], pad_token_id=special[PAD_TOKEN],
+    )
+    mcfg._attn_implementation = "sdpa"
+    torch.manual_seed(cfg.seed)
+    return Qwen3ForCausalLM(mcfg)
+
+
+@torch.no_grad()
+def evaluate(model, stream: np.ndarray, cfg: PretrainConfig) -> float:
+    """Mean next-token loss over fixed, non-overlapping validation windows."""
+    model.eval()
+    n_win = max(1, min(cfg.eval_tokens // cfg.seq_len, (len(stream) - 1) // cfg.seq_len))
+    offsets = np.arange(n_win) * cfg.seq_len
+    total, count = 0.0, 0
+    for i in range(0, n_win, cfg.batch_size):
+        x = windows(stream, offsets[i:i + cfg.batch_size], cfg.seq_len)
+        out = model(input_ids=x[:, :-1], labels=x[:, :-1].clone())
+        # transformers shifts labels itself; count the predicted positions.
+        n = x.shape[0] * (cfg.seq_len - 1)
+        total += out.loss.item() * n
+        count += n
+    model.train()
+    return total / count
+
+
+def _dist_info() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    return rank, world
+
+
+def prepare_data(cfg: PretrainConfig, work: Path, rank: int, world: int):
+    """Tokenizer and token streams, built once (rank 0) and cached in the work directory."""
+    tok_dir = work / "tokenizer"
+    meta_path = work / "data.json"
+    if rank == 0 and not meta_path.exists():
+        split = discover(cfg.corpus, cfg.extensions, cfg.val_percent)
+        tok = train_tokenizer(split.train, cfg.vocab_size)
+        special = save_tokenizer(tok, tok_dir, cfg.max_position_embeddings)
+        eos = special[EOS_TOKEN]
+        train = tokenize_files(tok, split.train, eos)
+        val = tokenize_files(tok, split.val, eos)
+        if len(train) < cfg.seq_len + 2 or len(val) < cfg.seq_len + 2:
+            raise CorpusError(f"corpus {str(split.root)!r} is too small: {len(train)} train and {len(val)} "
+                              f"validation tokens, need more than --seq-len ({cfg.seq_len}) + 1 in each")
+        np.save(work / "train.npy", train)
+        np.save(work / "val.npy", val)
+        meta = {"corpus": str(split.root), "train_files": len(split.train), "val_files": len(split.val),
+                "train_tokens": int(len(train)), "val_tokens": int(len(val)), "special_tokens": special,
+                "val_file_list": [p.relative_to(split.root).as_posix() for p in split.val]}
+        atomic_write_text(meta_path, json.dumps(meta, indent=2))
+    if world > 1:
+        torch.distributed.barrier()
+    meta = json.loads(meta_path.read_text())
+    train = np.load(work / "train.npy")
+    val = np.load(work / "val.npy")
+    return meta, train, val
+
+
+def _sample_continuations(model, tok_dir: Path, meta: dict, n: int = 3, max_new: int = 48) -> list[dict]:
+    """Greedy continuations of function headers taken from held-out files, for the model card."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    samples = []
+    for rel in meta["val_file_list"]:
+        text = read_text(Path(meta["corpus"]) / rel)
+        for line_no, line in enumerate(text.splitlines()):
+            if line.lstrip().startswith("def ") and line.rstrip().endswith(":"):
+                prompt = "\n".join(text.splitlines()[max(0, line_no - 6):line_no + 1]) + "\n"
+                ids = tok(prompt, return_tensors="pt")["input_ids"]
+                with torch.no_grad():
+                    out = model.generate(ids, max_new_tokens=max_new, do_sample=False,
+                                         pad_token_id=tok.pad_token_id)
+                samples.append({"file": rel, "prompt": prompt,
+                                "continuation": tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)})
+                break
+        if len(samples) >= n:
+            break
+    return samples
+
+
+def export(model, cfg: PretrainConfig, work: Path, meta: dict, log: dict) -> Path:
+    """Write the Hugging Face directory next to, then over, the output path (never half-written)."""
+    out = Path(cfg.out)
+    tmp = out.with_name(out.name + ".tmp-export")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    dtype = getattr(torch, cfg.save_dtype)
+    model.config.dtype = dtype
+    model.to(dtype).save_pretrained(str(tmp), safe_serialization=True)
+    model.to(torch.float32)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(work / "tokenizer" / name, tmp / name)
+    special = meta["special_tokens"]
+    gen = {"eos_token_id": special[EOS_TOKEN], "pad_token_id": special[PAD_TOKEN]}
+    (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    samples = _sample_continuations(model, tmp, meta)
+    (tmp / "README.md").write_text(model_card(cfg, meta, log, samples, special))
+    (tmp / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
+    # Keep the work directory (checkpoint, streams) where it is: move every exported file in.
+    out.mkdir(parents=True, exist_ok=True)
+    for f in tmp.iterdir():
+        os.replace(f, out / f.name)
+    tmp.rmdir()
+    return out
+
+
+def model_card(cfg: PretrainConfig, meta: dict, log: dict, samples: list[dict], special: dict) -> str:
+    evals = log["evals"]
+    last = evals[-1] if evals else {"step": 0, "val_loss": float("nan")}
+    n_params = log["num_params"]
+    lines = [
+        f"# {Path(cfg.out).name}",
+        "",
+        "A small Qwen3-architecture causal language model for Python code, trained from scratch by",
+        "DSpark's pretraining recipe (`dspark pretrain`). It is the demo target of DSpark: large enough",
+        "that speculative decoding has something to win on a CPU, small enough to train on 2 cores.",
+        "It continues Python source; it is not a chat assistant and knows nothing beyond the corpus.",
+        "",
+        "## How it was made",
+        "",
+        "```",
+        cfg.command,
+        "```",
+        "",
+        f"- Data: {', '.join(cfg.extensions)} files under `{meta['corpus']}`"
+        + (" (the Python standard library)" if cfg.corpus is None else "")
+        + " with tests, IDLE, lib2to3, ensurepip and vendored code left out; split by file with a",
+        f"  hash of the relative path: {meta['train_files']} train files ({meta['train_tokens']:,} tokens), "
+        f"{meta['val_files']} validation files ({meta['val_tokens']:,} tokens).",
+        f"- Tokenizer: byte-level BPE, vocabulary {cfg.vocab_size}, special tokens "
+        + ", ".join(f"`{k}`={v}" for k, v in special.items()) + ".",
+        f"- Model: {n_params / 1e6:.1f}M parameters, hidden {cfg.hidden_size}, {cfg.num_layers} layers, "
+        f"{cfg.num_heads} heads ({cfg.num_kv_heads} KV), head dim {cfg.head_dim}, MLP {cfg.intermediate_size}, "
+        "tied embeddings; saved in " + cfg.save_dtype + ".",
+        f"- Training: {log['step']} steps of {cfg.batch_size} x {cfg.seq_len} tokens "
+        f"({log['tokens_seen']:,} tokens seen), AdamW lr {cfg.lr} (warm-up {cfg.warmup_steps}, cosine to "
+        f"{cfg.min_lr_ratio}x), weight decay {cfg.weight_decay}, seed {cfg.seed}, "
+        f"{log['world_size']} process(es), {log['threads']} thread(s) each.",
+        f"- Wall time: {log['wall_seconds'] / 60:.1f} minutes of training (sum over resumed runs).",
+        f"- Validation loss at step {last['step']}: {last['val_loss']:.4f} nats/token, "
+        f"perplexity {math.exp(last['val_loss']):.2f}.",
+        "",
+        "## Validation curve",
+        "",
+        "| step | train loss | validation loss | perplexity |",
+        "| --- | --- | --- | --- |",
+    ]
+    for e in evals:
+        lines.append(f"| {e['step']} | {e['train_loss']:.4f} | {e['val_loss']:.4f} | {math.exp(e['val_loss']):.2f} |")
+    lines += ["", "## Greedy continuations of held-out function headers", ""]
+    for s in samples:
+        lines += [f"From `{s['file']}`:", "", "```python", s["prompt"] + s["continuation"], "```", ""]
+    return "\n".join(lines) + "\n"
+
+
+def train(cfg: PretrainConfig) -> Path:
+    cfg.validate()
+    rank, world = _dist_info()
+    if world > 1:
+        torch.distributed.init_process_group("gloo")
+    if cfg.batch_size % world:
+        raise ValueError(f"--batch-size ({cfg.batch_size}) must be divisible by the number of processes ({world})")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    elif world > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    out = Path(cfg.out)
+    work = out / ".work"
+    if rank == 0:
+        work.mkdir(parents=True, exist_ok=True)
+    if world > 1:
+        torch.distributed.barrier()
+    meta, train_stream, val_stream = prepare_data(cfg, work, rank, world)
+    model = build_model(cfg, meta["special_tokens"])
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    ckpt_path = work / "checkpoint.pt"
+    log = {"evals": [], "step": 0, "tokens_seen": 0, "wall_seconds": 0.0, "world_size": world,
+           "threads": torch.get_num_threads(), "num_params": sum(p.numel() for p in model.parameters())}
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        log = state["log"]
+        log["world_size"], log["threads"] = world, torch.get_num_threads()
+        if rank == 0:
+            print(f"resuming from {ckpt_path} at step {log['step']}", file=sys.stderr)
+    ddp_model = model
+    if world > 1:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(model)
+    model.train()
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.steps, initial=log["step"], desc="pretrain", unit="step",
+               disable=rank != 0, dynamic_ncols=True)
+    t_start = time.time()
+    wall_before = log["wall_seconds"]
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    recent = []
+    while log["step"] < cfg.steps:
+        step = log["step"]
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        offs = batch_offsets(cfg.seed, step, len(train_stream), cfg.seq_len, cfg.batch_size)
+        x = windows(train_stream, offs[rank::world], cfg.seq_len)
+        logits = ddp_model(input_ids=x[:, :-1]).logits  # [batch / world, seq_len, vocab]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        loss_v = loss.detach()
+        if world > 1:
+            torch.distributed.all_reduce(loss_v)
+            loss_v /= world
+        recent.append(loss_v.item())
+        recent = recent[-20:]
+        log["step"] = step + 1
+        log["tokens_seen"] += tokens_per_step
+        log["wall_seconds"] = wall_before + time.time() - t_start
+        log.setdefault("train_losses", []).append(round(loss_v.item(), 5))
+        bar.update(1)
+        bar.set_postfix(loss=f"{np.mean(recent):.3f}", lr=f"{lr_at(step, cfg):.1e}",
+                        tok_s=f"{tokens_per_step * bar.format_dict['rate'] if bar.format_dict.get('rate') else 0:.0f}")
+        done = log["step"] == cfg.steps
+        if rank == 0 and (log["step"] % cfg.eval_every == 0 or done):
+            v = evaluate(model, val_stream, cfg)
+            log["evals"].append({"step": log["step"], "train_loss": float(np.mean(recent)), "val_loss": v})
+            bar.write(f"step {log['step']}: train loss {np.mean(recent):.4f}, val loss {v:.4f}, ppl {math.exp(v):.2f}")
+        if rank == 0 and (log["step"] % cfg.ckpt_every == 0 or done):
+            atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "log": log,
+                               "config": asdict(cfg)}, ckpt_path)
+        if cfg.stop_after is not None and log["step"] >= cfg.stop_after and not done:
+            bar.close()
+            if world > 1:
+                torch.distributed.destroy_process_group()
+            return out
+    bar.close()
+    if rank == 0:
+        export(model, cfg, work, meta, log)
+        print(f"wrote {out} (val loss {log['evals'][-1]['val_loss']:.4f})", file=sys.stderr)
+    if world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = PretrainConfig(out="")
+    p.add_argument("--out", required=True, help="output Hugging Face model directory (its .work/ holds checkpoints)")
+    p.add_argument("--corpus", default=None, help="directory of text/code files (default: this Python's standard library)")
+    p.add_argument("--extensions", default=",".join(d.extensions), help="comma-separated file endings to read (default: .py)")
+    for name, help_ in [
+        ("val_percent", "percent of files held out for validation"), ("vocab_size", "BPE vocabulary size"),
+        ("hidden_size", "model width"), ("intermediate_size", "MLP width"), ("num_layers", "decoder layers"),
+        ("num_heads", "attention heads"), ("num_kv_heads", "key/value heads"), ("head_dim", "head dimension"),
+        ("max_position_embeddings", "context length"), ("seq_len", "training sequence length"),
+        ("batch_size", "global batch in sequences"), ("steps", "optimiser steps"), ("lr", "peak learning rate"),
+        ("min_lr_ratio", "final lr as a fraction of peak"), ("warmup_steps", "warm-up steps"),
+        ("weight_decay", "AdamW weight decay"), ("grad_clip", "gradient norm clip"),
+        ("eval_every", "validate every N steps"), ("eval_tokens", "validation tokens per evaluation"),
+        ("ckpt_every", "checkpoint every N steps"), ("seed", "random seed"),
+        ("threads", "torch threads per process (default: cores / processes)"),
+    ]:
+        default = getattr(d, name)
+        typ = type(default) if default is not None else int
+        p.add_argument("--" + name.replace("_", "-"), type=typ, default=default, help=f"{help_} (default: {default})")
+    p.add_argument("--save-dtype", default=d.save_dtype, choices=["float32", "bfloat16", "float16"],
+                   help=f"dtype of the saved weights (default: {d.save_dtype})")
+    p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def config_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> PretrainConfig:
+    kw = {k: v for k, v in vars(args).items() if k in PretrainConfig.__dataclass_fields__}
+    kw["extensions"] = tuple(e if e.startswith(".") else "." + e for e in args.extensions.split(",") if e)
+    args_str = " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    prefix = f"torchrun --nproc-per-node {world} -m dspark.train.pretrain" if world > 1 else "dspark pretrain"
+    kw["command"] = f"{prefix} {args_str}"
+
+    return PretrainConfig(**kw)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="dspark pretrain", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    args = p.parse_args(argv)
+    try:
+        train(config_from_args(args, argv))
+    except (CorpusError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
