@@ -3,6 +3,7 @@
     dspark generate "def fibonacci(n):"            # bundled demo target, plain decoding
     dspark generate --model DIR --temperature 0.8 --seed 1 --json "import os" "class Foo:"
     dspark pretrain --out models/my-target          # train a tokenizer and a small code model
+    dspark datagen --out runs/data.jsonl            # target-generated responses for drafter training
 
 Run `dspark SUBCOMMAND --help` for the options of each subcommand.
 """
@@ -74,12 +75,22 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=lambda a: pretrain.train(pretrain.config_from_args(a, a.raw_argv)) and 0)
 
 
+def _add_datagen(sub: argparse._SubParsersAction) -> None:
+    from dspark.train import datagen
+
+    p = sub.add_parser("datagen", help="regenerate responses with the target (drafter training data)",
+                       description=datagen.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    datagen.add_arguments(p)
+    p.set_defaults(func=lambda a: datagen.run(a) and 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dspark", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", metavar="SUBCOMMAND", required=True)
     _add_generate(sub)
     _add_pretrain(sub)
+    _add_datagen(sub)
     return p
 
 

@@ -30,6 +30,7 @@ from dspark.errors import DSparkError
 from dspark.models import TargetModel, load_target
 from dspark.sampling import SamplingParams, SamplingTensors, logits_to_probs, make_generator, sample_from_probs
 from dspark.tokenizer import IncrementalDetokenizer
+from dspark.verify import verify_batch
 
 DEFAULT_MODEL_ENV = "DSPARK_MODEL"
 _REPO_MODELS = Path(__file__).resolve().parent.parent / "models"
@@ -59,6 +60,7 @@ class RequestMetrics:
     seconds: float = 0.0
     tokens_per_s: float = 0.0
     rounds: int = 0                       # target forwards after prefill that produced tokens
+    accepted_drafts: int = 0              # draft tokens the target kept, over all rounds
     accepted_length: float | None = None  # τ: tokens per round, bonus included (speculative only)
     accepted_by_position: list[int] = field(default_factory=list)  # drafts accepted at position k
     tried_by_position: list[int] = field(default_factory=list)     # drafts verified at position k
@@ -99,6 +101,7 @@ class Request:
     detok: IncrementalDetokenizer
     eos_ids: frozenset[int]
     max_total_len: int
+    gamma: int = 0                         # draft tokens per round (0 = plain decoding)
     slot: int = -1
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
@@ -121,7 +124,8 @@ class Request:
 class Engine:
     """Holds the target, its KV cache and the running requests; `step()` advances all of them."""
 
-    def __init__(self, target: TargetModel, max_num_seqs: int = 8, max_model_len: int | None = None) -> None:
+    def __init__(self, target: TargetModel, max_num_seqs: int = 8, max_model_len: int | None = None,
+                 drafter=None, num_speculative_tokens: int | None = None) -> None:
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
         self.target = target
@@ -132,6 +136,15 @@ class Engine:
         self.max_model_len = max_model_len or ctx
         self.max_num_seqs = max_num_seqs
         self.cache = target.new_cache(max_num_seqs, self.max_model_len)
+        self.drafter = drafter  # a dspark.drafters Drafter, or None for plain decoding
+        if drafter is not None:
+            gamma = num_speculative_tokens or drafter.block_size
+            if not 1 <= gamma <= drafter.block_size:
+                raise ValueError(f"num_speculative_tokens={gamma} is outside [1, {drafter.block_size}] "
+                                 f"(the {drafter.name} drafter's block_size)")
+            self.default_gamma = gamma
+        else:
+            self.default_gamma = 0
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._next_id = 0
@@ -159,6 +172,12 @@ class Engine:
         req = Request(self._next_id, text, ids, params, make_generator(params.seed),
                       IncrementalDetokenizer(self.tokenizer), eos | frozenset(params.stop_token_ids),
                       max_total_len=min(self.max_model_len, len(ids) + params.max_tokens))
+        if self.drafter is not None:
+            g = params.num_speculative_tokens or self.default_gamma
+            if g > self.drafter.block_size:
+                raise RequestError(f"num_speculative_tokens={g} exceeds the {self.drafter.name} drafter's "
+                                   f"block_size {self.drafter.block_size}")
+            req.gamma = g
         self._next_id += 1
         self.waiting.append(req)
         return req
@@ -173,14 +192,78 @@ class Engine:
         finished: list[Request] = []
         admitted = self._schedule()
         for req in admitted:  # prefill one prompt at a time: lengths differ, padding would waste compute
-            res = self.target.forward(self.cache, [req.slot], [req.prompt_ids], all_logits=False)
-            self._postprocess([req], self._sample(res.logits[:, -1], [req]), finished)
-        decoding = [r for r in self.running if r not in admitted and not r.finished]
-        if decoding:
-            tokens = torch.tensor([[r.last_token] for r in decoding])  # [batch, 1]
-            res = self.target.forward(self.cache, [r.slot for r in decoding], tokens)
-            self._postprocess(decoding, self._sample(res.logits[:, 0], decoding), finished)
+            self._prefill(req, finished)
+        running = [r for r in self.running if r not in admitted and not r.finished]
+        if running and self.drafter is not None:
+            self._speculative_round(running, finished)
+        elif running:
+            tokens = torch.tensor([[r.last_token] for r in running])  # [batch, 1]
+            res = self.target.forward(self.cache, [r.slot for r in running], tokens)
+            self._postprocess(running, self._sample(res.logits[:, 0], running), finished)
         return finished
+
+    def _prefill(self, req: Request, finished: list[Request]) -> None:
+        """Run the prompt through the target and sample the first token (the first anchor)."""
+        layers = self.drafter.target_layer_ids if self.drafter is not None else ()
+        res = self.target.forward(self.cache, [req.slot], [req.prompt_ids], hidden_layer_ids=layers,
+                                  all_logits=False)
+        if self.drafter is not None:
+            self.drafter.add_sequence(req.slot, req.prompt_ids, res.hidden[0] if res.hidden is not None else None)
+        self._append(req, self._sample(res.logits[:, -1], [req]))
+        if req.finished:
+            finished.append(req)
+
+    def _speculative_round(self, reqs: list[Request], finished: list[Request]) -> None:
+        """propose -> verify -> commit: draft ℓ tokens per request, score them in one target forward,
+        keep the accepted prefix and the bonus, roll the rejected tail back in both caches."""
+        # ℓ_r: the request's γ, capped so the verified tokens fit the context (anchor + ℓ new entries)
+        # and so no more is verified than the request can still emit.
+        ells = []
+        for r in reqs:
+            room = self.max_model_len - self.cache.length(r.slot) - 1
+            left = r.params.max_tokens - len(r.output_ids) - 1
+            ells.append(max(0, min(r.gamma, room, left)))
+        gamma = max(ells)
+        anchors = [r.last_token for r in reqs]
+        sampling = SamplingTensors.from_params([r.params for r in reqs])
+        generators = [r.generator for r in reqs]
+        slots = [r.slot for r in reqs]
+        if gamma > 0:
+            proposal = self.drafter.propose(slots, anchors, gamma, sampling, generators)
+            draft_ids = proposal.token_ids  # [num_reqs, gamma]
+        else:
+            proposal, draft_ids = None, torch.zeros(len(reqs), 0, dtype=torch.long)
+        starts = [self.cache.length(s) for s in slots]
+        tokens = [[a] + draft_ids[i, :ell].tolist() for i, (a, ell) in enumerate(zip(anchors, ells))]
+        res = self.target.forward(self.cache, slots, tokens, hidden_layer_ids=self.drafter.target_layer_ids)
+        logits = res.logits[:, :gamma + 1]  # [num_reqs, gamma + 1, vocab]
+        if all(sampling.greedy):
+            target_probs = logits  # greedy verification only needs the argmax
+            draft_probs = None
+        else:
+            target_probs = logits_to_probs(logits, sampling.temperature, sampling.top_k, sampling.top_p)
+            draft_probs = proposal.probs if proposal is not None else logits.new_zeros(len(reqs), 0, logits.shape[-1])
+        results = verify_batch(draft_ids, draft_probs, target_probs, ells, generators, sampling.greedy)
+        for i, (req, ver, ell) in enumerate(zip(reqs, results, ells)):
+            a = ver.num_accepted
+            # Keep the anchor and the accepted drafts in the target cache; the bonus is the next anchor.
+            self.cache.truncate(req.slot, starts[i] + 1 + a)
+            hidden = res.hidden[i, :a + 1] if res.hidden is not None else None
+            self.drafter.commit(req.slot, tokens[i][:a + 1], hidden)
+            m = req.metrics
+            m.rounds += 1
+            m.accepted_drafts += a
+            if len(m.tried_by_position) < ell:
+                extra = ell - len(m.tried_by_position)
+                m.tried_by_position += [0] * extra
+                m.accepted_by_position += [0] * extra
+            for k in range(min(a + 1, ell)):  # position k+1 was tried iff positions 1..k were accepted
+                m.tried_by_position[k] += 1
+                if k < a:
+                    m.accepted_by_position[k] += 1
+            self._append(req, ver.emitted)
+            if req.finished:
+                finished.append(req)
 
     def _schedule(self) -> list[Request]:
         admitted = []
@@ -251,13 +334,19 @@ class Engine:
         m.num_tokens = len(req.output_ids)
         m.seconds = req.t_end - req.t_start
         m.tokens_per_s = m.num_tokens / m.seconds if m.seconds > 0 else 0.0
+        if req.gamma and m.rounds:
+            m.accepted_length = (m.accepted_drafts + m.rounds) / m.rounds  # τ: bonus included
+        self._release(req)
+
+    def _release(self, req: Request) -> None:
         self.running.remove(req)
         self.cache.free(req.slot)
+        if self.drafter is not None:
+            self.drafter.free(req.slot)
 
     def abort_all(self) -> None:
         for req in list(self.running):
-            self.running.remove(req)
-            self.cache.free(req.slot)
+            self._release(req)
         self.waiting.clear()
 
     @staticmethod
@@ -270,20 +359,27 @@ class LLM:
     """Offline generation over a target model, optionally with a speculative drafter.
 
     ``model``: a Hugging Face model directory (default: the bundled demo target).
+    ``drafter``: None (plain decoding), a drafter directory or registered name (e.g. ``"ngram"``),
+    or a ready Drafter object. ``num_speculative_tokens``: default γ (default: the drafter's block).
     ``max_num_seqs``: how many requests are decoded together in one batched forward.
     """
 
-    def __init__(self, model: str | os.PathLike | None = None, drafter: str | os.PathLike | None = None,
+    def __init__(self, model: str | os.PathLike | None = None, drafter=None,
                  dtype: str | None = None, max_num_seqs: int = 8, max_model_len: int | None = None,
-                 num_threads: int | None = None, device: str = "cpu") -> None:
+                 num_threads: int | None = None, device: str = "cpu",
+                 num_speculative_tokens: int | None = None) -> None:
         if num_threads is not None:
             torch.set_num_threads(num_threads)
         self.model_path = Path(model) if model is not None else default_model_path()
-        if drafter is not None:
-            raise DSparkError("speculative drafters are not available yet in this version; pass drafter=None")
         self.target = load_target(self.model_path, dtype=dtype, device=device)
         self.tokenizer = self.target.tokenizer
-        self.engine = Engine(self.target, max_num_seqs=max_num_seqs, max_model_len=max_model_len)
+        max_len = max_model_len or self.target.context_length
+        if drafter is not None and not hasattr(drafter, "propose"):
+            from dspark.drafters import load_drafter
+            drafter = load_drafter(drafter, self.target, max_seqs=max_num_seqs, max_len=max_len)
+        self.drafter = drafter
+        self.engine = Engine(self.target, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                             drafter=drafter, num_speculative_tokens=num_speculative_tokens)
 
     def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,

@@ -20,14 +20,9 @@ IM_END = "<|im_end|>"
 MASK_TOKEN = "<|mask|>"
 SPECIAL_TOKENS = [EOS_TOKEN, PAD_TOKEN, IM_START, IM_END, MASK_TOKEN]
 
-# ChatML, the template Qwen models use; the demo model is a code model, the template is there so
-# chat-style prompt sets can be rendered the same way for every model.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+# The chat-turn tokens are reserved so a later chat fine-tune needs no new embeddings; no chat
+# template is written, because a model pretrained on code alone has never seen a chat turn and
+# chat-style prompt sets are then given to it as plain text.
 
 # 256 byte symbols plus the special tokens is the least a byte-level BPE can hold.
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
@@ -73,7 +68,6 @@ def save_tokenizer(tok: Tokenizer, out_dir: Path, model_max_length: int) -> dict
         "additional_special_tokens": [IM_START, IM_END],
         "model_max_length": model_max_length,
         "clean_up_tokenization_spaces": False,
-        "chat_template": CHAT_TEMPLATE,
     }
     (out_dir / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     return ids
