@@ -1,9 +1,11 @@
 """The `dspark` command line.
 
-    dspark generate "def fibonacci(n):"            # bundled demo target, plain decoding
+    dspark generate "def fibonacci(n):"            # bundled demo target (+ demo drafter when present)
+    dspark generate --drafter ngram -g 5 --compare "def fibonacci(n):"
     dspark generate --model DIR --temperature 0.8 --seed 1 --json "import os" "class Foo:"
     dspark pretrain --out models/my-target          # train a tokenizer and a small code model
     dspark datagen --out runs/data.jsonl            # target-generated responses for drafter training
+    dspark train-drafter --data runs/data.jsonl --out models/my-drafter
 
 Run `dspark SUBCOMMAND --help` for the options of each subcommand.
 """
@@ -17,20 +19,40 @@ import sys
 from dspark.errors import DSparkError
 
 
+DEFAULT_DRAFTER_NAME = "dspark-demo-drafter"
+
+
+def default_drafter_path():
+    """The bundled demo drafter, when this checkout has it (else None: plain decoding)."""
+    from dspark.engine import _REPO_MODELS
+
+    path = _REPO_MODELS / DEFAULT_DRAFTER_NAME
+    return path if (path / "config.json").is_file() else None
+
+
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "generate", help="generate continuations of prompts",
+        "generate", help="generate continuations of prompts (speculatively when a drafter is given)",
         description="Generate a continuation for each PROMPT with the target model and print it with a "
                     "one-line stats summary (or one JSON object per prompt with --json). All prompts are "
-                    "decoded together in batched steps.")
+                    "decoded together in batched steps. With a drafter, decoding is speculative and "
+                    "lossless: the output distribution is exactly the target's.")
     p.add_argument("prompts", nargs="+", metavar="PROMPT", help="prompt text (use $'...' for newlines)")
     p.add_argument("--model", default=None, help="Hugging Face model directory (default: the bundled demo target)")
+    p.add_argument("--drafter", default=None,
+                   help="drafter directory, a drafter name (ngram), or 'none' for plain decoding "
+                        "(default: the bundled demo drafter when present, else none)")
+    p.add_argument("-g", "--num-speculative-tokens", type=int, default=None,
+                   help="γ, draft tokens per round (default: the drafter's block size)")
+    p.add_argument("--compare", action="store_true",
+                   help="also decode plainly (same target, same prompts) and print the speedup")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate per prompt (default: 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default: 1)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = off (default: 0)")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (per request)")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-text")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16", "auto"],
                    help="weights dtype (default: float32 on CPU)")
@@ -45,24 +67,50 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from dspark.sampling import SamplingParams
 
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            max_tokens=args.max_tokens, seed=args.seed, stop=args.stop)
-    llm = LLM(model=args.model, dtype=args.dtype, num_threads=args.threads, max_num_seqs=args.max_num_seqs)
+                            max_tokens=args.max_tokens, seed=args.seed, stop=args.stop,
+                            ignore_eos=args.ignore_eos, num_speculative_tokens=args.num_speculative_tokens)
+    drafter = args.drafter
+    if drafter is None:
+        drafter = default_drafter_path()
+    elif drafter.lower() == "none":
+        drafter = None
+    if drafter is None and args.num_speculative_tokens is not None:
+        raise ValueError("-g/--num-speculative-tokens needs a drafter (--drafter DIR or ngram)")
+    llm = LLM(model=args.model, drafter=drafter, dtype=args.dtype, num_threads=args.threads,
+              max_num_seqs=args.max_num_seqs)
     prompts = list(args.prompts)
     if args.chat:
         prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
+    if args.compare:
+        # Warm both engines up so neither pays first-call allocation costs in the measurement.
+        warm = SamplingParams(temperature=0, max_tokens=2)
+        llm.generate(prompts[:1], warm)
+        llm.generate(prompts[:1], warm, speculative=False)
     outs = llm.generate(prompts, params)
-    for o in outs:
+    plain = llm.generate(prompts, params, speculative=False) if args.compare else [None] * len(outs)
+    for o, po in zip(outs, plain):
         m = o.metrics
+        rec = {"prompt": o.prompt, "text": o.text, "token_ids": o.token_ids, "finish_reason": o.finish_reason,
+               "num_prompt_tokens": m.num_prompt_tokens, "num_tokens": m.num_tokens,
+               "seconds": round(m.seconds, 6), "tokens_per_s": round(m.tokens_per_s, 3)}
+        if llm.drafter is not None:
+            rec.update(drafter=llm.drafter.name, accepted_length=m.accepted_length, rounds=m.rounds,
+                       acceptance_by_position=[round(x, 4) for x in m.acceptance_by_position])
+        if po is not None:
+            rec.update(plain_tokens_per_s=round(po.metrics.tokens_per_s, 3),
+                       speedup=round(m.tokens_per_s / po.metrics.tokens_per_s, 3) if po.metrics.tokens_per_s else None,
+                       same_tokens_as_plain=po.token_ids == o.token_ids)
         if args.json:
-            print(json.dumps({
-                "prompt": o.prompt, "text": o.text, "token_ids": o.token_ids, "finish_reason": o.finish_reason,
-                "num_prompt_tokens": m.num_prompt_tokens, "num_tokens": m.num_tokens,
-                "seconds": round(m.seconds, 6), "tokens_per_s": round(m.tokens_per_s, 3),
-            }))
-        else:
-            print(o.prompt + o.text)
-            print(f"[{m.num_tokens} tokens in {m.seconds:.3f} s, {m.tokens_per_s:.1f} tokens/s, "
-                  f"finish: {o.finish_reason}]", file=sys.stderr)
+            print(json.dumps(rec))
+            continue
+        print(o.prompt + o.text)
+        stats = f"{m.num_tokens} tokens in {m.seconds:.3f} s, {m.tokens_per_s:.1f} tokens/s"
+        if llm.drafter is not None and m.accepted_length is not None:
+            stats += f", {llm.drafter.name} τ={m.accepted_length:.2f} over {m.rounds} rounds"
+        if po is not None:
+            stats += (f"; plain {po.metrics.tokens_per_s:.1f} tokens/s, speedup {rec['speedup']:.2f}x"
+                      + ("" if rec["same_tokens_as_plain"] or not params.greedy else " (OUTPUT DIFFERS)"))
+        print(f"[{stats}, finish: {o.finish_reason}]", file=sys.stderr)
     return 0
 
 
@@ -84,6 +132,15 @@ def _add_datagen(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=lambda a: datagen.run(a) and 0)
 
 
+def _add_train_drafter(sub: argparse._SubParsersAction) -> None:
+    from dspark.train import train_drafter
+
+    p = sub.add_parser("train-drafter", help="train a DSpark (or DFlash) drafter against a frozen target",
+                       description=train_drafter.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    train_drafter.add_arguments(p)
+    p.set_defaults(func=lambda a: train_drafter.train(train_drafter.config_from_args(a, a.raw_argv)) and 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dspark", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -91,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_pretrain(sub)
     _add_datagen(sub)
+    _add_train_drafter(sub)
     return p
 
 

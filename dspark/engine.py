@@ -380,11 +380,25 @@ class LLM:
         self.drafter = drafter
         self.engine = Engine(self.target, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                              drafter=drafter, num_speculative_tokens=num_speculative_tokens)
+        self._plain_engine: Engine | None = None
+        self._engine_args = dict(max_num_seqs=max_num_seqs, max_model_len=max_model_len)
+
+    def plain_engine(self) -> Engine:
+        """An engine without drafter over the same target weights, for side-by-side comparisons."""
+        if self.drafter is None:
+            return self.engine
+        if self._plain_engine is None:
+            self._plain_engine = Engine(self.target, **self._engine_args)
+        return self._plain_engine
 
     def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
-        """Generate for every prompt (batched), returning one RequestOutput per prompt, in order."""
+                 use_tqdm: bool = False, speculative: bool = True) -> list[RequestOutput]:
+        """Generate for every prompt (batched), returning one RequestOutput per prompt, in order.
+
+        ``speculative=False`` decodes plainly even when the LLM has a drafter (same target weights).
+        """
+        engine = self.engine if speculative else self.plain_engine()
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         prompts = list(prompts)
@@ -396,21 +410,21 @@ class LLM:
         reqs = []
         try:
             for p, sp in zip(prompts, params):
-                reqs.append(self.engine.add_request(p, sp))
+                reqs.append(engine.add_request(p, sp))
         except Exception:
-            self.engine.abort_all()
+            engine.abort_all()
             raise
         bar = None
         if use_tqdm:
             from tqdm import tqdm
             bar = tqdm(total=len(reqs), desc="generate", unit="req")
         try:
-            while self.engine.has_unfinished():
-                done = self.engine.step()
+            while engine.has_unfinished():
+                done = engine.step()
                 if bar is not None and done:
                     bar.update(len(done))
         except BaseException:
-            self.engine.abort_all()
+            engine.abort_all()
             raise
         finally:
             if bar is not None:

@@ -1,0 +1,962 @@
+"""The DSpark drafter (paper §3.1): a parallel DFlash-style backbone plus a cheap sequential head.
+
+Math and I/O of the drafter checkpoint live here; the engine only sees the `Drafter` protocol.
+
+    drafter = DSparkDrafter.from_pretrained("runs/drafter", target, max_seqs=8, max_len=4096)
+    model = DSparkModel.from_target(DSparkConfig.for_target(target.config, mask_token_id=...), target)
+    out = model.forward_train(target_hidden, input_ids, anchors, anchor_mask, loss_mask)   # training
+
+Architecture (parameter names follow DeepSpec's `Qwen3DSparkModel`, so checkpoints interchange):
+  * context features: `hidden_norm(fc(concat of the target's hidden states at target_layer_ids))`,
+    one vector per sequence position whose target features are known;
+  * every draft layer (`layers.N`, Qwen3-style: q/k RMSNorm, SwiGLU, pre-norm) projects the context
+    features with its own `k_proj`/`v_proj` (+ `k_norm`, RoPE at the context position) into extra
+    keys/values; the block (anchor + γ−1 mask tokens, embedded with the target's frozen embedding, at
+    positions p..p+γ−1) attends to all context positions < p and bidirectionally to itself;
+  * `norm`, then the target's LM head -> base logits U_1..U_γ (the anchor is prediction position 1);
+  * sequential head (`markov_head`): a transition bias B_k from the previous token, sampled left to
+    right, p_k = softmax(U_k + B_k) after the request's temperature/top-k/top-p;
+  * confidence head (`confidence_head.proj`): c_k = σ(wᵀ[h_k; W1[x_{k−1}]]).
+
+Symbols in shape comments:
+    B  sequences in a training batch       T  training sequence length     A  anchors per sequence
+    n  sequences in a propose call         G  block_size (γ)               V  vocabulary
+    H  hidden size                         Hq / Hkv  query / key-value heads    D  head_dim
+    L  target layers tapped (len(target_layer_ids))                          r  markov_rank
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dspark.drafters.base import DraftProposal, register_drafter
+from dspark.errors import CacheError, CheckpointError
+from dspark.kv_cache import KVCache
+from dspark.models.config import ModelConfig, RopeScaling, _rope
+from dspark.models.transformer import rms_norm
+from dspark.sampling import SamplingTensors, logits_to_probs, sample_from_probs
+
+if TYPE_CHECKING:
+    from dspark.models import TargetModel
+
+ARCHITECTURE = "Qwen3DSparkModel"
+WEIGHTS_FILE = "model.safetensors"
+# Tensors a DeepSpec checkpoint may carry that we take from the target instead.
+SHARED_KEYS = ("embed_tokens.weight", "lm_head.weight")
+INIT_STD = 0.02  # DeepSpec/transformers `initializer_range`
+
+
+def default_target_layer_ids(num_target_layers: int, num_taps: int = 3) -> list[int]:
+    """Evenly spaced target layers to tap, never the last one (its features are too specialised to
+    the next token), skipping the first and last two when the target is deep enough.
+
+    8 layers -> [1, 3, 5]; 36 layers, 5 taps -> [1, 9, 17, 25, 33]; 3 layers -> [0, 1].
+    """
+    L = int(num_target_layers)
+    if L < 2:
+        return [-1]  # only the embedding output is not the last layer's output
+    lo = 1 if L >= 4 else 0
+    hi = L - 3 if L >= 6 else L - 2
+    n = max(1, min(num_taps, hi - lo + 1))
+    if n == 1:
+        return [lo]
+    return sorted({round(lo + i * (hi - lo) / (n - 1)) for i in range(n)})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Configuration
+
+# Sequential-head names: DeepSpec writes "vanilla" / "gated" / "rnn"; the paper's words are accepted too.
+HEAD_ALIASES = {"markov": "vanilla", "vanilla": "vanilla", "gated_markov": "gated", "gated": "gated", "rnn": "rnn"}
+
+
+@dataclass
+class DSparkConfig:
+    """A DSpark (or DFlash: markov_rank=0) drafter, with DeepSpec's `config.json` field names."""
+
+    hidden_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    num_target_layers: int
+    mask_token_id: int
+    target_layer_ids: list[int]
+    block_size: int = 7
+    num_hidden_layers: int = 1  # draft layers
+    markov_rank: int = 256  # 0 = no sequential head (DFlash)
+    markov_head_type: str = "vanilla"  # "vanilla"/"markov", "gated"/"gated_markov", "rnn"
+    enable_confidence_head: bool = True
+    confidence_head_with_markov: bool = True
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    rope_scaling: RopeScaling | None = None
+    max_position_embeddings: int = 40960
+    attention_bias: bool = False
+    num_anchors: int = 512  # training only (anchors per sequence); kept for DeepSpec compatibility
+    drafter_type: str = "dspark"
+
+    def __post_init__(self) -> None:
+        self.target_layer_ids = [int(i) for i in self.target_layer_ids]
+        self.markov_head_type = HEAD_ALIASES.get(str(self.markov_head_type), str(self.markov_head_type))
+        if self.markov_rank <= 0 and self.enable_confidence_head:
+            # Without a sequential head there is no W1[x_{k-1}] to feed the confidence head.
+            self.confidence_head_with_markov = False
+
+    def validate(self, source: str = "drafter config") -> None:
+        """Raise CheckpointError naming `source` and the offending key."""
+
+        def bad(key: str, msg: str) -> None:
+            raise CheckpointError(f"{source}: {key}={getattr(self, key)!r} {msg}")
+
+        for key in ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                    "intermediate_size", "vocab_size", "num_target_layers", "num_hidden_layers"):
+            if int(getattr(self, key)) < 1:
+                bad(key, "must be >= 1")
+        if self.block_size < 1:
+            bad("block_size", "must be >= 1")
+        if self.num_attention_heads % self.num_key_value_heads:
+            bad("num_attention_heads", f"is not a multiple of num_key_value_heads={self.num_key_value_heads}")
+        if self.head_dim % 2:
+            bad("head_dim", "must be even (RoPE rotates pairs)")
+        if not self.target_layer_ids:
+            bad("target_layer_ids", "must not be empty")
+        for prev, cur in zip(self.target_layer_ids, self.target_layer_ids[1:]):
+            if cur <= prev:
+                bad("target_layer_ids", "must be strictly increasing")
+        for i in self.target_layer_ids:
+            if not -1 <= i < self.num_target_layers:
+                bad("target_layer_ids", f"has {i}, outside [-1, {self.num_target_layers - 1}] "
+                                        f"(num_target_layers={self.num_target_layers}; -1 = embedding)")
+        if not 0 <= self.mask_token_id < self.vocab_size:
+            bad("mask_token_id", f"must be a token id in [0, {self.vocab_size})")
+        if self.markov_rank < 0:
+            bad("markov_rank", "must be >= 0 (0 = no sequential head)")
+        if self.markov_rank > 0 and self.markov_head_type not in SEQUENTIAL_HEADS:
+            bad("markov_head_type", f"is not one of {sorted(HEAD_ALIASES)}")
+        if self.confidence_head_with_markov and self.enable_confidence_head and self.markov_rank <= 0:
+            bad("confidence_head_with_markov", "needs markov_rank > 0")
+
+    @property
+    def has_sequential_head(self) -> bool:
+        return self.markov_rank > 0
+
+    @classmethod
+    def for_target(cls, target: ModelConfig, mask_token_id: int, **overrides: Any) -> "DSparkConfig":
+        """A drafter shaped like `target` (same width, heads, RoPE, vocabulary), with `overrides`."""
+        kw: dict[str, Any] = dict(
+            hidden_size=target.hidden_size,
+            num_attention_heads=target.num_heads,
+            num_key_value_heads=target.num_kv_heads,
+            head_dim=target.head_dim,
+            intermediate_size=target.intermediate_size,
+            vocab_size=target.vocab_size,
+            num_target_layers=target.num_layers,
+            mask_token_id=mask_token_id,
+            target_layer_ids=default_target_layer_ids(target.num_layers),
+            rms_norm_eps=target.rms_norm_eps,
+            rope_theta=target.rope_theta,
+            rope_scaling=target.rope_scaling,
+            max_position_embeddings=target.max_position_embeddings,
+        )
+        kw.update({k: v for k, v in overrides.items() if v is not None})
+        cfg = cls(**kw)
+        cfg.validate("drafter settings")
+        return cfg
+
+    def backbone(self) -> ModelConfig:
+        """The draft layers' shape as a target-style `ModelConfig` (RoPE frequencies come from it)."""
+        return ModelConfig(
+            architecture=ARCHITECTURE, model_type="qwen3", vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+            num_layers=self.num_hidden_layers, num_heads=self.num_attention_heads,
+            num_kv_heads=self.num_key_value_heads, head_dim=self.head_dim, rms_norm_eps=self.rms_norm_eps,
+            rope_theta=self.rope_theta, max_position_embeddings=self.max_position_embeddings,
+            qk_norm=True, qkv_bias=self.attention_bias, o_bias=self.attention_bias,
+            rope_scaling=self.rope_scaling,
+        )
+
+    def to_json_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+        """The `config.json` DeepSpec writes: a Qwen3 config plus the drafter fields."""
+        d: dict[str, Any] = {
+            "architectures": [ARCHITECTURE],
+            "drafter_type": self.drafter_type,
+            "model_type": "qwen3",
+            "block_size": self.block_size,
+            "target_layer_ids": list(self.target_layer_ids),
+            "num_target_layers": self.num_target_layers,
+            "mask_token_id": self.mask_token_id,
+            "markov_rank": self.markov_rank,
+            "markov_head_type": self.markov_head_type,
+            "enable_confidence_head": self.enable_confidence_head,
+            "confidence_head_with_markov": self.confidence_head_with_markov,
+            "num_anchors": self.num_anchors,
+            "num_hidden_layers": self.num_hidden_layers,
+            "layer_types": ["full_attention"] * self.num_hidden_layers,
+            "hidden_size": self.hidden_size,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "intermediate_size": self.intermediate_size,
+            "vocab_size": self.vocab_size,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.max_position_embeddings,
+            "attention_bias": self.attention_bias,
+            "hidden_act": "silu",
+            "tie_word_embeddings": False,
+            "dtype": str(dtype).removeprefix("torch."),
+        }
+        if self.rope_scaling is not None:
+            d["rope_scaling"] = {"rope_type": "llama3", **dataclasses.asdict(self.rope_scaling)}
+        return d
+
+    @classmethod
+    def from_json_dict(cls, raw: Mapping[str, Any], source: str = "config.json",
+                       default_mask_token_id: int | None = None) -> "DSparkConfig":
+        """Parse a DeepSpec-layout `config.json`; errors name `source` and the key."""
+
+        def req(key: str) -> Any:
+            if raw.get(key) is None:
+                raise CheckpointError(f"{source}: missing required key {key!r}")
+            return raw[key]
+
+        heads = int(req("num_attention_heads"))
+        hidden = int(req("hidden_size"))
+        theta, scaling = _rope(raw, source)
+        mask = raw.get("mask_token_id", default_mask_token_id)
+        if mask is None:
+            raise CheckpointError(f"{source}: missing required key 'mask_token_id' (and the target's "
+                                  "tokenizer has no mask token)")
+        rank = int(raw.get("markov_rank", 0) or 0)
+        conf = bool(raw.get("enable_confidence_head", False))
+        kind = raw.get("drafter_type") or ("dspark" if rank > 0 else "dflash")
+        try:
+            cfg = cls(
+                hidden_size=hidden,
+                num_attention_heads=heads,
+                num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
+                head_dim=int(raw.get("head_dim") or hidden // heads),
+                intermediate_size=int(req("intermediate_size")),
+                vocab_size=int(req("vocab_size")),
+                num_target_layers=int(req("num_target_layers")),
+                mask_token_id=int(mask),
+                target_layer_ids=list(req("target_layer_ids")),
+                block_size=int(req("block_size")),
+                num_hidden_layers=int(req("num_hidden_layers")),
+                markov_rank=rank,
+                markov_head_type=str(raw.get("markov_head_type", "vanilla")),
+                enable_confidence_head=conf,
+                confidence_head_with_markov=bool(raw.get("confidence_head_with_markov", False)) and conf,
+                rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+                rope_theta=theta,
+                rope_scaling=scaling,
+                max_position_embeddings=int(raw.get("max_position_embeddings", 40960)),
+                attention_bias=bool(raw.get("attention_bias", False)),
+                num_anchors=int(raw.get("num_anchors", 512)),
+                drafter_type=str(kind),
+            )
+        except (TypeError, ValueError) as e:
+            if isinstance(e, CheckpointError):
+                raise
+            raise CheckpointError(f"{source}: malformed drafter config ({e})") from None
+        act = raw.get("hidden_act", "silu")
+        if act != "silu":
+            raise CheckpointError(f"{source}: hidden_act {act!r} is not supported (only 'silu')")
+        cfg.validate(source)
+        return cfg
+
+    def check_target(self, target: ModelConfig, source: str) -> None:
+        """The drafter shares the target's embedding and LM head and reads its hidden states."""
+        for key, mine, theirs in (("hidden_size", self.hidden_size, target.hidden_size),
+                                  ("vocab_size", self.vocab_size, target.vocab_size),
+                                  ("num_target_layers", self.num_target_layers, target.num_layers)):
+            if mine != theirs:
+                raise CheckpointError(f"{source}: {key}={mine} does not match the target model's {theirs}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Building blocks
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rope_tables(inv_freq: Tensor, num_positions: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos / sign-folded sin `[num_positions, D]`, the convention of `dspark.models.transformer`:
+    rotate_half(x) * sin == roll(x, D/2) * sin_folded, so RoPE is two multiplies and a roll."""
+    pos = torch.arange(num_positions, dtype=torch.float32, device=inv_freq.device)
+    freqs = pos[:, None] * inv_freq[None, :]  # [num_positions, D/2]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    sin = emb.sin()
+    sin[:, : inv_freq.shape[0]] *= -1
+    return emb.cos().to(dtype), sin.to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    # x: [..., S, heads, D]; cos, sin: [..., S, 1, D]
+    return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * sin
+
+
+class DraftAttention(nn.Module):
+    def __init__(self, cfg: DSparkConfig) -> None:
+        super().__init__()
+        self.Hq, self.Hkv, self.D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        b = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.Hq * self.D, bias=b)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.Hkv * self.D, bias=b)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.Hkv * self.D, bias=b)
+        self.o_proj = nn.Linear(self.Hq * self.D, cfg.hidden_size, bias=b)
+        self.q_norm = RMSNorm(self.D, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(self.D, cfg.rms_norm_eps)
+
+    def keys_values(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys/values of `x` [b, S, H] at the positions of cos/sin [b, S, 1, D] -> [b, S, Hkv, D] each.
+
+        The same projection serves block tokens and context features (DeepSpec's k_proj on both)."""
+        b, s, _ = x.shape
+        k = self.k_norm(self.k_proj(x).view(b, s, self.Hkv, self.D))
+        v = self.v_proj(x).view(b, s, self.Hkv, self.D)
+        return apply_rope(k, cos, sin), v
+
+    def query(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        b, s, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(b, s, self.Hq, self.D))
+        return apply_rope(q, cos, sin)  # [b, S, Hq, D]
+
+
+class DraftMLP(nn.Module):
+    def __init__(self, cfg: DSparkConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DraftLayer(nn.Module):
+    def __init__(self, cfg: DSparkConfig) -> None:
+        super().__init__()
+        self.self_attn = DraftAttention(cfg)
+        self.mlp = DraftMLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+# Given (layer index, new keys, new values) [b, S, Hkv, D], return every key/value the block attends
+# to, [b, Hkv, kv_len, D]: context first (or wherever the mask says), block included.
+KeyValueSource = Callable[[int, Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sequential heads: B_k from the tokens already drafted in the block
+
+
+class SequentialHead(Protocol):
+    """A transition bias added to the base logits, left to right (teacher-forced in training)."""
+
+    markov_w1: nn.Embedding  # [V, r] previous-token embedding, also read by the confidence head
+
+    def init_state(self, n: int, like: Tensor) -> Tensor | None: ...
+
+    def step(self, prev_ids: Tensor, hidden: Tensor, state: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """prev_ids [n], hidden h_k [n, H] -> (bias B_k [n, V], next state)."""
+        ...
+
+    def block(self, prev_ids: Tensor, hidden: Tensor) -> Tensor:
+        """Teacher forcing: prev_ids [..., G] (x_0..x_{G-1}), hidden [..., G, H] -> bias [..., G, V]."""
+        ...
+
+
+SEQUENTIAL_HEADS: dict[str, type] = {}
+
+
+def _register_head(name: str) -> Callable[[type], type]:
+    def deco(cls: type) -> type:
+        SEQUENTIAL_HEADS[name] = cls
+        return cls
+    return deco
+
+
+@_register_head("vanilla")
+class MarkovHead(nn.Module):
+    """B(x_{k-1}, ·) = W1[x_{k-1}] W2: a rank-r bigram transition (paper eq. 5)."""
+
+    def __init__(self, cfg: DSparkConfig) -> None:
+        super().__init__()
+        self.markov_w1 = nn.Embedding(cfg.vocab_size, cfg.markov_rank)
+        self.markov_w2 = nn.Linear(cfg.markov_rank, cfg.vocab_size, bias=False)
+
+    def init_state(self, n: int, like: Tensor) -> Tensor | None:
+        return None
+
+    def bias(self, prev_ids: Tensor, hidden: Tensor) -> Tensor:
+        return self.markov_w2(self.markov_w1(prev_ids))
+
+    def step(self, prev_ids: Tensor, hidden: Tensor, state: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        return self.bias(prev_ids, hidden), None
+
+    def block(self, prev_ids: Tensor, hidden: Tensor) -> Tensor:
+        return self.bias(prev_ids, hidden)  # memoryless, so the whole block at once
+
+
+@_register_head("gated")
+class GatedMarkovHead(MarkovHead):
+    """The Markov bias with its rank-r embedding scaled per dimension by a gate read from the block:
+    g = σ(gate_proj([h_k; W1[x_{k-1}]])), B_k = (g ⊙ W1[x_{k-1}]) W2. The backbone can then switch the
+    bigram off where the context already settles the token (as DeepSpec's "gated" head does)."""
+
+    def __init__(self, cfg: DSparkConfig) -> None:
+        super().__init__(cfg)
+        self.gate_proj = nn.Linear(cfg.hidden_size + cfg.markov_rank, cfg.markov_rank)
+
+    def bias(self, prev_ids: Tensor, hidden: Tensor) -> Tensor:
+        e = self.markov_w1(prev_ids)
+        gate = torch.sigmoid(self.gate_proj(torch.cat([hidden, e.to(hidden.dtype)], dim=-1)))
+        return self.markov_w2(gate.to(e.dtype) * e)
+
+
+@_register_head("rnn")
+class RNNHead(MarkovHead):
+    """Paper eq. 6: z_k = [s_{k-1}; W1[x_{k-1}]; h_k]; one projection split into gate, candidate and
+    output; s_k = σ(g) ⊙ s_{k-1} + (1 − σ(g)) ⊙ tanh(c); B_k = W2ᵀ tanh(o); s_0 = 0."""
+
+    def __init__(self, cfg: DSparkConfig) -> None:
+        super().__init__(cfg)
+        self.rank = cfg.markov_rank
+        self.joint_proj = nn.Linear(2 * cfg.markov_rank + cfg.hidden_size, 3 * cfg.markov_rank)
+
+    def init_state(self, n: int, like: Tensor) -> Tensor | None:
+        return like.new_zeros(n, self.rank)
+
+    def step(self, prev_ids: Tensor, hidden: Tensor, state: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        assert state is not None
+        e = self.markov_w1(prev_ids).to(hidden.dtype)
+        g, c, o = self.joint_proj(torch.cat([state, e, hidden], dim=-1)).chunk(3, dim=-1)
+        g = torch.sigmoid(g)
+        state = g * state + (1 - g) * torch.tanh(c)
+        return self.markov_w2(torch.tanh(o)), state
+
+    def block(self, prev_ids: Tensor, hidden: Tensor) -> Tensor:
+        lead = prev_ids.shape[:-1]
+        G = prev_ids.shape[-1]
+        flat_ids = prev_ids.reshape(-1, G)  # [N, G]
+        flat_h = hidden.reshape(-1, G, hidden.shape[-1])  # [N, G, H]
+        state = self.init_state(flat_ids.shape[0], flat_h)
+        out = []
+        for k in range(G):
+            b, state = self.step(flat_ids[:, k], flat_h[:, k], state)
+            out.append(b)
+        return torch.stack(out, dim=1).reshape(*lead, G, -1)
+
+
+class ConfidenceHead(nn.Module):
+    """c_k = σ(wᵀ[h_k; W1[x_{k-1}]]) (paper eq. 7), or σ(wᵀh_k) without the Markov embedding."""
+
+    def __init__(self, input_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(input_dim, 1)
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.proj(features).squeeze(-1).float()  # logits; σ of them is c_k
+
+
+# ---------------------------------------------------------------------------------------------------
+# The model
+
+
+@dataclass
+class SharedWeights:
+    """The target's embedding and LM head: frozen, shared, never saved with the drafter."""
+
+    embed: Tensor  # [V, H]
+    lm_head: Tensor  # [V, H]
+
+
+@dataclass
+class DraftTrainOutput:
+    """Everything the losses need from one training forward (all A blocks of each sequence)."""
+
+    logits: Tensor  # [B, A, G, V] float32: U_k + B_k, with B_k teacher-forced on the ground truth
+    base_logits: Tensor  # [B, A, G, V] float32: U_k
+    hidden: Tensor  # [B, A, G, H] h_k (after the final norm)
+    confidence_logits: Tensor | None  # [B, A, G]; c_k = sigmoid of these
+    labels: Tensor  # [B, A, G] long: input_ids[anchor + k]
+    label_mask: Tensor  # [B, A, G] bool: a contiguous prefix of each block, False past the data
+
+
+@dataclass
+class BlockDraft:
+    """One `DSparkDrafter.draft_block` call: a `DraftProposal` plus the logits behind it."""
+
+    token_ids: Tensor  # [n, gamma] long
+    logits: Tensor  # [n, gamma, V] float32: U_k + B_k(x_{k-1}) for the drafted x_{k-1}
+    base_logits: Tensor  # [n, gamma, V] float32
+    probs: Tensor | None  # [n, gamma, V] float32 sampling distribution; None if all rows greedy
+    confidence: Tensor | None  # [n, gamma]
+
+
+def block_label_positions(anchors: Tensor, block_size: int) -> Tensor:
+    """Sequence positions each block predicts: anchors [..., A] -> [..., A, G] = anchor + 1..G.
+    The target's own prediction for position j sits at its logits row j - 1."""
+    return anchors.unsqueeze(-1) + torch.arange(1, block_size + 1, device=anchors.device)
+
+
+class DSparkModel(nn.Module):
+    """Drafter weights and math (no caches, no sampling state)."""
+
+    def __init__(self, cfg: DSparkConfig, shared: SharedWeights | None = None) -> None:
+        super().__init__()
+        self.config = cfg
+        L = len(cfg.target_layer_ids)
+        self.fc = nn.Linear(L * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.hidden_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(DraftLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.markov_head: SequentialHead | None = (
+            SEQUENTIAL_HEADS[cfg.markov_head_type](cfg) if cfg.has_sequential_head else None
+        )
+        self.confidence_head: ConfidenceHead | None = None
+        if cfg.enable_confidence_head:
+            extra = cfg.markov_rank if cfg.confidence_head_with_markov else 0
+            self.confidence_head = ConfidenceHead(cfg.hidden_size + extra)
+        # A plain attribute (not a Parameter): excluded from state_dict, optimiser and DDP.
+        self.shared = shared
+        # RoPE tables are plain attributes, not buffers: each process grows them on demand, so there
+        # is nothing for DDP to synchronise and nothing to save.
+        self._inv_freq = cfg.backbone().rope_inv_freq()
+        self._rope_cos = self._rope_sin = torch.empty(0)
+
+    # ---- construction ------------------------------------------------------------------------------
+
+    def init_weights(self, seed: int = 0) -> "DSparkModel":
+        """DeepSpec's initialisation (normal(0, 0.02) linears and embeddings, zero biases, unit norms),
+        drawn from a private generator so the result depends on `seed` only."""
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                elif name.endswith(".bias"):
+                    p.zero_()
+                else:
+                    p.copy_(torch.randn(p.shape, generator=gen) * INIT_STD)
+        return self
+
+    @classmethod
+    def from_target(cls, cfg: DSparkConfig, target: "TargetModel", seed: int = 0,
+                    dtype: torch.dtype | None = None) -> "DSparkModel":
+        """A freshly initialised drafter sharing `target`'s embedding and LM head."""
+        cfg.check_target(target.config, "drafter settings")
+        model = cls(cfg).init_weights(seed)
+        dtype = dtype or target.dtype
+        model.to(device=target.device, dtype=dtype)
+        model.attach(target, dtype)
+        return model
+
+    def attach(self, target: "TargetModel", dtype: torch.dtype | None = None) -> None:
+        """Share `target`'s embedding and LM head (cast to `dtype` if it differs; no copy otherwise)."""
+        t = target.transformer
+        dtype = dtype or t.embed_weight.dtype
+        self.shared = SharedWeights(embed=t.embed_weight.detach().to(dtype),
+                                    lm_head=t.lm_head_weight.detach().to(dtype))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.fc.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.fc.weight.device
+
+    # ---- shared pieces ------------------------------------------------------------------------------
+
+    def _shared(self) -> SharedWeights:
+        if self.shared is None:
+            raise RuntimeError("DSparkModel has no embedding/LM head: call attach(target) first")
+        return self.shared
+
+    def embed(self, ids: Tensor) -> Tensor:
+        return F.embedding(ids, self._shared().embed)
+
+    def lm_head(self, hidden: Tensor) -> Tensor:
+        return F.linear(hidden, self._shared().lm_head).float()
+
+    def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """cos, sin `[..., S, 1, D]` for integer positions `[..., S]` (tables grown on demand)."""
+        need = int(positions.max()) + 1 if positions.numel() else 1
+        cos = self._rope_cos
+        if cos.shape[0] < need or cos.dtype != self.dtype or cos.device != self.device:
+            size = max(need, 2 * cos.shape[0], 256)
+            # Normal tensors even when first needed under inference_mode: training saves them for backward.
+            with torch.inference_mode(False):
+                self._rope_cos, self._rope_sin = rope_tables(self._inv_freq.to(self.device), size, self.dtype)
+        return self._rope_cos[positions].unsqueeze(-2), self._rope_sin[positions].unsqueeze(-2)
+
+    def context_features(self, target_hidden: Tensor) -> Tensor:
+        """target_hidden [..., L, H] (taps in target_layer_ids order) -> context features [..., H]."""
+        flat = target_hidden.reshape(*target_hidden.shape[:-2], -1).to(self.dtype)
+        return self.hidden_norm(self.fc(flat))
+
+    def context_keys_values(self, features: Tensor, positions: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Per draft layer, keys/values of context features [b, S, H] at positions [b, S]:
+        [(k, v)] with k, v [b, S, Hkv, D]."""
+        cos, sin = self.rope(positions)
+        return [layer.self_attn.keys_values(features, cos, sin) for layer in self.layers]
+
+    def run_block(self, x: Tensor, positions: Tensor, kv: KeyValueSource, mask: Tensor) -> Tensor:
+        """The draft layers over block inputs x [b, S, H] at positions [b, S].
+
+        `kv` supplies each layer's full key/value set (context + block); mask [b, 1, S|1, kv_len] bool,
+        True = may attend. Returns h [b, S, H] after the final norm."""
+        cos, sin = self.rope(positions)
+        b, s, _ = x.shape
+        for i, layer in enumerate(self.layers):
+            a = layer.self_attn
+            hn = layer.input_layernorm(x)
+            q = a.query(hn, cos, sin)
+            k_new, v_new = a.keys_values(hn, cos, sin)
+            keys, values = kv(i, k_new, v_new)  # [b, Hkv, kv_len, D]
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=a.Hq != a.Hkv
+            )  # [b, Hq, S, D]
+            x = x + a.o_proj(out.transpose(1, 2).reshape(b, s, a.Hq * a.D))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.norm(x)
+
+    def block_inputs(self, anchor_ids: Tensor) -> Tensor:
+        """anchor_ids [...] -> block token ids [..., G]: the anchor, then G-1 mask tokens."""
+        ids = torch.full((*anchor_ids.shape, self.config.block_size), self.config.mask_token_id,
+                         dtype=torch.long, device=anchor_ids.device)
+        ids[..., 0] = anchor_ids
+        return ids
+
+    def confidence_logits(self, hidden: Tensor, prev_ids: Tensor) -> Tensor | None:
+        """hidden [..., H], prev_ids [...] (x_{k-1}) -> logits [...] of c_k, or None without a head."""
+        if self.confidence_head is None:
+            return None
+        feats = hidden
+        if self.config.confidence_head_with_markov:
+            assert self.markov_head is not None
+            feats = torch.cat([hidden, self.markov_head.markov_w1(prev_ids).to(hidden.dtype)], dim=-1)
+        return self.confidence_head(feats)
+
+    # ---- training -----------------------------------------------------------------------------------
+
+    def forward_train(
+        self,
+        target_hidden: Tensor,  # [B, T, L, H] taps at every position (padding rows must be finite)
+        input_ids: Tensor,  # [B, T] long
+        anchors: Tensor,  # [B, A] long positions; block a starts at input_ids[anchors[b, a]]
+        anchor_mask: Tensor | None = None,  # [B, A] bool, False = padding anchor (no loss)
+        loss_mask: Tensor | None = None,  # [B, T] bool, True = position may be predicted
+    ) -> DraftTrainOutput:
+        """All A blocks of each sequence in one forward.
+
+        Block a's queries see context positions < anchors[a] and all of block a, nothing of other
+        blocks, exactly what `propose` sees at inference for the same anchor. Its k-th prediction
+        (k = 1..G) targets input_ids[anchor + k]; the sequential head is teacher-forced on those
+        ground-truth tokens (x_0 = the anchor)."""
+        cfg = self.config
+        B, T = input_ids.shape
+        A, G = anchors.shape[1], cfg.block_size
+        dev = input_ids.device
+        if anchor_mask is None:
+            anchor_mask = torch.ones(B, A, dtype=torch.bool, device=dev)
+        if loss_mask is None:
+            loss_mask = torch.ones(B, T, dtype=torch.bool, device=dev)
+        anchors = torch.where(anchor_mask, anchors, torch.zeros_like(anchors)).clamp(0, T - 1)
+
+        feats = self.context_features(target_hidden)  # [B, T, H]
+        ctx_pos = torch.arange(T, device=dev).expand(B, T)
+        ctx_kv = self.context_keys_values(feats, ctx_pos)
+
+        anchor_ids = input_ids.gather(1, anchors)  # [B, A]
+        x = self.embed(self.block_inputs(anchor_ids).view(B, A * G))  # [B, A*G, H]
+        offsets = torch.arange(G, device=dev)
+        positions = (anchors.unsqueeze(-1) + offsets).view(B, A * G)
+
+        # Mask over keys [context 0..T-1 | blocks]: context j iff j < anchor of the query's block;
+        # block keys iff same block.
+        q_block = torch.arange(A * G, device=dev) // G  # [A*G]
+        q_anchor = anchors[:, q_block]  # [B, A*G]
+        see_ctx = torch.arange(T, device=dev)[None, None, :] < q_anchor[:, :, None]  # [B, A*G, T]
+        see_blk = (q_block[:, None] == q_block[None, :]).expand(B, -1, -1)  # [B, A*G, A*G]
+        mask = torch.cat([see_ctx, see_blk], dim=-1).unsqueeze(1)  # [B, 1, A*G, T + A*G]
+
+        def kv(i: int, k_new: Tensor, v_new: Tensor) -> tuple[Tensor, Tensor]:
+            k_ctx, v_ctx = ctx_kv[i]
+            return (torch.cat([k_ctx, k_new], dim=1).transpose(1, 2),
+                    torch.cat([v_ctx, v_new], dim=1).transpose(1, 2))
+
+        h = self.run_block(x, positions, kv, mask).view(B, A, G, -1)  # [B, A, G, H]
+        base = self.lm_head(h)  # [B, A, G, V]
+
+        label_pos = block_label_positions(anchors, G)  # [B, A, G]
+        safe = label_pos.clamp(max=T - 1).view(B, A * G)
+        labels = input_ids.gather(1, safe).view(B, A, G)
+        valid = (label_pos < T) & loss_mask.gather(1, safe).view(B, A, G) & anchor_mask.unsqueeze(-1)
+        valid = valid.long().cumprod(dim=-1).bool()  # a block stops at its first unsupervised position
+
+        prev = torch.cat([anchor_ids.unsqueeze(-1), labels[..., :-1]], dim=-1)  # x_0..x_{G-1}
+        logits = base
+        if self.markov_head is not None:
+            logits = base + self.markov_head.block(prev, h).float()
+        return DraftTrainOutput(
+            logits=logits, base_logits=base, hidden=h, confidence_logits=self.confidence_logits(h, prev),
+            labels=labels, label_mask=valid,
+        )
+
+    forward = forward_train  # so DistributedDataParallel(model)(...) runs the training forward
+
+    # ---- checkpoints --------------------------------------------------------------------------------
+
+    def save_pretrained(self, out: str | Path, dtype: torch.dtype | None = None) -> Path:
+        """Write `config.json` + `model.safetensors` (without embedding / LM head) in DeepSpec's layout."""
+        from safetensors.torch import save_file
+
+        from dspark.train.checkpoint import atomic_write_text
+
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        dtype = dtype or self.dtype
+        tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in self.state_dict().items()}
+        tmp = out / (WEIGHTS_FILE + ".tmp")
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        tmp.replace(out / WEIGHTS_FILE)
+        atomic_write_text(out / "config.json", json.dumps(self.config.to_json_dict(dtype), indent=2) + "\n")
+        return out
+
+    @classmethod
+    def load(cls, path: str | Path, target: "TargetModel", dtype: torch.dtype | None = None) -> "DSparkModel":
+        """Read a drafter directory (ours or DeepSpec's) for `target`."""
+        from safetensors import safe_open
+
+        from dspark.models.loader import _Weights
+
+        path = Path(path)
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise CheckpointError(f"missing file config.json in drafter directory {path}")
+        try:
+            raw = json.loads(cfg_file.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
+        tok = target.tokenizer
+        cfg = DSparkConfig.from_json_dict(raw, str(cfg_file), tok.mask_token_id if tok is not None else None)
+        cfg.check_target(target.config, str(cfg_file))
+        dtype = dtype or target.dtype
+        model = cls(cfg)
+        weights = _Weights(path)
+        try:
+            with torch.no_grad():
+                expected = model.state_dict()
+                for key, param in expected.items():
+                    if key == "confidence_head.proj.bias" and not weights.has(key):
+                        param.zero_()  # some exporters write the confidence projection without a bias
+                        continue
+                    param.copy_(weights.get(key, tuple(param.shape), param.dtype, param.device))
+                for key in SHARED_KEYS:  # accepted when present, but the target's copy is the one used
+                    if weights.has(key):
+                        f = weights.key_to_file[key]
+                        with safe_open(str(f), framework="pt") as h:
+                            shape = list(h.get_slice(key).get_shape())
+                        want = [cfg.vocab_size, cfg.hidden_size]
+                        if shape != want:
+                            raise CheckpointError(f"tensor {key!r} in {f} has shape {shape}, expected {want}")
+                extra = sorted(set(weights.key_to_file) - set(expected) - set(SHARED_KEYS))
+                if extra:
+                    warnings.warn(f"{path}: ignoring {len(extra)} unknown drafter tensor(s): {', '.join(extra[:5])}",
+                                  stacklevel=2)
+        finally:
+            weights.close()
+        model.to(device=target.device, dtype=dtype)
+        model.requires_grad_(False)
+        model.eval()
+        model.attach(target, dtype)
+        return model
+
+
+# ---------------------------------------------------------------------------------------------------
+# The drafter the engine talks to
+
+
+@register_drafter("dspark", architectures=(ARCHITECTURE,))
+class DSparkDrafter:
+    """`Drafter` over a `DSparkModel`, with a per-sequence cache of the draft layers' context K/V.
+
+    Context position i of a sequence = sequence position i, and the cache of a sequence holds exactly
+    the positions whose target features are known (prompt, then every committed token). A proposal
+    for an anchor at position p writes its block's keys/values at cache positions p..p+G-1 without
+    advancing the length, so the next `commit` simply overwrites them.
+    """
+
+    name = "dspark"
+
+    def __init__(self, model: DSparkModel, max_seqs: int, max_len: int) -> None:
+        cfg = model.config
+        self.model = model
+        self.config = cfg
+        self.name = cfg.drafter_type if cfg.drafter_type in ("dspark", "dflash") else type(self).name
+        self.block_size = cfg.block_size
+        self.target_layer_ids = list(cfg.target_layer_ids)
+        # Room for the block scratch past the longest context.
+        self.cache = KVCache(cfg.num_hidden_layers, max_seqs, max_len + cfg.block_size,
+                             cfg.num_key_value_heads, cfg.head_dim, model.dtype, model.device)
+        self._slots: dict[int, int] = {}  # engine slot -> cache slot
+
+    # ---- construction ------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path | None, target: "TargetModel", max_seqs: int,
+                        max_len: int) -> "DSparkDrafter":
+        if path is None:
+            raise CheckpointError(f"the {cls.name} drafter needs a trained drafter directory, not a bare name")
+        return cls(DSparkModel.load(path, target), max_seqs, max_len)
+
+    def save_pretrained(self, out: str | Path) -> Path:
+        return self.model.save_pretrained(out)
+
+    # ---- Drafter protocol ---------------------------------------------------------------------------
+
+    def add_sequence(self, slot: int, prompt_ids: list[int], target_hidden: Tensor | None) -> None:
+        if slot in self._slots:
+            raise CacheError(f"drafter: slot {slot} is already tracked (free it first)")
+        self._slots[slot] = self.cache.allocate()
+        self._append_context(slot, len(prompt_ids), target_hidden)
+
+    def commit(self, slot: int, accepted_ids: list[int], target_hidden: Tensor | None) -> None:
+        self._append_context(slot, len(accepted_ids), target_hidden)
+
+    def free(self, slot: int) -> None:
+        cslot = self._slots.pop(slot, None)
+        if cslot is not None:
+            self.cache.free(cslot)
+
+    def context_length(self, slot: int) -> int:
+        return self.cache.length(self._cslot(slot))
+
+    def propose(
+        self,
+        slots: list[int],
+        anchors: list[int],
+        gamma: int,
+        sampling: SamplingTensors,
+        generators: list[torch.Generator | None],
+    ) -> DraftProposal:
+        d = self.draft_block(slots, anchors, gamma, sampling, generators)
+        return DraftProposal(token_ids=d.token_ids, probs=d.probs, confidence=d.confidence)
+
+    # ---- internals -----------------------------------------------------------------------------------
+
+    def _cslot(self, slot: int) -> int:
+        if slot not in self._slots:
+            raise CacheError(f"drafter: slot {slot} is not tracked (call add_sequence first)")
+        return self._slots[slot]
+
+    @torch.inference_mode()
+    def _append_context(self, slot: int, n: int, target_hidden: Tensor | None) -> None:
+        """Append the K/V of `n` new context positions (only these; nothing is recomputed)."""
+        cslot = self._cslot(slot)
+        L = len(self.target_layer_ids)
+        if target_hidden is None:
+            raise ValueError(f"the {self.name} drafter needs the target's hidden states (layers "
+                             f"{self.target_layer_ids}); got None")
+        if target_hidden.dim() != 3 or target_hidden.shape[0] != n or target_hidden.shape[1] != L:
+            raise ValueError(f"target_hidden must be [{n}, {L}, hidden] (one row per token, one tap per "
+                             f"target layer id), got {tuple(target_hidden.shape)}")
+        model = self.model
+        feats = model.context_features(target_hidden.to(model.device).unsqueeze(0))  # [1, n, H]
+        batch = self.cache.prepare([cslot], [n], max_position=self.cache.max_len)
+        for i, (k, v) in enumerate(model.context_keys_values(feats, batch.positions)):
+            self.cache.update(i, batch, k, v)
+        self.cache.commit(batch)
+
+    @torch.inference_mode()
+    def draft_block(
+        self,
+        slots: list[int],
+        anchors: list[int],
+        gamma: int,
+        sampling: SamplingTensors,
+        generators: list[torch.Generator | None],
+    ) -> BlockDraft:
+        """One backbone forward for every slot, then the sequential head left to right."""
+        G = self.block_size
+        if not 1 <= gamma <= G:
+            raise ValueError(f"gamma={gamma} is outside [1, {G}] (the drafter's block_size)")
+        if len(anchors) != len(slots) or len(generators) != len(slots):
+            raise ValueError(f"need one anchor and one generator per slot: {len(slots)} slots, "
+                             f"{len(anchors)} anchors, {len(generators)} generators")
+        model = self.model
+        dev = model.device
+        n = len(slots)
+        cslots = [self._cslot(s) for s in slots]
+        anchor_t = torch.tensor(anchors, dtype=torch.long, device=dev)  # [n]
+
+        # The whole block is always run (the backbone was trained on G inputs); only gamma are drafted.
+        batch = self.cache.prepare(cslots, [G] * n, max_position=self.cache.max_len)
+        ends = torch.tensor(batch.start, device=dev) + G  # each row sees its context and its block
+        mask = (torch.arange(batch.kv_len, device=dev)[None, :] < ends[:, None])[:, None, None, :]  # [n,1,1,kv]
+        x = model.embed(model.block_inputs(anchor_t))  # [n, G, H]
+        h = model.run_block(x, batch.positions, lambda i, k, v: self.cache.update(i, batch, k, v), mask)
+        h = h[:, :gamma]  # [n, gamma, H]
+        base = model.lm_head(h)  # [n, gamma, V]
+
+        head = model.markov_head
+        greedy = list(sampling.greedy)
+        all_greedy = all(greedy)
+        prev = anchor_t
+        state = head.init_state(n, h) if head is not None else None
+        tokens, step_logits, step_probs, prevs = [], [], [], []
+        for k in range(gamma):
+            logits_k = base[:, k]  # [n, V]
+            if head is not None:
+                bias, state = head.step(prev, h[:, k], state)
+                logits_k = logits_k + bias.float()
+            if all_greedy:
+                tok = logits_k.argmax(dim=-1)
+            else:
+                probs_k = logits_to_probs(logits_k, sampling.temperature, sampling.top_k, sampling.top_p)
+                tok = sample_from_probs(probs_k, generators, greedy)
+                step_probs.append(probs_k)
+            prevs.append(prev)
+            tokens.append(tok)
+            step_logits.append(logits_k)
+            prev = tok
+        prev_ids = torch.stack(prevs, dim=1)  # [n, gamma] x_0..x_{gamma-1}
+        conf = model.confidence_logits(h, prev_ids)
+        return BlockDraft(
+            token_ids=torch.stack(tokens, dim=1),
+            logits=torch.stack(step_logits, dim=1),
+            base_logits=base,
+            probs=None if all_greedy else torch.stack(step_probs, dim=1),
+            confidence=None if conf is None else torch.sigmoid(conf),
+        )
+
+
+@register_drafter("dflash")
+class DFlashDrafter(DSparkDrafter):
+    """DFlash: the same backbone without a sequential head (markov_rank = 0)."""
+
+    name = "dflash"

@@ -1,0 +1,150 @@
+"""`dspark train-drafter`: loss falls, exact resume, DDP == one process, clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from dspark.drafters import load_drafter
+from dspark.models import load_target
+from dspark.sampling import SamplingParams, SamplingTensors
+from dspark.train.train_drafter import TrainDrafterConfig, main, train
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data_file(qwen3_ckpt, tmp_path_factory) -> Path:
+    """Ten sequences whose outputs the tiny target generated itself (greedy), as `dspark datagen` would."""
+    target = load_target(qwen3_ckpt.path)
+    rng = random.Random(0)
+    cache = target.new_cache(1, 64)
+    lines = []
+    for _ in range(10):
+        prompt = [rng.randrange(4, 260) for _ in range(rng.randint(3, 8))]
+        slot = cache.allocate()
+        res = target.forward(cache, [slot], [prompt], all_logits=False)
+        out = []
+        for _ in range(rng.randint(12, 20)):
+            out.append(int(res.logits[0, -1].argmax()))
+            res = target.forward(cache, [slot], [[out[-1]]])
+        cache.free(slot)
+        lines.append(json.dumps({"prompt_ids": prompt, "output_ids": out}))
+    path = tmp_path_factory.mktemp("data") / "data.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def tiny(qwen3_ckpt, data_file, out: Path, **kw) -> TrainDrafterConfig:
+    base = dict(target=str(qwen3_ckpt.path), data=str(data_file), out=str(out), block_size=4, num_layers=1,
+                markov_rank=16, anchors_per_seq=4, steps=12, batch_size=4, lr=3e-3, warmup_steps=3,
+                eval_every=6, ckpt_every=4, threads=1, val_percent=20.0)
+    base.update(kw)
+    return TrainDrafterConfig(**base)
+
+
+def losses(out: Path) -> list[float]:
+    return json.loads((out / "training_log.json").read_text())["train_losses"]
+
+
+def test_loss_falls_and_output_loads(qwen3_ckpt, data_file, tmp_path) -> None:
+    out = train(tiny(qwen3_ckpt, data_file, tmp_path / "run", steps=30, eval_every=15))
+    ls = losses(out)
+    assert len(ls) == 30
+    assert sum(ls[-5:]) / 5 < sum(ls[:5]) / 5 - 0.1, ls
+    log = json.loads((out / "training_log.json").read_text())
+    assert [e["step"] for e in log["evals"]] == [15, 30]
+    assert all(1.0 <= e["val_tau"] <= 5.0 for e in log["evals"])
+    raw = json.loads((out / "config.json").read_text())
+    assert raw["architectures"] == ["Qwen3DSparkModel"] and raw["block_size"] == 4 and raw["markov_rank"] == 16
+
+    target = load_target(qwen3_ckpt.path)
+    d = load_drafter(out, target, max_seqs=1, max_len=64)
+    cache = target.new_cache(1, 64)
+    slot = cache.allocate()
+    prompt = [5, 6, 7, 8]
+    res = target.forward(cache, [slot], [prompt], hidden_layer_ids=d.target_layer_ids)
+    d.add_sequence(slot, prompt, res.hidden[0])
+    prop = d.propose([slot], [9], 4, SamplingTensors.from_params([SamplingParams(temperature=0)]), [None])
+    assert prop.token_ids.shape == (1, 4) and prop.confidence is not None
+
+
+def test_resume_after_stop_reproduces_losses(qwen3_ckpt, data_file, tmp_path) -> None:
+    full = losses(train(tiny(qwen3_ckpt, data_file, tmp_path / "full")))
+    cfg = tiny(qwen3_ckpt, data_file, tmp_path / "resumed")
+    # Stop at step 6: the last checkpoint is step 4, so steps 5-6 are redone, as after a kill.
+    train(replace(cfg, stop_after=6))
+    assert not (tmp_path / "resumed" / "config.json").exists()
+    assert (tmp_path / "resumed" / ".work" / "checkpoint.pt").exists()
+    resumed = losses(train(cfg))
+    assert len(resumed) == len(full) == 12
+    assert resumed == pytest.approx(full, abs=1e-6)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_ddp_matches_one_process(qwen3_ckpt, data_file, tmp_path) -> None:
+    steps = 5
+    one = losses(train(tiny(qwen3_ckpt, data_file, tmp_path / "one", steps=steps, eval_every=100)))
+    out2 = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+           "-m", "dspark.train.train_drafter", "--target", str(qwen3_ckpt.path), "--data", str(data_file),
+           "--out", str(out2), "--block-size", "4", "--num-layers", "1", "--markov-rank", "16",
+           "--anchors-per-seq", "4", "--steps", str(steps), "--batch-size", "4", "--lr", "3e-3",
+           "--warmup-steps", "3", "--eval-every", "100", "--ckpt-every", "4", "--threads", "1",
+           "--val-percent", "20"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = losses(out2)
+    assert json.loads((out2 / "training_log.json").read_text())["world_size"] == 2
+    assert two == pytest.approx(one, abs=2e-4)
+
+
+def test_bad_inputs_give_clear_errors(qwen3_ckpt, data_file, tmp_path, capsys) -> None:
+    common = ["--target", str(qwen3_ckpt.path), "--out", str(tmp_path / "o"), "--steps", "1", "--threads", "1"]
+
+    def err(argv: list[str]) -> str:
+        assert main(argv) == 2
+        return capsys.readouterr().err
+
+    assert "data file" in err(common + ["--data", str(tmp_path / "nope.jsonl")])
+    assert "nope.jsonl" in err(common + ["--data", str(tmp_path / "nope.jsonl")])
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert "0 usable sequence" in err(common + ["--data", str(empty)])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt_ids": [1, 2], "output_ids": "abc"}\n')
+    assert "bad.jsonl:1: key 'output_ids'" in err(common + ["--data", str(bad)])
+    assert "--block-size must be >= 1" in err(common + ["--data", str(data_file), "--block-size", "0"])
+    assert "target_layer_ids" in err(common + ["--data", str(data_file), "--target-layer-ids", "0,9"])
+
+    nomask = tmp_path / "nomask"
+    shutil.copytree(qwen3_ckpt.path, nomask)
+    tc = json.loads((nomask / "tokenizer_config.json").read_text())
+    tc.pop("mask_token")
+    (nomask / "tokenizer_config.json").write_text(json.dumps(tc))
+    msg = err(["--target", str(nomask), "--data", str(data_file), "--out", str(tmp_path / "o2"), "--steps", "1"])
+    assert "mask token" in msg
