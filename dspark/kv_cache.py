@@ -1,0 +1,231 @@
+"""Preallocated per-sequence KV cache with rollback.
+
+Each sequence owns a *slot*: a fixed row of a preallocated tensor. A forward call appends k tokens to
+each of a batch of slots (k may differ per slot); speculative decoding then rolls rejected draft
+tokens back with `truncate`, which only moves the slot's length — the stale keys past it are never
+attended to and are overwritten by the next append.
+
+Usage:
+    cache = KVCache(num_layers=28, max_seqs=8, max_len=4096, num_kv_heads=8, head_dim=128,
+                    dtype=torch.bfloat16, device="cuda")
+    slot = cache.allocate()
+    batch = cache.prepare([slot], [len(prompt)])   # once per forward call, shared by every layer
+    k_all, v_all = cache.update(layer, batch, k_new, v_new)   # inside each attention layer
+    cache.commit(batch)                               # after the forward succeeded
+    cache.truncate(slot, cache.length(slot) - rejected)
+    cache.free(slot)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from dspark.errors import CacheError, CacheFullError, ContextOverflowError
+
+
+@dataclass
+class CacheBatch:
+    """Where one forward call's new tokens go; computed once per call and shared by all layers.
+
+    Symbols: batch = number of slots in the call, k_max = largest number of new tokens of any slot,
+    kv_len = keys the call attends to = max over slots of (old length + new tokens).
+    """
+
+    slots: list[int]
+    num_new: list[int]
+    start: list[int]  # each slot's length before the call = RoPE position of its first new token
+    k_max: int
+    kv_len: int
+    positions: Tensor  # [batch, k_max] long; padding rows clamped to a valid table index
+    valid: Tensor | None  # [batch, k_max] bool, True = real token; None when no row is padding
+    write_slot: Tensor | None  # [n_valid] long; slot of each real new token (None if write_range is set)
+    write_pos: Tensor | None  # [n_valid] long; cache position of each real new token
+    slot_index: Tensor | None  # [batch] long; None when slot_range is set
+    slot_range: tuple[int, int] | None  # (lo, hi) when slots == range(lo, hi): read by slicing, no gather
+    write_range: tuple[int, int] | None  # (start, end) when slot_range is set, all starts are equal and
+    # no row is padding: the new tokens form one rectangular block, written by a plain slice copy
+    attn_mask: Tensor | None  # [batch, 1, k_max, kv_len] bool, True = may attend; None = see is_causal
+    is_causal: bool  # no mask needed: plain causal (all slots empty before) or, if False, attend to all
+
+
+class KVCache:
+    """Key/value tensors of shape `[num_layers, max_seqs, num_kv_heads, max_len, head_dim]`.
+
+    Heads come before positions so that a slot's keys are already in the `[heads, len, dim]` layout
+    `scaled_dot_product_attention` reads, and a contiguous run of slots is a view, not a copy.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        max_seqs: int,
+        max_len: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if max_seqs < 1 or max_len < 1:
+            raise CacheError(f"KVCache needs max_seqs >= 1 and max_len >= 1, got {max_seqs}, {max_len}")
+        self.num_layers = num_layers
+        self.max_seqs = max_seqs
+        self.max_len = max_len
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.dtype = dtype
+        self.device = torch.device(device)
+        shape = (num_layers, max_seqs, num_kv_heads, max_len, head_dim)
+        # Zeros, not empty: padded query rows may read never-written positions, and those must be finite.
+        self.k = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.v = torch.zeros(shape, dtype=dtype, device=self.device)
+        # Per-layer views, taken once: indexing self.k[layer] on every call is a measurable cost when decoding.
+        self._k_layers = list(self.k.unbind(0))
+        self._v_layers = list(self.v.unbind(0))
+        self._lengths = [0] * max_seqs
+        self._in_use = [False] * max_seqs
+
+    # ---- slot bookkeeping -------------------------------------------------------------------------
+
+    def allocate(self) -> int:
+        """Claim a free slot (length 0) and return its id."""
+        for slot, used in enumerate(self._in_use):
+            if not used:
+                self._in_use[slot] = True
+                self._lengths[slot] = 0
+                return slot
+        raise CacheFullError(f"KV cache is full: all max_seqs={self.max_seqs} slots are in use")
+
+    def free(self, slot: int) -> None:
+        """Release a slot; its contents are dropped."""
+        self._check(slot)
+        self._in_use[slot] = False
+        self._lengths[slot] = 0
+
+    def length(self, slot: int) -> int:
+        """Number of tokens cached for `slot`."""
+        self._check(slot)
+        return self._lengths[slot]
+
+    def truncate(self, slot: int, new_len: int) -> None:
+        """Roll `slot` back to its first `new_len` tokens (e.g. to drop rejected draft tokens)."""
+        self._check(slot)
+        if not 0 <= new_len <= self._lengths[slot]:
+            raise CacheError(
+                f"cannot truncate slot {slot} to {new_len}: must be between 0 and its length "
+                f"{self._lengths[slot]}"
+            )
+        self._lengths[slot] = new_len
+
+    @property
+    def num_free(self) -> int:
+        return self._in_use.count(False)
+
+    def _check(self, slot: int) -> None:
+        if not (0 <= slot < self.max_seqs) or not self._in_use[slot]:
+            raise CacheError(f"slot {slot} is not an allocated slot of this KV cache")
+
+    # ---- what a forward call uses -------------------------------------------------------------------
+
+    def prepare(self, slots: list[int], num_new: list[int], max_position: int | None = None) -> CacheBatch:
+        """Plan appending `num_new[i]` tokens to `slots[i]`; raises before anything is written.
+
+        `max_position` bounds RoPE positions (the model's table size); padding rows are clamped to it.
+        """
+        if len(slots) != len(num_new) or not slots:
+            raise CacheError(f"need one num_new per slot and at least one slot, got {slots} / {num_new}")
+        if len(set(slots)) != len(slots):
+            raise CacheError(f"a slot appears twice in one forward call: {slots}")
+        start = []
+        for slot, n in zip(slots, num_new):
+            self._check(slot)
+            if n < 1:
+                raise CacheError(f"slot {slot}: need at least one new token, got {n}")
+            length = self._lengths[slot]
+            if length + n > self.max_len:
+                raise ContextOverflowError(
+                    f"slot {slot}: {length} cached + {n} new tokens exceeds the cache's max_len={self.max_len}"
+                )
+            start.append(length)
+
+        batch, k_max = len(slots), max(num_new)
+        dev = self.device
+        kv_len = max(s + n for s, n in zip(start, num_new))
+        limit = (max_position if max_position is not None else self.max_len) - 1
+        # Index lists are built in Python and turned into tensors once: on the decode path this costs
+        # less than a chain of small tensor ops.
+        positions = [[min(s + j, limit) for j in range(k_max)] for s in start]  # [batch, k_max]
+        ragged = any(n != k_max for n in num_new)
+        same_start = all(s == start[0] for s in start)
+        lo = slots[0]
+        slot_range = (lo, lo + batch) if slots == list(range(lo, lo + batch)) else None
+        rectangular = slot_range is not None and not ragged and same_start
+        write_range = (start[0], start[0] + k_max) if rectangular else None
+
+        valid = write_slot = write_pos = None
+        if ragged:
+            valid = torch.tensor([[j < n for j in range(k_max)] for n in num_new], device=dev)
+        if write_range is None:  # scatter: one (slot, position) pair per real new token
+            write_slot = torch.tensor([sl for sl, n in zip(slots, num_new) for _ in range(n)], device=dev)
+            write_pos = torch.tensor([s + j for s, n in zip(start, num_new) for j in range(n)], device=dev)
+        positions_t = torch.tensor(positions, dtype=torch.long, device=dev)
+
+        # Masks: a new token at offset j of a slot with `s` cached tokens sees cache positions <= s + j.
+        if k_max == 1 and same_start:
+            attn_mask, is_causal = None, False  # one query per slot sees every cached key
+        elif all(s == 0 for s in start):
+            attn_mask, is_causal = None, True  # plain causal prefill; padding rows are don't-care
+        else:
+            key_pos = torch.arange(kv_len, dtype=torch.long, device=dev)
+            attn_mask = (key_pos[None, None, :] <= positions_t[:, :, None])[:, None]  # [batch, 1, k_max, kv_len]
+            is_causal = False
+
+        return CacheBatch(
+            slots=list(slots),
+            num_new=list(num_new),
+            start=start,
+            k_max=k_max,
+            kv_len=kv_len,
+            positions=positions_t,
+            valid=valid,
+            write_slot=write_slot,
+            write_pos=write_pos,
+            slot_index=torch.tensor(slots, dtype=torch.long, device=dev) if slot_range is None else None,
+            slot_range=slot_range,
+            write_range=write_range,
+            attn_mask=attn_mask,
+            is_causal=is_causal,
+        )
+
+    def update(self, layer: int, batch: CacheBatch, k_new: Tensor, v_new: Tensor) -> tuple[Tensor, Tensor]:
+        """Write one layer's new keys/values and return everything the batch attends to.
+
+        k_new, v_new: [batch, k_max, num_kv_heads, head_dim] (padding rows are not written).
+        Returns keys, values: [batch, num_kv_heads, kv_len, head_dim].
+        """
+        k_layer, v_layer = self._k_layers[layer], self._v_layers[layer]
+        if batch.write_range is not None:
+            lo, hi = batch.slot_range  # type: ignore[misc]
+            s, e = batch.write_range
+            k_layer[lo:hi, :, s:e].copy_(k_new.transpose(1, 2))
+            v_layer[lo:hi, :, s:e].copy_(v_new.transpose(1, 2))
+            return k_layer[lo:hi, :, : batch.kv_len], v_layer[lo:hi, :, : batch.kv_len]
+        if batch.valid is None:
+            k_flat = k_new.reshape(-1, self.num_kv_heads, self.head_dim)
+            v_flat = v_new.reshape(-1, self.num_kv_heads, self.head_dim)
+        else:
+            k_flat, v_flat = k_new[batch.valid], v_new[batch.valid]
+        # One scatter per tensor: advanced indices on (slot, position), heads and dim sliced.
+        k_layer[batch.write_slot, :, batch.write_pos] = k_flat
+        v_layer[batch.write_slot, :, batch.write_pos] = v_flat
+        if batch.slot_range is not None:
+            lo, hi = batch.slot_range
+            return k_layer[lo:hi, :, : batch.kv_len], v_layer[lo:hi, :, : batch.kv_len]
+        return k_layer[batch.slot_index, :, : batch.kv_len], v_layer[batch.slot_index, :, : batch.kv_len]
+
+    def commit(self, batch: CacheBatch) -> None:
+        """Advance each slot's length once the forward call that wrote `batch` has finished."""
+        for slot, s, n in zip(batch.slots, batch.start, batch.num_new):
+            self._lengths[slot] = s + n

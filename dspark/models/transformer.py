@@ -1,0 +1,194 @@
+"""Decoder-only transformer math shared by the Qwen3, Qwen2 and Llama families.
+
+Math only: no file I/O, no tokenizer, no slot bookkeeping. The `KVCache` is a small object each
+attention layer hands its new keys/values to and gets the full keys/values back from.
+
+Symbols used in shape comments:
+    batch  sequences in the call        k      new tokens per sequence (padded to the longest)
+    H      query heads                  Hkv    key/value heads          D   head_dim
+    hidden model width                  L      keys attended to (cached + new)
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dspark.kv_cache import CacheBatch, KVCache
+from dspark.models.config import ModelConfig
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm over the last dim, computed in float32 and scaled in the input dtype (as transformers does).
+
+    `weight` broadcasts against x's trailing dims (it is [heads, D] for the stacked q/k norms).
+    """
+    if x.dtype == torch.float32:
+        # Same math in fewer kernels: decode steps are dominated by per-op overhead, and
+        # vecdot(x, x) / n is the mean of squares.
+        inv = torch.linalg.vecdot(x, x).unsqueeze(-1).mul_(1.0 / x.shape[-1]).add_(eps).rsqrt_()
+        return x * inv * weight
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def interleave_rope_rows(w: Tensor, num_heads: int, head_dim: int) -> Tensor:
+    """Reorder the rows of a q or k projection (or a per-dim norm weight) from the half-split RoPE
+    layout of Hugging Face checkpoints (pairs (i, i + D/2)) to the interleaved layout (pairs (2i, 2i+1))
+    this module rotates with one complex multiply. Attention scores are unchanged because q and k are
+    permuted alike. w: [num_heads * head_dim, ...] -> same shape.
+    """
+    half = head_dim // 2
+    perm = torch.stack([torch.arange(half), torch.arange(half) + half], dim=1).reshape(-1)  # [D]
+    return w.reshape(num_heads, head_dim, *w.shape[1:])[:, perm].reshape(w.shape)
+
+
+def _linear_params(in_f: int, out_f: int, bias: bool) -> tuple[nn.Parameter, nn.Parameter | None]:
+    # Uninitialised on purpose: every parameter is overwritten by the checkpoint loader.
+    w = nn.Parameter(torch.empty(out_f, in_f), requires_grad=False)
+    b = nn.Parameter(torch.empty(out_f), requires_grad=False) if bias else None
+    return w, b
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with q/k/v fused into one projection (`qkv_weight` rows: q, k, v).
+
+    The q and k rows are stored in interleaved RoPE order (see `interleave_rope_rows`), so RoPE is a
+    single complex multiply on q and k together.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.H, self.Hkv, self.D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.eps = cfg.rms_norm_eps
+        qkv_out = (self.H + 2 * self.Hkv) * self.D
+        self.qkv_weight, self.qkv_bias = _linear_params(cfg.hidden_size, qkv_out, cfg.qkv_bias)
+        self.o_weight, self.o_bias = _linear_params(self.H * self.D, cfg.hidden_size, cfg.o_bias)
+        # Qwen3 q_norm / k_norm weights stacked per head ([H + Hkv, D]) so q and k are normed in one op.
+        self.qk_norm = (
+            nn.Parameter(torch.empty(self.H + self.Hkv, self.D), requires_grad=False) if cfg.qk_norm else None
+        )
+
+    def forward(self, x: Tensor, rope: Tensor, cache: KVCache, batch: CacheBatch) -> Tensor:
+        # x: [batch, k, hidden]; rope: [batch, k, 1, D/2] complex64 (cos + i sin at each position)
+        b, k, _ = x.shape
+        dtype = x.dtype
+        qkv = F.linear(x, self.qkv_weight, self.qkv_bias).view(b, k, self.H + 2 * self.Hkv, self.D)
+        qk, v = qkv.split([self.H + self.Hkv, self.Hkv], dim=2)
+        if self.qk_norm is not None:
+            qk = rms_norm(qk, self.qk_norm, self.eps)
+        # RoPE in float32, as transformers computes cos/sin (a no-op cast for float32 models).
+        qk_c = torch.view_as_complex(qk.float().reshape(b, k, self.H + self.Hkv, self.D // 2, 2))
+        qk = torch.view_as_real(qk_c * rope).reshape(b, k, self.H + self.Hkv, self.D).to(dtype)
+        q, k_new = qk.split([self.H, self.Hkv], dim=2)
+        keys, values = cache.update(self.layer, batch, k_new, v)  # [batch, Hkv, L, D]
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2).contiguous(),  # [batch, H, k, D]; the CPU kernel is ~2x slower on a strided q
+            keys,
+            values,
+            attn_mask=batch.attn_mask,
+            is_causal=batch.is_causal and k > 1,
+            enable_gqa=self.H != self.Hkv,
+        )  # [batch, H, k, D]
+        out = out.transpose(1, 2).reshape(b, k, self.H * self.D)
+        return F.linear(out, self.o_weight, self.o_bias)
+
+
+class MLP(nn.Module):
+    """SwiGLU MLP with gate and up fused into one projection (`gate_up_weight` rows: gate, up)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.inter = cfg.intermediate_size
+        self.gate_up_weight, self.gate_up_bias = _linear_params(cfg.hidden_size, 2 * self.inter, cfg.mlp_bias)
+        self.down_weight, self.down_bias = _linear_params(self.inter, cfg.hidden_size, cfg.mlp_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = F.linear(x, self.gate_up_weight, self.gate_up_bias).split(self.inter, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down_weight, self.down_bias)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.eps = cfg.rms_norm_eps
+        self.input_norm = nn.Parameter(torch.empty(cfg.hidden_size), requires_grad=False)
+        self.post_attn_norm = nn.Parameter(torch.empty(cfg.hidden_size), requires_grad=False)
+        self.attn = Attention(cfg, layer)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: Tensor, rope: Tensor, cache: KVCache, batch: CacheBatch) -> Tensor:
+        x = x + self.attn(rms_norm(x, self.input_norm, self.eps), rope, cache, batch)
+        return x + self.mlp(rms_norm(x, self.post_attn_norm, self.eps))
+
+
+class Transformer(nn.Module):
+    """Embedding -> decoder layers -> (final norm and LM head applied separately by the caller).
+
+    Hidden-state tap ids: -1 is the embedding output; i in [0, num_layers) is the output of decoder
+    layer i *before* the final norm. This matches transformers' `output_hidden_states[i + 1]` for every
+    layer but the last, whose transformers entry has the final norm applied (transformers 5.x replaces
+    it with `last_hidden_state`); apply `final_norm` to tap num_layers-1 to get that one.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_weight = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size), requires_grad=False)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm_weight = nn.Parameter(torch.empty(cfg.hidden_size), requires_grad=False)
+        # Tied checkpoints share the embedding tensor (set by the loader), so no copy is made.
+        self.lm_head_weight = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size), requires_grad=False)
+        self.register_buffer("rope_table", torch.empty(0, dtype=torch.complex64), persistent=False)
+
+    def build_rope(self, num_positions: int) -> None:
+        """Precompute RoPE rotations `[num_positions, D/2]` complex64 (float32, as transformers computes them)."""
+        inv_freq = self.cfg.rope_inv_freq().to(self.embed_weight.device)  # [D/2]
+        pos = torch.arange(num_positions, dtype=torch.float32, device=inv_freq.device)
+        freqs = pos[:, None] * inv_freq[None, :]  # [num_positions, D/2]
+        self.rope_table = torch.polar(torch.ones_like(freqs), freqs)
+
+    @property
+    def rope_len(self) -> int:
+        return self.rope_table.shape[0]
+
+    def embed(self, ids: Tensor) -> Tensor:
+        # ids: [...] long -> [..., hidden]
+        return F.embedding(ids, self.embed_weight)
+
+    def final_norm(self, hidden: Tensor) -> Tensor:
+        return rms_norm(hidden, self.norm_weight, self.cfg.rms_norm_eps)
+
+    def lm_head(self, hidden: Tensor) -> Tensor:
+        """Logits in the model dtype; no final norm (see `final_norm`)."""
+        return F.linear(hidden, self.lm_head_weight)
+
+    def forward(
+        self,
+        ids: Tensor,
+        cache: KVCache,
+        batch: CacheBatch,
+        hidden_layer_ids: Sequence[int] = (),
+    ) -> tuple[Tensor, Tensor | None]:
+        """Run the decoder over new tokens, appending their keys/values to the cache.
+
+        ids: [batch, k] long. Returns (last hidden state before the final norm [batch, k, hidden],
+        taps [batch, k, len(hidden_layer_ids), hidden] or None).
+        """
+        rope = self.rope_table[batch.positions].unsqueeze(2)  # [batch, k, 1, D/2]
+        x = self.embed(ids)  # [batch, k, hidden]
+        want = set(hidden_layer_ids)
+        got: dict[int, Tensor] = {}
+        if -1 in want:
+            got[-1] = x
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, cache, batch)
+            if i in want:
+                got[i] = x
+        stacked = torch.stack([got[i] for i in hidden_layer_ids], dim=2) if hidden_layer_ids else None
+        return x, stacked
