@@ -6,6 +6,8 @@
     dspark pretrain --out models/my-target          # train a tokenizer and a small code model
     dspark datagen --out runs/data.jsonl            # target-generated responses for drafter training
     dspark train-drafter --data runs/data.jsonl --out models/my-drafter
+    dspark eval --drafters dspark,dflash --data-dir ../shared/benchmarks --sets humaneval --num-prompts 40
+    dspark bench --drafters dspark,ngram --data-dir ../shared/benchmarks --set humaneval --num-prompts 8
 
 Run `dspark SUBCOMMAND --help` for the options of each subcommand.
 """
@@ -141,6 +143,19 @@ def _add_train_drafter(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=lambda a: train_drafter.train(train_drafter.config_from_args(a, a.raw_argv)) and 0)
 
 
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    from dspark.eval import acceptance, speed
+
+    p = sub.add_parser("eval", help="accepted length and conditional acceptance of drafters on prompt sets",
+                       description=acceptance.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    acceptance.add_arguments(p)
+    p.set_defaults(func=acceptance.run)
+    p = sub.add_parser("bench", help="wall-clock tokens/s of every method side by side, checking identical output",
+                       description=speed.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    speed.add_arguments(p)
+    p.set_defaults(func=speed.run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dspark", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -149,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pretrain(sub)
     _add_datagen(sub)
     _add_train_drafter(sub)
+    _add_eval(sub)
     return p
 
 
