@@ -103,6 +103,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seeds prompt cutting and each request's sampler")
     p.add_argument("--batch-size", type=int, default=8, help="requests decoded together (default: 8)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--shard", default="0/1", metavar="K/N",
+                   help="generate only prompts whose id %% N == K, to run N processes side by side on "
+                        "separate --out files (default: 0/1, all prompts)")
 
 
 def run(args: argparse.Namespace) -> Path:
@@ -134,11 +137,17 @@ def run(args: argparse.Namespace) -> Path:
             out.write_text(text[:text.rfind("\n") + 1], encoding="utf-8")
     out.parent.mkdir(parents=True, exist_ok=True)
     llm = LLM(model=args.model, max_num_seqs=args.batch_size, num_threads=args.threads)
-    todo = [(i, p) for i, p in enumerate(prompts) if i not in done]
+    try:
+        k, n_shards = (int(x) for x in args.shard.split("/"))
+        assert 0 <= k < n_shards
+    except (ValueError, AssertionError):
+        raise DatagenError(f"--shard must be K/N with 0 <= K < N, got {args.shard!r}") from None
+    mine = [(i, p) for i, p in enumerate(prompts) if i % n_shards == k]
+    todo = [(i, p) for i, p in mine if i not in done]
     max_len = llm.engine.max_model_len - 1
     sampling = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
                 "max_tokens": args.max_tokens}
-    bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc="datagen", unit="prompt")
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="datagen", unit="prompt")
     n_tok = 0
     with out.open("a", encoding="utf-8") as fh:
         for b in range(0, len(todo), args.batch_size):
