@@ -5,12 +5,15 @@ Usage (the demo target, see models/dspark-demo-target/README.md for the exact co
     dspark pretrain --out models/dspark-demo-target                 # corpus: the stdlib source
     dspark pretrain --corpus DIR --out OUT --steps 200 --hidden-size 64 --num-layers 2
     torchrun --nproc-per-node 2 -m dspark.train.pretrain --out OUT   # data parallel (gloo on CPU)
+    dspark pretrain --tokenizer models/dspark-demo-target --out OUT --hidden-size 128 --num-layers 2
+        # a draft model for the `draft-model` drafter: reuses the target's tokenizer and vocabulary
 
 Steps: discover files and split train/validation by file (a hash of the path), train a byte-level
-BPE tokenizer, tokenise both splits into one stream each, then train with AdamW (warm-up, cosine
-decay), random windows drawn deterministically from (seed, step) so a resumed or data-parallel run
-sees exactly the batches an uninterrupted single-process run sees. Checkpoints go to
-``OUT/.work/checkpoint.pt`` atomically; starting the same command again resumes. At the end the
+BPE tokenizer (or, with --tokenizer DIR, copy DIR's tokenizer and take the vocabulary size from DIR's
+config.json, else from the tokenizer), tokenise both splits into one stream each, then train with
+AdamW (warm-up, cosine decay), random windows drawn deterministically from (seed, step) so a resumed
+or data-parallel run sees exactly the batches an uninterrupted single-process run sees. Checkpoints
+go to ``OUT/.work/checkpoint.pt`` atomically; starting the same command again resumes. At the end the
 model is written as a Hugging Face directory that transformers' Auto classes load as they are,
 with a model card (README.md) recording the command, data, steps, tokens, time and losses.
 """
@@ -25,7 +28,7 @@ import shlex
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +46,8 @@ class PretrainConfig:
     corpus: str | None = None            # None: the running Python's standard library
     extensions: tuple[str, ...] = (".py",)
     val_percent: float = 3.0
-    vocab_size: int = 8192
+    vocab_size: int = 8192               # of the trained tokenizer; with `tokenizer`, read from there
+    tokenizer: str | None = None         # reuse this directory's tokenizer instead of training one
     hidden_size: int = 320
     intermediate_size: int = 864
     num_layers: int = 8
@@ -105,8 +109,17 @@ def windows(stream: np.ndarray, offsets: np.ndarray, seq_len: int) -> torch.Tens
     return torch.from_numpy(stream[idx].astype(np.int64))  # [batch, seq_len + 1]
 
 
-def build_model(cfg: PretrainConfig, special: dict):
+def eos_pad_ids(meta: dict) -> tuple[int | list[int], int]:
+    """The model's eos and pad ids. Data prepared before --tokenizer existed records only the
+    trained tokenizer's special-token ids."""
+    special = meta["special_tokens"]
+    return meta.get("eos_token_id", special.get(EOS_TOKEN)), meta.get("pad_token_id", special.get(PAD_TOKEN))
+
+
+def build_model(cfg: PretrainConfig, meta: dict):
     from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    eos, pad = eos_pad_ids(meta)
 
     mcfg = Qwen3Config(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
@@ -114,7 +127,7 @@ def build_model(cfg: PretrainConfig, special: dict):
         num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
         head_dim=cfg.head_dim, max_position_embeddings=cfg.max_position_embeddings,
         tie_word_embeddings=True, rope_theta=10000.0, rms_norm_eps=1e-6,
-        bos_token_id=None, eos_token_id=special[EOS_TOKEN], pad_token_id=special[PAD_TOKEN],
+        bos_token_id=None, eos_token_id=eos, pad_token_id=pad,
     )
     mcfg._attn_implementation = "sdpa"
     torch.manual_seed(cfg.seed)
@@ -145,15 +158,52 @@ def _dist_info() -> tuple[int, int]:
     return rank, world
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+def reuse_tokenizer(src: str | Path, out_dir: Path):
+    """Copy `src`'s tokenizer files into `out_dir`, so the model trained here shares them (a draft
+    model must: its token ids are compared with the target's). Returns (tokenizer backend,
+    special-token ids by name, {"vocab_size", "eos_token_id", "pad_token_id"}).
+
+    The vocabulary size is `src`'s config.json `vocab_size` when there is one (a target's embedding
+    is often padded past the tokenizer), and never less than the tokenizer's own size."""
+    from dspark.tokenizer import Tokenizer, read_json
+
+    src = Path(src)
+    tok = Tokenizer.from_dir(src)  # CheckpointError naming the file when something is missing
+    eos_ids = tok.eos_token_ids
+    if not eos_ids:
+        raise CorpusError(f"tokenizer in {src} has no end-of-text token (tokenizer_config.json 'eos_token' or "
+                          "generation_config.json 'eos_token_id'); it separates files in the token stream")
+    model_cfg = read_json(src / "config.json", required=False) or {}
+    vocab = max(tok.vocab_size, int(model_cfg.get("vocab_size") or 0))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy(src / name, out_dir / name)
+    special = {name: tid for name, tid in ((tok.eos_token, eos_ids[0]), (tok.pad_token, tok.pad_token_id),
+                                           (tok.mask_token, tok.mask_token_id)) if name is not None}
+    ids = {"vocab_size": vocab, "eos_token_id": eos_ids[0] if len(eos_ids) == 1 else list(eos_ids),
+           "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else eos_ids[0]}
+    return tok.backend, special, ids
+
+
 def prepare_data(cfg: PretrainConfig, work: Path, rank: int, world: int):
     """Tokenizer and token streams, built once (rank 0) and cached in the work directory."""
     tok_dir = work / "tokenizer"
     meta_path = work / "data.json"
     if rank == 0 and not meta_path.exists():
         split = discover(cfg.corpus, cfg.extensions, cfg.val_percent)
-        tok = train_tokenizer(split.train, cfg.vocab_size)
-        special = save_tokenizer(tok, tok_dir, cfg.max_position_embeddings)
-        eos = special[EOS_TOKEN]
+        if cfg.tokenizer is not None:
+            tok, special, token_ids = reuse_tokenizer(cfg.tokenizer, tok_dir)
+        else:
+            tok = train_tokenizer(split.train, cfg.vocab_size)
+            special = save_tokenizer(tok, tok_dir, cfg.max_position_embeddings)
+            token_ids = {"vocab_size": cfg.vocab_size, "eos_token_id": special[EOS_TOKEN],
+                         "pad_token_id": special[PAD_TOKEN]}
+        eos = token_ids["eos_token_id"]
+        eos = eos[0] if isinstance(eos, list) else eos
         train = tokenize_files(tok, split.train, eos)
         val = tokenize_files(tok, split.val, eos)
         if len(train) < cfg.seq_len + 2 or len(val) < cfg.seq_len + 2:
@@ -163,6 +213,7 @@ def prepare_data(cfg: PretrainConfig, work: Path, rank: int, world: int):
         np.save(work / "val.npy", val)
         meta = {"corpus": str(split.root), "train_files": len(split.train), "val_files": len(split.val),
                 "train_tokens": int(len(train)), "val_tokens": int(len(val)), "special_tokens": special,
+                "tokenizer_source": str(cfg.tokenizer) if cfg.tokenizer is not None else None, **token_ids,
                 "val_file_list": [p.relative_to(split.root).as_posix() for p in split.val]}
         atomic_write_text(meta_path, json.dumps(meta, indent=2))
     if world > 1:
@@ -175,21 +226,24 @@ def prepare_data(cfg: PretrainConfig, work: Path, rank: int, world: int):
 
 def _sample_continuations(model, tok_dir: Path, meta: dict, n: int = 3, max_new: int = 48) -> list[dict]:
     """Greedy continuations of function headers taken from held-out files, for the model card."""
-    from transformers import AutoTokenizer
+    from dspark.tokenizer import Tokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    # DSpark's own tokenizer reads any tokenizer --tokenizer may have copied in (transformers'
+    # AutoTokenizer rejects some valid tokenizer_config.json spellings).
+    tok = Tokenizer.from_dir(tok_dir)
+    _, pad = eos_pad_ids(meta)
     samples = []
     for rel in meta["val_file_list"]:
         text = read_text(Path(meta["corpus"]) / rel)
         for line_no, line in enumerate(text.splitlines()):
             if line.lstrip().startswith("def ") and line.rstrip().endswith(":"):
                 prompt = "\n".join(text.splitlines()[max(0, line_no - 6):line_no + 1]) + "\n"
-                ids = tok(prompt, return_tensors="pt")["input_ids"]
+                ids = torch.tensor([tok.encode(prompt)])
                 with torch.no_grad():
-                    out = model.generate(ids, max_new_tokens=max_new, do_sample=False,
-                                         pad_token_id=tok.pad_token_id)
+                    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
+                                         do_sample=False, pad_token_id=pad)
                 samples.append({"file": rel, "prompt": prompt,
-                                "continuation": tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)})
+                                "continuation": tok.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)})
                 break
         if len(samples) >= n:
             break
@@ -206,13 +260,14 @@ def export(model, cfg: PretrainConfig, work: Path, meta: dict, log: dict) -> Pat
     model.config.dtype = dtype
     model.to(dtype).save_pretrained(str(tmp), safe_serialization=True)
     model.to(torch.float32)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(work / "tokenizer" / name, tmp / name)
-    special = meta["special_tokens"]
-    gen = {"eos_token_id": special[EOS_TOKEN], "pad_token_id": special[PAD_TOKEN]}
+    for name in TOKENIZER_FILES:
+        if (work / "tokenizer" / name).is_file():
+            shutil.copy(work / "tokenizer" / name, tmp / name)
+    eos, pad = eos_pad_ids(meta)
+    gen = {"eos_token_id": eos, "pad_token_id": pad}
     (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     samples = _sample_continuations(model, tmp, meta)
-    (tmp / "README.md").write_text(model_card(cfg, meta, log, samples, special))
+    (tmp / "README.md").write_text(model_card(cfg, meta, log, samples, meta["special_tokens"]))
     (tmp / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
     # Keep the work directory (checkpoint, streams) where it is: move every exported file in.
     out.mkdir(parents=True, exist_ok=True)
@@ -245,7 +300,8 @@ def model_card(cfg: PretrainConfig, meta: dict, log: dict, samples: list[dict], 
         + " with tests, IDLE, lib2to3, ensurepip and vendored code left out; split by file with a",
         f"  hash of the relative path: {meta['train_files']} train files ({meta['train_tokens']:,} tokens), "
         f"{meta['val_files']} validation files ({meta['val_tokens']:,} tokens).",
-        f"- Tokenizer: byte-level BPE, vocabulary {cfg.vocab_size}, special tokens "
+        (f"- Tokenizer: reused from `{meta['tokenizer_source']}`, model vocabulary {cfg.vocab_size}, special tokens "
+         if meta.get("tokenizer_source") else f"- Tokenizer: byte-level BPE, vocabulary {cfg.vocab_size}, special tokens ")
         + ", ".join(f"`{k}`={v}" for k, v in special.items()) + ".",
         f"- Model: {n_params / 1e6:.1f}M parameters, hidden {cfg.hidden_size}, {cfg.num_layers} layers, "
         f"{cfg.num_heads} heads ({cfg.num_kv_heads} KV), head dim {cfg.head_dim}, MLP {cfg.intermediate_size}, "
@@ -289,7 +345,8 @@ def train(cfg: PretrainConfig) -> Path:
     if world > 1:
         torch.distributed.barrier()
     meta, train_stream, val_stream = prepare_data(cfg, work, rank, world)
-    model = build_model(cfg, meta["special_tokens"])
+    cfg = replace(cfg, vocab_size=int(meta.get("vocab_size", cfg.vocab_size)))
+    model = build_model(cfg, meta)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -369,6 +426,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d = PretrainConfig(out="")
     p.add_argument("--out", required=True, help="output Hugging Face model directory (its .work/ holds checkpoints)")
     p.add_argument("--corpus", default=None, help="directory of text/code files (default: this Python's standard library)")
+    p.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="reuse DIR's tokenizer (e.g. the target model's, to train a draft model for it) instead "
+                        "of training one; the vocabulary size then comes from DIR (--vocab-size is ignored)")
     p.add_argument("--extensions", default=",".join(d.extensions), help="comma-separated file endings to read (default: .py)")
     for name, help_ in [
         ("val_percent", "percent of files held out for validation"), ("vocab_size", "BPE vocabulary size"),

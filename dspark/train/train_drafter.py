@@ -1,9 +1,10 @@
-"""Train a DSpark (or DFlash) drafter against a frozen target model (paper §3.3).
+"""Train a DSpark (or DFlash, or EAGLE-3) drafter against a frozen target model (paper §3.3).
 
 Usage:
 
     dspark train-drafter --target models/dspark-demo-target --data runs/data.jsonl --out runs/drafter
     dspark train-drafter ... --drafter dflash                      # no sequential head (baseline)
+    dspark train-drafter ... --drafter eagle3                      # autoregressive, TTT over γ steps
     torchrun --nproc-per-node 2 -m dspark.train.train_drafter --target T --data D --out O   # gloo DDP
 
 Data: a JSONL file, one sequence per line, `{"prompt_ids": [...], "output_ids": [...]}`, the output
@@ -15,9 +16,12 @@ is held out for validation.
 Each step runs the frozen target once over the batch (taps at `target_layer_ids` for the context
 features, logits for the TV term), then the drafter over all anchors of every sequence in one
 forward, and minimises 0.1·CE + 0.9·TV + 1.0·BCE(confidence), each weighted by exp(−(k−1)/decay).
+The EAGLE-3 baseline trains on the same data, taps, anchors, γ and losses (it has no confidence
+head): its k-th block position is step k of a training-time-test unroll from the anchor.
 Batches and anchors are a pure function of (seed, step), so a restarted run (checkpoints in
 OUT/.work, written atomically) and a data-parallel run reproduce the losses of one uninterrupted
-process. At the end the drafter is written to OUT in DeepSpec's layout, with `training_log.json`.
+process. At the end the drafter is written to OUT (DSpark/DFlash in DeepSpec's layout), with
+`training_log.json`.
 """
 
 from __future__ import annotations
@@ -31,12 +35,14 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from dspark.drafters.dspark_drafter import (DSparkConfig, DSparkModel, HEAD_ALIASES, block_label_positions,
                                             default_target_layer_ids)
+from dspark.drafters.eagle3 import Eagle3Config, Eagle3Model
 from dspark.errors import DSparkError
 from dspark.train.checkpoint import atomic_torch_save, atomic_write_text
 from dspark.train.losses import LossTerms, LossWeights, loss_terms, total_loss
@@ -56,7 +62,7 @@ class TrainDrafterConfig:
     target: str
     data: str
     out: str
-    drafter: str = "dspark"               # "dspark" or "dflash" (markov_rank 0, no confidence head)
+    drafter: str = "dspark"               # a TRAINABLE_DRAFTERS key: dspark, dflash, eagle3
     block_size: int = 7
     num_layers: int = 1
     markov_rank: int | None = None        # None: 256 for dspark, 0 for dflash
@@ -88,8 +94,8 @@ class TrainDrafterConfig:
     command: str = field(default="", repr=False)
 
     def validate(self) -> None:
-        if self.drafter not in ("dspark", "dflash"):
-            raise ValueError(f"--drafter must be dspark or dflash, got {self.drafter!r}")
+        if self.drafter not in TRAINABLE_DRAFTERS:
+            raise ValueError(f"--drafter must be one of {', '.join(TRAINABLE_DRAFTERS)}, got {self.drafter!r}")
         for name in ("block_size", "num_layers", "anchors_per_seq", "steps", "batch_size", "eval_every",
                      "ckpt_every", "eval_seqs"):
             if getattr(self, name) < 1:
@@ -267,7 +273,7 @@ def aligned_target_logits(logits: torch.Tensor, anchors: torch.Tensor, block_siz
     return logits.gather(1, flat).view(*rows.shape, V)
 
 
-def compute_terms(model, target, cache, batch: Batch, cfg: DSparkConfig, decay: float) -> LossTerms:
+def compute_terms(model, target, cache, batch: Batch, cfg: "DrafterSettings", decay: float) -> LossTerms:
     feats = target_features(target, cache, batch, cfg.target_layer_ids)
     out = model(feats.hidden, batch.input_ids, batch.anchors, batch.anchor_mask, batch.loss_mask)
     tl = aligned_target_logits(feats.logits, batch.anchors, cfg.block_size)
@@ -275,7 +281,7 @@ def compute_terms(model, target, cache, batch: Batch, cfg: DSparkConfig, decay: 
 
 
 @torch.no_grad()
-def evaluate(model, target, cache, data: list[Sequence], cfg: TrainDrafterConfig, dcfg: DSparkConfig,
+def evaluate(model, target, cache, data: list[Sequence], cfg: TrainDrafterConfig, dcfg: "DrafterSettings",
              chunk: int) -> dict:
     """Validation loss and τ̂ over a fixed set of held-out sequences and anchors."""
     model.eval()
@@ -300,8 +306,11 @@ def evaluate(model, target, cache, data: list[Sequence], cfg: TrainDrafterConfig
 # Training
 
 
-def drafter_config(cfg: TrainDrafterConfig, target) -> DSparkConfig:
-    """The drafter's shape: the target's width/heads/RoPE plus the command-line choices."""
+# What the trainer needs of a drafter's settings: `target_layer_ids`, `block_size`, `to_json_dict()`.
+DrafterSettings = DSparkConfig | Eagle3Config
+
+
+def _dspark_config(cfg: TrainDrafterConfig, target) -> DSparkConfig:
     mask = cfg.mask_token_id
     if mask is None:
         mask = target.tokenizer.mask_token_id if target.tokenizer is not None else None
@@ -318,6 +327,37 @@ def drafter_config(cfg: TrainDrafterConfig, target) -> DSparkConfig:
         confidence_head_with_markov=conf and rank > 0, target_layer_ids=layer_ids,
         num_anchors=cfg.anchors_per_seq, drafter_type=cfg.drafter,
     )
+
+
+def _eagle3_config(cfg: TrainDrafterConfig, target) -> Eagle3Config:
+    # TTT horizon = block size and DSpark's taps, as in the paper's comparison; the Markov, confidence
+    # and mask-token options do not apply.
+    layer_ids = cfg.target_layer_ids or default_target_layer_ids(target.config.num_layers)
+    return Eagle3Config.for_target(target.config, block_size=cfg.block_size, num_hidden_layers=cfg.num_layers,
+                                   target_layer_ids=layer_ids)
+
+
+@dataclass(frozen=True)
+class TrainableDrafter:
+    """How the trainer builds one kind of drafter; data, target features, losses, resume and DDP are
+    shared. `model_class` provides `from_target(settings, target, seed=, dtype=)`, a `forward` that
+    returns a `DraftTrainOutput` for (target_hidden, input_ids, anchors, anchor_mask, loss_mask),
+    and `save_pretrained(out, dtype=)`."""
+
+    settings: Callable[[TrainDrafterConfig, Any], DrafterSettings]
+    model_class: type
+
+
+TRAINABLE_DRAFTERS: dict[str, TrainableDrafter] = {
+    "dspark": TrainableDrafter(_dspark_config, DSparkModel),
+    "dflash": TrainableDrafter(_dspark_config, DSparkModel),
+    "eagle3": TrainableDrafter(_eagle3_config, Eagle3Model),
+}
+
+
+def drafter_config(cfg: TrainDrafterConfig, target) -> DrafterSettings:
+    """The drafter's shape: the target's width/heads/RoPE plus the command-line choices."""
+    return TRAINABLE_DRAFTERS[cfg.drafter].settings(cfg, target)
 
 
 def _dist_info() -> tuple[int, int]:
@@ -354,7 +394,7 @@ def _train(cfg: TrainDrafterConfig, rank: int, world: int, load_target) -> Path:
     max_len = min(cfg.max_seq_len, target.context_length)
     data = load_data(cfg.data, target.vocab_size, max_len, cfg.val_percent)
     dcfg = drafter_config(cfg, target)
-    model = DSparkModel.from_target(dcfg, target, seed=cfg.seed, dtype=torch.float32)
+    model = TRAINABLE_DRAFTERS[cfg.drafter].model_class.from_target(dcfg, target, seed=cfg.seed, dtype=torch.float32)
     model.train()
     decay_params = [p for p in model.parameters() if p.ndim >= 2]
     other_params = [p for p in model.parameters() if p.ndim < 2]
@@ -456,8 +496,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", required=True, help="target model directory (Hugging Face layout)")
     p.add_argument("--data", required=True, help="JSONL with prompt_ids and output_ids per line")
     p.add_argument("--out", required=True, help="output drafter directory (its .work/ holds checkpoints)")
-    p.add_argument("--drafter", default=d.drafter, choices=["dspark", "dflash"],
-                   help="dspark (sequential + confidence heads) or dflash (parallel backbone only)")
+    p.add_argument("--drafter", default=d.drafter, choices=list(TRAINABLE_DRAFTERS),
+                   help="dspark (sequential + confidence heads), dflash (parallel backbone only) or "
+                        "eagle3 (autoregressive, training-time test over --block-size steps)")
     p.add_argument("--markov-head-type", default=d.markov_head_type, choices=sorted(HEAD_ALIASES),
                    help=f"sequential head (default: {d.markov_head_type})")
     p.add_argument("--target-layer-ids", type=_int_list, default=None,
