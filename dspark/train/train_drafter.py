@@ -245,38 +245,52 @@ def make_batch(seqs: list[Sequence], anchors: list[list[int]], num_anchors: int)
 @dataclass
 class TargetFeatures:
     hidden: torch.Tensor  # [B, T, L, H] float32 taps, zero on padding
-    logits: torch.Tensor  # [B, T, V] float32: row j is the target's prediction for position j + 1
+    last: torch.Tensor  # [B, T, H] float32 output of the target's last layer (before the final norm)
 
 
 def target_features(target, cache, batch: Batch, layer_ids: list[int]) -> TargetFeatures:
     """One frozen target forward over the batch through its KV cache (each sequence at its own
-    length, causal), then copied out of inference mode so autograd may read them."""
+    length, causal), then copied out of inference mode so autograd may read them.
+
+    The LM head is not run here: the TV term needs the target's logits only at the block positions
+    (a fraction of the sequence), and the head over every position would be a third of the cost.
+    """
+    last_id = target.num_layers - 1
+    taps = list(layer_ids) + [last_id]
     slots = [cache.allocate() for _ in batch.seqs]
     try:
-        res = target.forward(cache, slots, [s.ids for s in batch.seqs], hidden_layer_ids=layer_ids)
+        res = target.forward(cache, slots, [s.ids for s in batch.seqs], hidden_layer_ids=taps,
+                             all_logits=False)
     finally:
         for s in slots:
             cache.free(s)
     T = batch.input_ids.shape[1]
-    hidden = res.hidden[:, :T].float().clone()
-    logits = res.logits[:, :T].float().clone()
+    hidden = res.hidden[:, :T, :len(layer_ids)].float().clone()
+    last = res.hidden[:, :T, len(layer_ids)].float().clone()
     valid = torch.arange(T)[None, :] < torch.tensor([len(s.ids) for s in batch.seqs])[:, None]
     hidden[~valid] = 0.0  # padding rows are unspecified; keep them finite for masked attention
-    return TargetFeatures(hidden=hidden, logits=logits)
+    last[~valid] = 0.0
+    return TargetFeatures(hidden=hidden, last=last)
 
 
-def aligned_target_logits(logits: torch.Tensor, anchors: torch.Tensor, block_size: int) -> torch.Tensor:
-    """The target's logits for each block position: logits [B, T, V], anchors [B, A] -> [B, A, G, V]."""
-    B, T, V = logits.shape
+def aligned_target_logits(target, last: torch.Tensor, anchors: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The target's logits for each block position: last [B, T, H], anchors [B, A] -> [B, A, G, V].
+
+    Row j of the target predicts position j + 1, so block position k of anchor t reads row t + k - 1.
+    """
+    B, T, H = last.shape
     rows = (block_label_positions(anchors, block_size) - 1).clamp(0, T - 1)  # [B, A, G]
-    flat = rows.view(B, -1, 1).expand(-1, -1, V)
-    return logits.gather(1, flat).view(*rows.shape, V)
+    picked = last.gather(1, rows.view(B, -1, 1).expand(-1, -1, H))  # [B, A*G, H]
+    with torch.no_grad():
+        w = target.transformer.lm_head_weight
+        logits = target.lm_head(target.final_norm(picked.to(w.dtype))).float()  # [B, A*G, V]
+    return logits.view(*rows.shape, -1)
 
 
 def compute_terms(model, target, cache, batch: Batch, cfg: "DrafterSettings", decay: float) -> LossTerms:
     feats = target_features(target, cache, batch, cfg.target_layer_ids)
     out = model(feats.hidden, batch.input_ids, batch.anchors, batch.anchor_mask, batch.loss_mask)
-    tl = aligned_target_logits(feats.logits, batch.anchors, cfg.block_size)
+    tl = aligned_target_logits(target, feats.last, batch.anchors, cfg.block_size)
     return loss_terms(out.logits, tl, out.labels, out.label_mask, out.confidence_logits, decay)
 
 
