@@ -486,12 +486,55 @@ def _train(cfg: TrainDrafterConfig, rank: int, world: int, load_target) -> Path:
         model.save_pretrained(out, dtype=getattr(torch, cfg.save_dtype))
         log["command"] = cfg.command
         atomic_write_text(out / "training_log.json", json.dumps(log, indent=1) + "\n")
+        atomic_write_text(out / "README.md", model_card(cfg, log))
         last = log["evals"][-1] if log["evals"] else {}
         print(f"wrote {out} (val loss {last.get('val_loss', float('nan')):.4f}, "
               f"val tau {last.get('val_tau', float('nan')):.3f})", file=sys.stderr)
     if world > 1:
         torch.distributed.barrier()
     return out
+
+
+def model_card(cfg: TrainDrafterConfig, log: dict) -> str:
+    """A README for the drafter directory: how it was made and how well it drafted on held-out data."""
+    d = log["drafter"]
+    evals = log["evals"]
+    last = evals[-1] if evals else {}
+    lines = [
+        f"# {Path(cfg.out).name}",
+        "",
+        f"A `{cfg.drafter}` drafter for the target `{cfg.target}`, trained by DSpark's `train-drafter`",
+        "against the frozen target on responses the target generated itself (`dspark datagen`).",
+        "",
+        "## How it was made",
+        "",
+        "```",
+        cfg.command,
+        "```",
+        "",
+        f"- Data: `{cfg.data}`: {log['train_seqs']} training and {log['val_seqs']} held-out sequences.",
+        f"- Drafter: {log['num_params'] / 1e6:.2f}M trainable parameters; block size γ={cfg.block_size}, "
+        f"{cfg.num_layers} draft layer(s), target layers {d.get('target_layer_ids')}, "
+        f"sequential head rank {d.get('markov_rank', 0)} ({d.get('markov_head_type', 'none')}), "
+        f"confidence head {'on' if d.get('enable_confidence_head') else 'off'}. The target's embedding and LM "
+        "head are shared and frozen (not stored here).",
+        f"- Training: {log['step']} steps of {cfg.batch_size} sequences x {cfg.anchors_per_seq} anchors, AdamW lr "
+        f"{cfg.lr} (warm-up {cfg.warmup_steps}, cosine to {cfg.min_lr_ratio}x), loss {cfg.ce_weight}·CE + "
+        f"{cfg.tv_weight}·TV + {cfg.conf_weight}·BCE with decay γ_decay={cfg.decay:g}; seed {cfg.seed}; "
+        f"{log['world_size']} process(es) x {log['threads']} thread(s).",
+        f"- Wall time: {log['wall_seconds'] / 60:.1f} minutes (sum over resumed runs).",
+        f"- Held-out τ̂ (expected accepted length from 1 − TV, bonus included, γ={cfg.block_size}): "
+        f"{last.get('val_tau', float('nan')):.3f} at step {last.get('step', 0)}; validation loss "
+        f"{last.get('val_loss', float('nan')):.4f}.",
+        "",
+        "## Validation curve",
+        "",
+        "| step | train loss | val loss | val τ̂ |",
+        "| --- | --- | --- | --- |",
+    ]
+    for e in evals:
+        lines.append(f"| {e['step']} | {e['train_loss']:.4f} | {e['val_loss']:.4f} | {e['val_tau']:.3f} |")
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------------
