@@ -224,7 +224,7 @@ def prepare_data(cfg: PretrainConfig, work: Path, rank: int, world: int):
     return meta, train, val
 
 
-def _sample_continuations(model, tok_dir: Path, meta: dict, n: int = 3, max_new: int = 48) -> list[dict]:
+def _sample_continuations(model, tok_dir: Path, meta: dict, n: int = 4, max_new: int = 48) -> list[dict]:
     """Greedy continuations of function headers taken from held-out files, for the model card."""
     from dspark.tokenizer import Tokenizer
 
@@ -237,7 +237,9 @@ def _sample_continuations(model, tok_dir: Path, meta: dict, n: int = 3, max_new:
         text = read_text(Path(meta["corpus"]) / rel)
         for line_no, line in enumerate(text.splitlines()):
             if line.lstrip().startswith("def ") and line.rstrip().endswith(":"):
-                prompt = "\n".join(text.splitlines()[max(0, line_no - 6):line_no + 1]) + "\n"
+                # No trailing newline: byte-level BPE merges a newline with the next line's indent, so
+                # a prompt ending in a bare newline would ask for an unindented line.
+                prompt = "\n".join(text.splitlines()[max(0, line_no - 6):line_no + 1])
                 ids = torch.tensor([tok.encode(prompt)])
                 with torch.no_grad():
                     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
@@ -323,7 +325,8 @@ def model_card(cfg: PretrainConfig, meta: dict, log: dict, samples: list[dict], 
         lines.append(f"| {e['step']} | {e['train_loss']:.4f} | {e['val_loss']:.4f} | {math.exp(e['val_loss']):.2f} |")
     lines += ["", "## Greedy continuations of held-out function headers", ""]
     for s in samples:
-        lines += [f"From `{s['file']}`:", "", "```python", s["prompt"] + s["continuation"], "```", ""]
+        lines += [f"Prompt, the lines ending at a function header of `{s['file']}`:", "", "```python", s["prompt"],
+                  "```", "", "Greedy continuation (48 tokens):", "", "```python", s["continuation"], "```", ""]
     return "\n".join(lines) + "\n"
 
 
