@@ -165,3 +165,43 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_tokenizer(path)
     (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0]}))
     return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fixtures several test modules share (per module: each module gets its own instance)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    # Tiny tensors: extra threads only contend with each other (and anything else on the machine).
+    # For modules whose code may change the thread count (trainers set it from their config).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def target(qwen3_ckpt):
+    """The tiny Qwen3 target, loaded by DSpark."""
+    from dspark.models import load_target
+
+    return load_target(qwen3_ckpt.path)
+
+
+@pytest.fixture(scope="module")
+def plain(qwen3_ckpt):
+    """A plain (no drafter) LLM over the tiny Qwen3 target."""
+    from dspark import LLM
+
+    return LLM(model=qwen3_ckpt.path, max_num_seqs=4)
+
+
+@pytest.fixture(scope="module")
+def plain_greedy(plain) -> list[list[int]]:
+    """Plain greedy output for helpers.PROMPTS, 20 tokens each: what lossless speculation must reproduce."""
+    from dspark import SamplingParams
+    from helpers import PROMPTS
+
+    outs = plain.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    return [o.token_ids for o in outs]

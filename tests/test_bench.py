@@ -8,19 +8,13 @@ import pytest
 
 from dspark.eval import speed
 from dspark.eval.speed import BenchConfig, benchmark
-from dspark.models import load_target
-from test_eval import untrained_dspark, write_sets
-
-
-@pytest.fixture(scope="module")
-def target(qwen3_ckpt):
-    return load_target(qwen3_ckpt.path)
+from helpers import eval_dspark, write_sets
 
 
 def test_bench_ours_only(tmp_path, target):
     cfg = BenchConfig(drafters=[], out=tmp_path / "b.json", num_prompts=2, max_tokens=8, gamma=4, repeats=1,
                       transformers=False, data_dir=write_sets(tmp_path / "data"), set="humaneval")
-    rep = benchmark(cfg, {"ngram": "ngram", "dspark": untrained_dspark}, target=target, progress=False)
+    rep = benchmark(cfg, {"ngram": "ngram", "dspark": eval_dspark}, target=target, progress=False)
     data = json.loads(cfg.out.read_text())
     methods = {m["method"]: m for m in data["methods"]}
     assert set(methods) == {"vanilla", "ngram", "dspark"}

@@ -20,8 +20,7 @@ from dspark.drafters.draft_model import DraftModelDrafter
 from dspark.errors import CheckpointError
 from dspark.models import load_target
 from dspark.sampling import SamplingTensors, draw_uniforms, logits_to_probs, make_generator, sample_inverse_cdf
-from test_eagle3 import check_greedy_lossless, sampled_pairs_pvalue
-from test_spec_engine import PROMPTS
+from helpers import PROMPTS, check_greedy_lossless, sampled_pairs_pvalue
 
 SMALL = dict(num_layers=1, hidden_size=32, intermediate_size=48, num_attention_heads=2, num_key_value_heads=1,
              head_dim=16)
@@ -45,17 +44,6 @@ def close_draft(qwen3_ckpt, tmp_path_factory) -> Path:
     model.save_pretrained(str(path))
     write_tokenizer(path)
     return path
-
-
-@pytest.fixture(scope="module")
-def plain(qwen3_ckpt) -> LLM:
-    return LLM(model=qwen3_ckpt.path, max_num_seqs=4)
-
-
-@pytest.fixture(scope="module")
-def plain_greedy(plain) -> list[list[int]]:
-    outs = plain.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
-    return [o.token_ids for o in outs]
 
 
 def test_hf_directory_loads_as_draft_model(plain, small_draft):

@@ -15,24 +15,12 @@ from dspark.drafters import (DRAFTERS, DSparkConfig, DSparkDrafter, DSparkModel,
                              default_target_layer_ids, load_drafter)
 from dspark.drafters.dspark_drafter import BlockDraft
 from dspark.errors import CheckpointError
-from dspark.models import load_target
 from dspark.sampling import SamplingParams, SamplingTensors, logits_to_probs, make_generator
 
 G = 4  # block size used throughout
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny tensors: extra threads only contend with each other (and anything else on the machine).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def target(qwen3_ckpt):
-    return load_target(qwen3_ckpt.path)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_model(target, seed: int = 0, **overrides) -> DSparkModel:

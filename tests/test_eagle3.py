@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from scipy.stats import chisquare
 
 from dspark import LLM, SamplingParams
 from dspark.drafters import load_drafter
@@ -20,7 +19,7 @@ from dspark.drafters.eagle3 import Eagle3Config, Eagle3Drafter, Eagle3Model
 from dspark.models import load_target
 from dspark.sampling import SamplingTensors, draw_uniforms, logits_to_probs, make_generator, sample_inverse_cdf
 from dspark.train.train_drafter import TrainDrafterConfig, main, train
-from test_spec_engine import PROMPTS, _exact_joint
+from helpers import PROMPTS, check_greedy_lossless, sampled_pairs_pvalue
 
 G = 7
 
@@ -70,7 +69,7 @@ def test_ttt_forward_matches_propose(qwen3_ckpt, layers):
         for a, b in zip(cuts[1:], cuts[2:]):
             drafter.commit(slot, seq[a:b], full[slot, a:b])
         assert drafter.cache.length(drafter._slots[slot]) == p - 1
-    d = drafter.draft_steps([0, 1], [seqs[0][13], seqs[1][20]], G, SamplingTensors.from_params(
+    d = drafter.draft_block([0, 1], [seqs[0][13], seqs[1][20]], G, SamplingTensors.from_params(
         [SamplingParams(temperature=0)] * 2), [None, None])
     # Rolled back: the next proposal starts from the same context.
     assert [drafter.cache.length(drafter._slots[s]) for s in (0, 1)] == [12, 19]
@@ -171,31 +170,6 @@ def test_train_drafter_cli_resumes_exactly(qwen3_ckpt, data_file, trained, tmp_p
 # Losslessness in the engine
 
 
-@pytest.fixture(scope="module")
-def plain(qwen3_ckpt) -> LLM:
-    return LLM(model=qwen3_ckpt.path, max_num_seqs=4)
-
-
-@pytest.fixture(scope="module")
-def plain_greedy(plain) -> list[list[int]]:
-    outs = plain.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
-    return [o.token_ids for o in outs]
-
-
-def check_greedy_lossless(ckpt_path, drafter, plain_greedy, gamma: int, batch: int) -> int:
-    """Speculative greedy output == plain greedy output; returns the number of accepted drafts."""
-    spec = LLM(model=ckpt_path, drafter=drafter, max_num_seqs=batch, num_speculative_tokens=gamma)
-    outs = spec.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
-    assert [o.token_ids for o in outs] == plain_greedy
-    for o in outs:
-        m = o.metrics
-        assert m.accepted_length == pytest.approx((m.accepted_drafts + m.rounds) / m.rounds)
-        assert len(m.tried_by_position) <= gamma
-        assert all(a <= t for a, t in zip(m.accepted_by_position, m.tried_by_position))
-    assert spec.drafter._slots == {}  # every finished sequence was freed
-    return sum(o.metrics.accepted_drafts for o in outs)
-
-
 @pytest.mark.parametrize("gamma", [1, 4, 7])
 @pytest.mark.parametrize("batch", [1, 4])
 def test_greedy_speculative_equals_plain(qwen3_ckpt, plain, plain_greedy, trained, gamma, batch):
@@ -211,31 +185,6 @@ def test_greedy_untrained_drafter_equals_plain(qwen3_ckpt, plain, plain_greedy, 
     """An untrained drafter is almost always rejected at the first position."""
     drafter = Eagle3Drafter(random_eagle3(plain.target, seed=gamma), batch, plain.target.context_length)
     check_greedy_lossless(qwen3_ckpt.path, drafter, plain_greedy, gamma, batch)
-
-
-def sampled_pairs_pvalue(llm: LLM, hf_model, n: int = 1000, top_k: int = 4) -> tuple[float, int]:
-    """Sample (x1, x2) n times through `llm` (γ from the LLM) and chi-square them against the exact
-    target distribution; returns (p-value, accepted drafts)."""
-    base = llm.tokenizer.encode("the quick brown")
-    greedy = llm.generate([base], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), speculative=False)
-    prompt = base + greedy[0].token_ids  # ends in the target's own continuation: drafts carry real mass
-    exact = _exact_joint(hf_model, prompt, top_k)
-    params = [SamplingParams(temperature=1.0, top_k=top_k, max_tokens=3, seed=s, ignore_eos=True) for s in range(n)]
-    outs = llm.generate([prompt] * n, params)
-    counts: dict[tuple[int, int], int] = {}
-    for o in outs:
-        key = (o.token_ids[0], o.token_ids[1])
-        assert key in exact, f"sampled a pair the target gives zero probability: {key}"
-        counts[key] = counts.get(key, 0) + 1
-    keys = sorted(exact)
-    obs = [counts.get(k, 0) for k in keys]
-    exp = [exact[k] * n for k in keys]
-    small = [i for i, e in enumerate(exp) if e < 5]  # merged into one bin, as chi-square requires
-    big = [i for i in range(len(keys)) if i not in small]
-    obs_b = [obs[i] for i in big] + ([sum(obs[i] for i in small)] if small else [])
-    exp_b = [exp[i] for i in big] + ([sum(exp[i] for i in small)] if small else [])
-    scale = sum(obs_b) / sum(exp_b)
-    return float(chisquare(obs_b, [e * scale for e in exp_b]).pvalue), sum(o.metrics.accepted_drafts for o in outs)
 
 
 def test_sampled_speculative_output_follows_target(qwen3_ckpt, trained):

@@ -7,34 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from dspark.drafters import DSparkConfig, DSparkDrafter, DSparkModel
 from dspark.eval import acceptance
 from dspark.eval.acceptance import EvalConfig, EvalError, evaluate, pool_metrics
 from dspark.eval.prompts import PromptSetError, load_prompt_set, prepare_prompts
-from dspark.models import load_target
-
-# Repetitive prompts so prompt lookup accepts something; the long one exceeds the tiny context (256).
-CODE = ["def add(a, b):\n    return a + b\ndef add(a, b):\n", "Hello world! Hello world! Hello",
-        "The quick brown fox jumps over the lazy dog. The quick brown fox"]
-MATH = ["1 2 3 4 5 6 7 8 9 10 1 2 3 4", "Numbers 0 1 2 3 4 5 6 7 8 9 " * 30, "100 1000 100 1000 100"]
-
-
-def untrained_dspark(target, max_seqs: int, max_len: int) -> DSparkDrafter:
-    cfg = DSparkConfig.for_target(target.config, target.tokenizer.mask_token_id, block_size=6,
-                                  num_hidden_layers=1, markov_rank=16, drafter_type="dspark")
-    return DSparkDrafter(DSparkModel.from_target(cfg, target, seed=0), max_seqs, max_len)
-
-
-def write_sets(d: Path) -> Path:
-    d.mkdir(parents=True, exist_ok=True)
-    for name, turns in (("humaneval", CODE), ("gsm8k", MATH)):
-        (d / f"{name}.jsonl").write_text("".join(json.dumps({"turns": [t, "second turn"]}) + "\n" for t in turns))
-    return d
-
-
-@pytest.fixture(scope="module")
-def target(qwen3_ckpt):
-    return load_target(qwen3_ckpt.path)
+from helpers import CODE, MATH, eval_dspark, write_sets
 
 
 def make_cfg(tmp_path: Path, **kw) -> EvalConfig:
@@ -45,7 +21,7 @@ def make_cfg(tmp_path: Path, **kw) -> EvalConfig:
 
 
 def drafters():
-    return {"ngram": "ngram", "dspark": untrained_dspark}
+    return {"ngram": "ngram", "dspark": eval_dspark}
 
 
 def test_eval_end_to_end_and_resume(tmp_path, target, monkeypatch, capsys):

@@ -29,10 +29,11 @@ import torch
 from torch import Tensor
 
 from dspark.drafters.base import DraftProposal, register_drafter
-from dspark.errors import CacheError, CheckpointError
+from dspark.drafters.common import SlotTable, check_propose_args, sample_step
+from dspark.errors import CheckpointError
 from dspark.kv_cache import KVCache
 from dspark.models.config import supported_architectures
-from dspark.sampling import SamplingTensors, logits_to_probs, sample_from_probs
+from dspark.sampling import SamplingTensors
 
 if TYPE_CHECKING:
     from dspark.models import TargetModel
@@ -69,7 +70,7 @@ def check_same_vocabulary(draft: "TargetModel", target: "TargetModel", source: s
 
 
 @register_drafter("draft-model", architectures=tuple(supported_architectures()))
-class DraftModelDrafter:
+class DraftModelDrafter(SlotTable):
     """`Drafter` over an independent small causal LM with its own KV cache."""
 
     name = "draft-model"
@@ -128,15 +129,8 @@ class DraftModelDrafter:
     # ---- Drafter protocol ---------------------------------------------------------------------------
 
     def add_sequence(self, slot: int, prompt_ids: list[int], target_hidden: Tensor | None) -> None:
-        if slot in self._slots:
-            raise CacheError(f"drafter: slot {slot} is already tracked (free it first)")
-        cslot = self.cache.allocate()
-        self._slots[slot] = _SlotState(cslot)
-        try:
-            self.draft.forward(self.cache, [cslot], [list(prompt_ids)], all_logits=False)
-        except Exception:
-            self.free(slot)
-            raise
+        self._open_slot(slot, lambda cslot: self.draft.forward(self.cache, [cslot], [list(prompt_ids)],
+                                                               all_logits=False))
 
     def commit(self, slot: int, accepted_ids: list[int], target_hidden: Tensor | None) -> None:
         st = self._state(slot)
@@ -154,31 +148,14 @@ class DraftModelDrafter:
         st.unread = list(accepted_ids[kept:])
         st.round_start, st.round_tokens = None, []
 
-    def free(self, slot: int) -> None:
-        st = self._slots.pop(slot, None)
-        if st is not None:
-            self.cache.free(st.cslot)
-
     @torch.inference_mode()
-    def propose(
-        self,
-        slots: list[int],
-        anchors: list[int],
-        gamma: int,
-        sampling: SamplingTensors,
-        generators: list[torch.Generator | None],
-    ) -> DraftProposal:
+    def propose(self, slots: list[int], anchors: list[int], gamma: int, sampling: SamplingTensors,
+                generators: list[torch.Generator | None]) -> DraftProposal:
         """γ draft-model steps: the first reads each sequence's unread tokens and its anchor in one
         forward, each later one reads the previous draft."""
-        if not 1 <= gamma <= self.block_size:
-            raise ValueError(f"gamma={gamma} is outside [1, {self.block_size}] (the drafter's block_size)")
-        if len(anchors) != len(slots) or len(generators) != len(slots):
-            raise ValueError(f"need one anchor and one generator per slot: {len(slots)} slots, "
-                             f"{len(anchors)} anchors, {len(generators)} generators")
+        check_propose_args(gamma, self.block_size, slots, anchors, generators)
         states = [self._state(s) for s in slots]
         cslots = [st.cslot for st in states]
-        greedy = list(sampling.greedy)
-        all_greedy = all(greedy)
         feed = [st.unread + [a] for st, a in zip(states, anchors)]
         for st, f in zip(states, feed):
             st.round_start = self.cache.length(st.cslot) + len(f) - 1  # the anchor's cache position
@@ -187,24 +164,22 @@ class DraftModelDrafter:
         for k in range(gamma):
             res = self.draft.forward(self.cache, cslots, feed, all_logits=False)
             logits_k = res.logits[:, -1]  # [n, V] the next-token logits of each sequence
-            if all_greedy:
-                tok = logits_k.argmax(dim=-1)
-            else:
-                probs_k = logits_to_probs(logits_k, sampling.temperature, sampling.top_k, sampling.top_p)
-                tok = sample_from_probs(probs_k, generators, greedy)
-                step_probs.append(probs_k)
+            tok, probs_k = sample_step(logits_k, sampling, generators)
+            step_probs.append(probs_k)
             tokens.append(tok)
             if k < gamma - 1:
                 feed = tok[:, None]  # [n, 1]
         token_ids = torch.stack(tokens, dim=1)  # [n, gamma]
         for st, a, row in zip(states, anchors, token_ids[:, : gamma - 1].tolist()):
             st.round_tokens = [a] + row
-        return DraftProposal(token_ids=token_ids, probs=None if all_greedy else torch.stack(step_probs, dim=1),
-                             confidence=None)
+        probs = None if step_probs[0] is None else torch.stack(step_probs, dim=1)
+        return DraftProposal(token_ids=token_ids, probs=probs, confidence=None)
 
     # ---- internals -----------------------------------------------------------------------------------
 
-    def _state(self, slot: int) -> _SlotState:
-        if slot not in self._slots:
-            raise CacheError(f"drafter: slot {slot} is not tracked (call add_sequence first)")
-        return self._slots[slot]
+    def _new_state(self, cslot: int) -> _SlotState:
+        return _SlotState(cslot)
+
+    @staticmethod
+    def _cache_slot(state: _SlotState) -> int:
+        return state.cslot

@@ -29,22 +29,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dspark.drafters.base import DraftProposal, register_drafter
-from dspark.errors import CacheError, CheckpointError
+from dspark.drafters.common import SlotTable, check_propose_args, check_target_hidden, sample_step
+from dspark.errors import CheckpointError
 from dspark.kv_cache import KVCache
 from dspark.models.config import ModelConfig, RopeScaling, _rope
 from dspark.models.transformer import rms_norm
-from dspark.sampling import SamplingTensors, logits_to_probs, sample_from_probs
+from dspark.sampling import SamplingTensors
 
 if TYPE_CHECKING:
     from dspark.models import TargetModel
@@ -76,14 +76,17 @@ def default_target_layer_ids(num_target_layers: int, num_taps: int = 3) -> list[
 # ---------------------------------------------------------------------------------------------------
 # Configuration
 
-# Sequential-head names: DeepSpec writes "vanilla" / "gated" / "rnn"; the paper's words are accepted too.
-HEAD_ALIASES = {"markov": "vanilla", "vanilla": "vanilla", "gated_markov": "gated", "gated": "gated", "rnn": "rnn"}
-
 
 @dataclass
-class DSparkConfig:
-    """A DSpark (or DFlash: markov_rank=0) drafter, with DeepSpec's `config.json` field names."""
+class DrafterConfigBase:
+    """What the configs of drafters built from `DraftLayer`s share (DSpark/DFlash and EAGLE-3): the
+    backbone fields, their checks, their `config.json` spelling and the agreement with the target.
 
+    Subclasses are `@dataclass(kw_only=True)` with their own fields (at least `drafter_type`) and
+    `architecture`; they extend `_validate_extra`, and build `from_json_dict` on `_parse_json` and
+    `to_json_dict` on `_json_dict`."""
+
+    architecture: ClassVar[str]  # config.json `architectures[0]`
     hidden_size: int
     num_attention_heads: int
     num_key_value_heads: int
@@ -91,28 +94,17 @@ class DSparkConfig:
     intermediate_size: int
     vocab_size: int
     num_target_layers: int
-    mask_token_id: int
     target_layer_ids: list[int]
-    block_size: int = 7
+    block_size: int = 7  # γ, the largest `propose` accepts (EAGLE-3: the TTT horizon)
     num_hidden_layers: int = 1  # draft layers
-    markov_rank: int = 256  # 0 = no sequential head (DFlash)
-    markov_head_type: str = "vanilla"  # "vanilla"/"markov", "gated"/"gated_markov", "rnn"
-    enable_confidence_head: bool = True
-    confidence_head_with_markov: bool = True
     rms_norm_eps: float = 1e-6
     rope_theta: float = 1_000_000.0
     rope_scaling: RopeScaling | None = None
     max_position_embeddings: int = 40960
     attention_bias: bool = False
-    num_anchors: int = 512  # training only (anchors per sequence); kept for DeepSpec compatibility
-    drafter_type: str = "dspark"
 
     def __post_init__(self) -> None:
         self.target_layer_ids = [int(i) for i in self.target_layer_ids]
-        self.markov_head_type = HEAD_ALIASES.get(str(self.markov_head_type), str(self.markov_head_type))
-        if self.markov_rank <= 0 and self.enable_confidence_head:
-            # Without a sequential head there is no W1[x_{k-1}] to feed the confidence head.
-            self.confidence_head_with_markov = False
 
     def validate(self, source: str = "drafter config") -> None:
         """Raise CheckpointError naming `source` and the offending key."""
@@ -121,11 +113,9 @@ class DSparkConfig:
             raise CheckpointError(f"{source}: {key}={getattr(self, key)!r} {msg}")
 
         for key in ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
-                    "intermediate_size", "vocab_size", "num_target_layers", "num_hidden_layers"):
+                    "intermediate_size", "vocab_size", "num_target_layers", "num_hidden_layers", "block_size"):
             if int(getattr(self, key)) < 1:
                 bad(key, "must be >= 1")
-        if self.block_size < 1:
-            bad("block_size", "must be >= 1")
         if self.num_attention_heads % self.num_key_value_heads:
             bad("num_attention_heads", f"is not a multiple of num_key_value_heads={self.num_key_value_heads}")
         if self.head_dim % 2:
@@ -139,22 +129,15 @@ class DSparkConfig:
             if not -1 <= i < self.num_target_layers:
                 bad("target_layer_ids", f"has {i}, outside [-1, {self.num_target_layers - 1}] "
                                         f"(num_target_layers={self.num_target_layers}; -1 = embedding)")
-        if not 0 <= self.mask_token_id < self.vocab_size:
-            bad("mask_token_id", f"must be a token id in [0, {self.vocab_size})")
-        if self.markov_rank < 0:
-            bad("markov_rank", "must be >= 0 (0 = no sequential head)")
-        if self.markov_rank > 0 and self.markov_head_type not in SEQUENTIAL_HEADS:
-            bad("markov_head_type", f"is not one of {sorted(HEAD_ALIASES)}")
-        if self.confidence_head_with_markov and self.enable_confidence_head and self.markov_rank <= 0:
-            bad("confidence_head_with_markov", "needs markov_rank > 0")
+        self._validate_extra(bad)
 
-    @property
-    def has_sequential_head(self) -> bool:
-        return self.markov_rank > 0
+    def _validate_extra(self, bad: Callable[[str, str], None]) -> None:
+        """Checks of the subclass's own fields; `bad(key, msg)` raises."""
 
     @classmethod
-    def for_target(cls, target: ModelConfig, mask_token_id: int, **overrides: Any) -> "DSparkConfig":
-        """A drafter shaped like `target` (same width, heads, RoPE, vocabulary), with `overrides`."""
+    def for_target(cls, target: ModelConfig, **overrides: Any) -> Any:
+        """A drafter shaped like `target` (same width, heads, RoPE, vocabulary; DSpark's default taps),
+        with `overrides` (None values ignored)."""
         kw: dict[str, Any] = dict(
             hidden_size=target.hidden_size,
             num_attention_heads=target.num_heads,
@@ -163,7 +146,6 @@ class DSparkConfig:
             intermediate_size=target.intermediate_size,
             vocab_size=target.vocab_size,
             num_target_layers=target.num_layers,
-            mask_token_id=mask_token_id,
             target_layer_ids=default_target_layer_ids(target.num_layers),
             rms_norm_eps=target.rms_norm_eps,
             rope_theta=target.rope_theta,
@@ -178,7 +160,7 @@ class DSparkConfig:
     def backbone(self) -> ModelConfig:
         """The draft layers' shape as a target-style `ModelConfig` (RoPE frequencies come from it)."""
         return ModelConfig(
-            architecture=ARCHITECTURE, model_type="qwen3", vocab_size=self.vocab_size,
+            architecture=self.architecture, model_type="qwen3", vocab_size=self.vocab_size,
             hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
             num_layers=self.num_hidden_layers, num_heads=self.num_attention_heads,
             num_kv_heads=self.num_key_value_heads, head_dim=self.head_dim, rms_norm_eps=self.rms_norm_eps,
@@ -187,23 +169,17 @@ class DSparkConfig:
             rope_scaling=self.rope_scaling,
         )
 
-    def to_json_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-        """The `config.json` DeepSpec writes: a Qwen3 config plus the drafter fields."""
+    def _json_dict(self, dtype: torch.dtype, model_type: str, own: dict[str, Any]) -> dict[str, Any]:
+        """`config.json`: identification, block and taps, the subclass's `own` keys, then the backbone
+        (key order as the files have always been written)."""
         d: dict[str, Any] = {
-            "architectures": [ARCHITECTURE],
+            "architectures": [self.architecture],
             "drafter_type": self.drafter_type,
-            "model_type": "qwen3",
+            "model_type": model_type,
             "block_size": self.block_size,
             "target_layer_ids": list(self.target_layer_ids),
             "num_target_layers": self.num_target_layers,
-            "mask_token_id": self.mask_token_id,
-            "markov_rank": self.markov_rank,
-            "markov_head_type": self.markov_head_type,
-            "enable_confidence_head": self.enable_confidence_head,
-            "confidence_head_with_markov": self.confidence_head_with_markov,
-            "num_anchors": self.num_anchors,
-            "num_hidden_layers": self.num_hidden_layers,
-            "layer_types": ["full_attention"] * self.num_hidden_layers,
+            **own,
             "hidden_size": self.hidden_size,
             "num_attention_heads": self.num_attention_heads,
             "num_key_value_heads": self.num_key_value_heads,
@@ -223,26 +199,23 @@ class DSparkConfig:
         return d
 
     @classmethod
-    def from_json_dict(cls, raw: Mapping[str, Any], source: str = "config.json",
-                       default_mask_token_id: int | None = None) -> "DSparkConfig":
-        """Parse a DeepSpec-layout `config.json`; errors name `source` and the key."""
+    def _parse_json(cls, raw: Mapping[str, Any], source: str,
+                    own: Callable[[Callable[[str], Any]], dict[str, Any]]) -> Any:
+        """Build from a `config.json`: the backbone fields here, the subclass's from `own(req)` (`req`
+        reads a required key). Errors name `source` and the key."""
 
         def req(key: str) -> Any:
             if raw.get(key) is None:
                 raise CheckpointError(f"{source}: missing required key {key!r}")
             return raw[key]
 
-        heads = int(req("num_attention_heads"))
-        hidden = int(req("hidden_size"))
+        act = raw.get("hidden_act", "silu")
+        if act != "silu":
+            raise CheckpointError(f"{source}: hidden_act {act!r} is not supported (only 'silu')")
         theta, scaling = _rope(raw, source)
-        mask = raw.get("mask_token_id", default_mask_token_id)
-        if mask is None:
-            raise CheckpointError(f"{source}: missing required key 'mask_token_id' (and the target's "
-                                  "tokenizer has no mask token)")
-        rank = int(raw.get("markov_rank", 0) or 0)
-        conf = bool(raw.get("enable_confidence_head", False))
-        kind = raw.get("drafter_type") or ("dspark" if rank > 0 else "dflash")
         try:
+            heads = int(req("num_attention_heads"))
+            hidden = int(req("hidden_size"))
             cfg = cls(
                 hidden_size=hidden,
                 num_attention_heads=heads,
@@ -251,29 +224,19 @@ class DSparkConfig:
                 intermediate_size=int(req("intermediate_size")),
                 vocab_size=int(req("vocab_size")),
                 num_target_layers=int(req("num_target_layers")),
-                mask_token_id=int(mask),
                 target_layer_ids=list(req("target_layer_ids")),
                 block_size=int(req("block_size")),
-                num_hidden_layers=int(req("num_hidden_layers")),
-                markov_rank=rank,
-                markov_head_type=str(raw.get("markov_head_type", "vanilla")),
-                enable_confidence_head=conf,
-                confidence_head_with_markov=bool(raw.get("confidence_head_with_markov", False)) and conf,
                 rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
                 rope_theta=theta,
                 rope_scaling=scaling,
                 max_position_embeddings=int(raw.get("max_position_embeddings", 40960)),
                 attention_bias=bool(raw.get("attention_bias", False)),
-                num_anchors=int(raw.get("num_anchors", 512)),
-                drafter_type=str(kind),
+                **own(req),
             )
         except (TypeError, ValueError) as e:
             if isinstance(e, CheckpointError):
                 raise
             raise CheckpointError(f"{source}: malformed drafter config ({e})") from None
-        act = raw.get("hidden_act", "silu")
-        if act != "silu":
-            raise CheckpointError(f"{source}: hidden_act {act!r} is not supported (only 'silu')")
         cfg.validate(source)
         return cfg
 
@@ -284,6 +247,88 @@ class DSparkConfig:
                                   ("num_target_layers", self.num_target_layers, target.num_layers)):
             if mine != theirs:
                 raise CheckpointError(f"{source}: {key}={mine} does not match the target model's {theirs}")
+
+
+# Sequential-head names: DeepSpec writes "vanilla" / "gated" / "rnn"; the paper's words are accepted too.
+HEAD_ALIASES = {"markov": "vanilla", "vanilla": "vanilla", "gated_markov": "gated", "gated": "gated", "rnn": "rnn"}
+
+
+@dataclass(kw_only=True)
+class DSparkConfig(DrafterConfigBase):
+    """A DSpark (or DFlash: markov_rank=0) drafter, with DeepSpec's `config.json` field names."""
+
+    architecture: ClassVar[str] = ARCHITECTURE
+    mask_token_id: int
+    markov_rank: int = 256  # 0 = no sequential head (DFlash)
+    markov_head_type: str = "vanilla"  # "vanilla"/"markov", "gated"/"gated_markov", "rnn"
+    enable_confidence_head: bool = True
+    confidence_head_with_markov: bool = True
+    num_anchors: int = 512  # training only (anchors per sequence); kept for DeepSpec compatibility
+    drafter_type: str = "dspark"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.markov_head_type = HEAD_ALIASES.get(str(self.markov_head_type), str(self.markov_head_type))
+        if self.markov_rank <= 0 and self.enable_confidence_head:
+            # Without a sequential head there is no W1[x_{k-1}] to feed the confidence head.
+            self.confidence_head_with_markov = False
+
+    def _validate_extra(self, bad: Callable[[str, str], None]) -> None:
+        if not 0 <= self.mask_token_id < self.vocab_size:
+            bad("mask_token_id", f"must be a token id in [0, {self.vocab_size})")
+        if self.markov_rank < 0:
+            bad("markov_rank", "must be >= 0 (0 = no sequential head)")
+        if self.markov_rank > 0 and self.markov_head_type not in SEQUENTIAL_HEADS:
+            bad("markov_head_type", f"is not one of {sorted(HEAD_ALIASES)}")
+        if self.confidence_head_with_markov and self.enable_confidence_head and self.markov_rank <= 0:
+            bad("confidence_head_with_markov", "needs markov_rank > 0")
+
+    @property
+    def has_sequential_head(self) -> bool:
+        return self.markov_rank > 0
+
+    @classmethod
+    def for_target(cls, target: ModelConfig, mask_token_id: int, **overrides: Any) -> "DSparkConfig":
+        """A drafter shaped like `target` (same width, heads, RoPE, vocabulary), with `overrides`."""
+        return super().for_target(target, mask_token_id=mask_token_id, **overrides)
+
+    def to_json_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+        """The `config.json` DeepSpec writes: a Qwen3 config plus the drafter fields."""
+        return self._json_dict(dtype, "qwen3", {
+            "mask_token_id": self.mask_token_id,
+            "markov_rank": self.markov_rank,
+            "markov_head_type": self.markov_head_type,
+            "enable_confidence_head": self.enable_confidence_head,
+            "confidence_head_with_markov": self.confidence_head_with_markov,
+            "num_anchors": self.num_anchors,
+            "num_hidden_layers": self.num_hidden_layers,
+            "layer_types": ["full_attention"] * self.num_hidden_layers,
+        })
+
+    @classmethod
+    def from_json_dict(cls, raw: Mapping[str, Any], source: str = "config.json",
+                       default_mask_token_id: int | None = None) -> "DSparkConfig":
+        """Parse a DeepSpec-layout `config.json`; errors name `source` and the key."""
+
+        def own(req: Callable[[str], Any]) -> dict[str, Any]:
+            mask = raw.get("mask_token_id", default_mask_token_id)
+            if mask is None:
+                raise CheckpointError(f"{source}: missing required key 'mask_token_id' (and the target's "
+                                      "tokenizer has no mask token)")
+            rank = int(raw.get("markov_rank", 0) or 0)
+            conf = bool(raw.get("enable_confidence_head", False))
+            return dict(
+                mask_token_id=int(mask),
+                num_hidden_layers=int(req("num_hidden_layers")),
+                markov_rank=rank,
+                markov_head_type=str(raw.get("markov_head_type", "vanilla")),
+                enable_confidence_head=conf,
+                confidence_head_with_markov=bool(raw.get("confidence_head_with_markov", False)) and conf,
+                num_anchors=int(raw.get("num_anchors", 512)),
+                drafter_type=str(raw.get("drafter_type") or ("dspark" if rank > 0 else "dflash")),
+            )
+
+        return cls._parse_json(raw, source, own)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -507,13 +552,16 @@ class DraftTrainOutput:
 
 @dataclass
 class BlockDraft:
-    """One `DSparkDrafter.draft_block` call: a `DraftProposal` plus the logits behind it."""
+    """One `draft_block` call (DSpark or EAGLE-3): a `DraftProposal` plus the logits behind it."""
 
     token_ids: Tensor  # [n, gamma] long
     logits: Tensor  # [n, gamma, V] float32: U_k + B_k(x_{k-1}) for the drafted x_{k-1}
     base_logits: Tensor  # [n, gamma, V] float32
     probs: Tensor | None  # [n, gamma, V] float32 sampling distribution; None if all rows greedy
     confidence: Tensor | None  # [n, gamma]
+
+    def proposal(self) -> DraftProposal:
+        return DraftProposal(token_ids=self.token_ids, probs=self.probs, confidence=self.confidence)
 
 
 def block_label_positions(anchors: Tensor, block_size: int) -> Tensor:
@@ -522,24 +570,44 @@ def block_label_positions(anchors: Tensor, block_size: int) -> Tensor:
     return anchors.unsqueeze(-1) + torch.arange(1, block_size + 1, device=anchors.device)
 
 
-class DSparkModel(nn.Module):
-    """Drafter weights and math (no caches, no sampling state)."""
+def default_train_masks(input_ids: Tensor, anchors: Tensor, anchor_mask: Tensor | None,
+                        loss_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """`forward_train`'s optional masks, all-True where not given: anchor_mask [B, A], loss_mask [B, T]."""
+    if anchor_mask is None:
+        anchor_mask = torch.ones(anchors.shape, dtype=torch.bool, device=input_ids.device)
+    if loss_mask is None:
+        loss_mask = torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+    return anchor_mask, loss_mask
 
-    def __init__(self, cfg: DSparkConfig, shared: SharedWeights | None = None) -> None:
+
+def block_labels(input_ids: Tensor, anchors: Tensor, anchor_mask: Tensor, loss_mask: Tensor,
+                 block_size: int) -> tuple[Tensor, Tensor]:
+    """What each block's k-th prediction is trained on: (labels [B, A, G] long = input_ids[anchor + k],
+    label_mask [B, A, G] bool). A block is supervised up to its first position past the data, outside
+    `loss_mask` or of a padding anchor, and not after it."""
+    B, T = input_ids.shape
+    A, G = anchors.shape[1], block_size
+    label_pos = block_label_positions(anchors, G)  # [B, A, G]
+    safe = label_pos.clamp(max=T - 1).view(B, A * G)
+    labels = input_ids.gather(1, safe).view(B, A, G)
+    valid = (label_pos < T) & loss_mask.gather(1, safe).view(B, A, G) & anchor_mask.unsqueeze(-1)
+    return labels, valid.long().cumprod(dim=-1).bool()
+
+
+class FeatureDrafterModel(nn.Module):
+    """Weights plumbing of drafters conditioned on the target's hidden states and sharing its
+    embedding and LM head (DSpark/DFlash, EAGLE-3): initialisation, attaching to a target, RoPE,
+    the draft layers, and the `config.json` + `model.safetensors` checkpoint.
+
+    Subclasses set `config_class`, register their parameters (at least `fc`, `layers`, `norm`) after
+    `super().__init__`, and say how their config is read in `_config_from_json`."""
+
+    # Tensors a checkpoint may lack, zero-filled then (some exporters drop this bias).
+    OPTIONAL_ZERO_KEYS: tuple[str, ...] = ()
+
+    def __init__(self, cfg: Any, shared: SharedWeights | None = None) -> None:
         super().__init__()
         self.config = cfg
-        L = len(cfg.target_layer_ids)
-        self.fc = nn.Linear(L * cfg.hidden_size, cfg.hidden_size, bias=False)
-        self.hidden_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.layers = nn.ModuleList(DraftLayer(cfg) for _ in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.markov_head: SequentialHead | None = (
-            SEQUENTIAL_HEADS[cfg.markov_head_type](cfg) if cfg.has_sequential_head else None
-        )
-        self.confidence_head: ConfidenceHead | None = None
-        if cfg.enable_confidence_head:
-            extra = cfg.markov_rank if cfg.confidence_head_with_markov else 0
-            self.confidence_head = ConfidenceHead(cfg.hidden_size + extra)
         # A plain attribute (not a Parameter): excluded from state_dict, optimiser and DDP.
         self.shared = shared
         # RoPE tables are plain attributes, not buffers: each process grows them on demand, so there
@@ -549,7 +617,7 @@ class DSparkModel(nn.Module):
 
     # ---- construction ------------------------------------------------------------------------------
 
-    def init_weights(self, seed: int = 0) -> "DSparkModel":
+    def init_weights(self, seed: int = 0) -> Any:
         """DeepSpec's initialisation (normal(0, 0.02) linears and embeddings, zero biases, unit norms),
         drawn from a private generator so the result depends on `seed` only."""
         gen = torch.Generator().manual_seed(seed)
@@ -564,8 +632,7 @@ class DSparkModel(nn.Module):
         return self
 
     @classmethod
-    def from_target(cls, cfg: DSparkConfig, target: "TargetModel", seed: int = 0,
-                    dtype: torch.dtype | None = None) -> "DSparkModel":
+    def from_target(cls, cfg: Any, target: "TargetModel", seed: int = 0, dtype: torch.dtype | None = None) -> Any:
         """A freshly initialised drafter sharing `target`'s embedding and LM head."""
         cfg.check_target(target.config, "drafter settings")
         model = cls(cfg).init_weights(seed)
@@ -593,14 +660,11 @@ class DSparkModel(nn.Module):
 
     def _shared(self) -> SharedWeights:
         if self.shared is None:
-            raise RuntimeError("DSparkModel has no embedding/LM head: call attach(target) first")
+            raise RuntimeError(f"{type(self).__name__} has no embedding/LM head: call attach(target) first")
         return self.shared
 
     def embed(self, ids: Tensor) -> Tensor:
         return F.embedding(ids, self._shared().embed)
-
-    def lm_head(self, hidden: Tensor) -> Tensor:
-        return F.linear(hidden, self._shared().lm_head).float()
 
     def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """cos, sin `[..., S, 1, D]` for integer positions `[..., S]` (tables grown on demand)."""
@@ -612,6 +676,124 @@ class DSparkModel(nn.Module):
             with torch.inference_mode(False):
                 self._rope_cos, self._rope_sin = rope_tables(self._inv_freq.to(self.device), size, self.dtype)
         return self._rope_cos[positions].unsqueeze(-2), self._rope_sin[positions].unsqueeze(-2)
+
+    def run_layers(self, x: Tensor, positions: Tensor, kv: KeyValueSource, mask: Tensor) -> Tensor:
+        """The draft layers over inputs x [b, S, H] at positions [b, S], before the final norm.
+
+        `kv` supplies each layer's full key/value set [b, Hkv, kv_len, D] given the new ones; mask
+        [b, 1, S|1, kv_len] bool, True = may attend."""
+        cos, sin = self.rope(positions)
+        b, s, _ = x.shape
+        for i, layer in enumerate(self.layers):
+            a = layer.self_attn
+            hn = layer.input_layernorm(x)
+            q = a.query(hn, cos, sin)
+            keys, values = kv(i, *a.keys_values(hn, cos, sin))
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=a.Hq != a.Hkv
+            )  # [b, Hq, S, D]
+            x = x + a.o_proj(out.transpose(1, 2).reshape(b, s, a.Hq * a.D))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return x
+
+    # ---- checkpoints --------------------------------------------------------------------------------
+
+    def save_pretrained(self, out: str | Path, dtype: torch.dtype | None = None) -> Path:
+        """Write `config.json` + `model.safetensors` (without the target's embedding / LM head)."""
+        from safetensors.torch import save_file
+
+        from dspark.train.checkpoint import atomic_write_text
+
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        dtype = dtype or self.dtype
+        tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in self.state_dict().items()}
+        tmp = out / (WEIGHTS_FILE + ".tmp")
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        tmp.replace(out / WEIGHTS_FILE)
+        atomic_write_text(out / "config.json", json.dumps(self.config.to_json_dict(dtype), indent=2) + "\n")
+        return out
+
+    @classmethod
+    def _config_from_json(cls, raw: Mapping[str, Any], source: str, target: "TargetModel") -> Any:
+        raise NotImplementedError
+
+    @classmethod
+    def load(cls, path: str | Path, target: "TargetModel", dtype: torch.dtype | None = None) -> Any:
+        """Read a drafter directory (ours, or DeepSpec's for DSpark) for `target`, frozen, in eval mode."""
+        from safetensors import safe_open
+
+        from dspark.models.loader import _Weights
+
+        path = Path(path)
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise CheckpointError(f"missing file config.json in drafter directory {path}")
+        try:
+            raw = json.loads(cfg_file.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
+        cfg = cls._config_from_json(raw, str(cfg_file), target)
+        cfg.check_target(target.config, str(cfg_file))
+        model = cls(cfg)
+        weights = _Weights(path)
+        try:
+            with torch.no_grad():
+                expected = model.state_dict()
+                for key, param in expected.items():
+                    if key in cls.OPTIONAL_ZERO_KEYS and not weights.has(key):
+                        param.zero_()
+                        continue
+                    param.copy_(weights.get(key, tuple(param.shape), param.dtype, param.device))
+                for key in SHARED_KEYS:  # accepted when present, but the target's copy is the one used
+                    if weights.has(key):
+                        f = weights.key_to_file[key]
+                        with safe_open(str(f), framework="pt") as h:
+                            shape = list(h.get_slice(key).get_shape())
+                        want = [cfg.vocab_size, cfg.hidden_size]
+                        if shape != want:
+                            raise CheckpointError(f"tensor {key!r} in {f} has shape {shape}, expected {want}")
+                extra = sorted(set(weights.key_to_file) - set(expected) - set(SHARED_KEYS))
+                if extra:
+                    warnings.warn(f"{path}: ignoring {len(extra)} unknown drafter tensor(s): {', '.join(extra[:5])}",
+                                  stacklevel=2)
+        finally:
+            weights.close()
+        dtype = dtype or target.dtype
+        model.to(device=target.device, dtype=dtype)
+        model.requires_grad_(False)
+        model.eval()
+        model.attach(target, dtype)
+        return model
+
+
+class DSparkModel(FeatureDrafterModel):
+    """Drafter weights and math (no caches, no sampling state)."""
+
+    OPTIONAL_ZERO_KEYS = ("confidence_head.proj.bias",)
+
+    def __init__(self, cfg: DSparkConfig, shared: SharedWeights | None = None) -> None:
+        super().__init__(cfg, shared)
+        L = len(cfg.target_layer_ids)
+        self.fc = nn.Linear(L * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.hidden_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(DraftLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.markov_head: SequentialHead | None = (
+            SEQUENTIAL_HEADS[cfg.markov_head_type](cfg) if cfg.has_sequential_head else None
+        )
+        self.confidence_head: ConfidenceHead | None = None
+        if cfg.enable_confidence_head:
+            extra = cfg.markov_rank if cfg.confidence_head_with_markov else 0
+            self.confidence_head = ConfidenceHead(cfg.hidden_size + extra)
+
+    @classmethod
+    def _config_from_json(cls, raw: Mapping[str, Any], source: str, target: "TargetModel") -> DSparkConfig:
+        tok = target.tokenizer
+        return DSparkConfig.from_json_dict(raw, source, tok.mask_token_id if tok is not None else None)
+
+    def lm_head(self, hidden: Tensor) -> Tensor:
+        return F.linear(hidden, self._shared().lm_head).float()
 
     def context_features(self, target_hidden: Tensor) -> Tensor:
         """target_hidden [..., L, H] (taps in target_layer_ids order) -> context features [..., H]."""
@@ -625,24 +807,9 @@ class DSparkModel(nn.Module):
         return [layer.self_attn.keys_values(features, cos, sin) for layer in self.layers]
 
     def run_block(self, x: Tensor, positions: Tensor, kv: KeyValueSource, mask: Tensor) -> Tensor:
-        """The draft layers over block inputs x [b, S, H] at positions [b, S].
-
-        `kv` supplies each layer's full key/value set (context + block); mask [b, 1, S|1, kv_len] bool,
-        True = may attend. Returns h [b, S, H] after the final norm."""
-        cos, sin = self.rope(positions)
-        b, s, _ = x.shape
-        for i, layer in enumerate(self.layers):
-            a = layer.self_attn
-            hn = layer.input_layernorm(x)
-            q = a.query(hn, cos, sin)
-            k_new, v_new = a.keys_values(hn, cos, sin)
-            keys, values = kv(i, k_new, v_new)  # [b, Hkv, kv_len, D]
-            out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=a.Hq != a.Hkv
-            )  # [b, Hq, S, D]
-            x = x + a.o_proj(out.transpose(1, 2).reshape(b, s, a.Hq * a.D))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.norm(x)
+        """The draft layers over block inputs x [b, S, H] at positions [b, S] (see `run_layers`).
+        Returns h [b, S, H] after the final norm."""
+        return self.norm(self.run_layers(x, positions, kv, mask))
 
     def block_inputs(self, anchor_ids: Tensor) -> Tensor:
         """anchor_ids [...] -> block token ids [..., G]: the anchor, then G-1 mask tokens."""
@@ -677,14 +844,10 @@ class DSparkModel(nn.Module):
         blocks, exactly what `propose` sees at inference for the same anchor. Its k-th prediction
         (k = 1..G) targets input_ids[anchor + k]; the sequential head is teacher-forced on those
         ground-truth tokens (x_0 = the anchor)."""
-        cfg = self.config
         B, T = input_ids.shape
-        A, G = anchors.shape[1], cfg.block_size
+        A, G = anchors.shape[1], self.config.block_size
         dev = input_ids.device
-        if anchor_mask is None:
-            anchor_mask = torch.ones(B, A, dtype=torch.bool, device=dev)
-        if loss_mask is None:
-            loss_mask = torch.ones(B, T, dtype=torch.bool, device=dev)
+        anchor_mask, loss_mask = default_train_masks(input_ids, anchors, anchor_mask, loss_mask)
         anchors = torch.where(anchor_mask, anchors, torch.zeros_like(anchors)).clamp(0, T - 1)
 
         feats = self.context_features(target_hidden)  # [B, T, H]
@@ -712,11 +875,7 @@ class DSparkModel(nn.Module):
         h = self.run_block(x, positions, kv, mask).view(B, A, G, -1)  # [B, A, G, H]
         base = self.lm_head(h)  # [B, A, G, V]
 
-        label_pos = block_label_positions(anchors, G)  # [B, A, G]
-        safe = label_pos.clamp(max=T - 1).view(B, A * G)
-        labels = input_ids.gather(1, safe).view(B, A, G)
-        valid = (label_pos < T) & loss_mask.gather(1, safe).view(B, A, G) & anchor_mask.unsqueeze(-1)
-        valid = valid.long().cumprod(dim=-1).bool()  # a block stops at its first unsupervised position
+        labels, valid = block_labels(input_ids, anchors, anchor_mask, loss_mask, G)  # [B, A, G] each
 
         prev = torch.cat([anchor_ids.unsqueeze(-1), labels[..., :-1]], dim=-1)  # x_0..x_{G-1}
         logits = base
@@ -729,80 +888,54 @@ class DSparkModel(nn.Module):
 
     forward = forward_train  # so DistributedDataParallel(model)(...) runs the training forward
 
-    # ---- checkpoints --------------------------------------------------------------------------------
-
-    def save_pretrained(self, out: str | Path, dtype: torch.dtype | None = None) -> Path:
-        """Write `config.json` + `model.safetensors` (without embedding / LM head) in DeepSpec's layout."""
-        from safetensors.torch import save_file
-
-        from dspark.train.checkpoint import atomic_write_text
-
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        dtype = dtype or self.dtype
-        tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in self.state_dict().items()}
-        tmp = out / (WEIGHTS_FILE + ".tmp")
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-        tmp.replace(out / WEIGHTS_FILE)
-        atomic_write_text(out / "config.json", json.dumps(self.config.to_json_dict(dtype), indent=2) + "\n")
-        return out
-
-    @classmethod
-    def load(cls, path: str | Path, target: "TargetModel", dtype: torch.dtype | None = None) -> "DSparkModel":
-        """Read a drafter directory (ours or DeepSpec's) for `target`."""
-        from safetensors import safe_open
-
-        from dspark.models.loader import _Weights
-
-        path = Path(path)
-        cfg_file = path / "config.json"
-        if not cfg_file.is_file():
-            raise CheckpointError(f"missing file config.json in drafter directory {path}")
-        try:
-            raw = json.loads(cfg_file.read_text(encoding="utf-8"))
-        except ValueError as e:
-            raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
-        tok = target.tokenizer
-        cfg = DSparkConfig.from_json_dict(raw, str(cfg_file), tok.mask_token_id if tok is not None else None)
-        cfg.check_target(target.config, str(cfg_file))
-        dtype = dtype or target.dtype
-        model = cls(cfg)
-        weights = _Weights(path)
-        try:
-            with torch.no_grad():
-                expected = model.state_dict()
-                for key, param in expected.items():
-                    if key == "confidence_head.proj.bias" and not weights.has(key):
-                        param.zero_()  # some exporters write the confidence projection without a bias
-                        continue
-                    param.copy_(weights.get(key, tuple(param.shape), param.dtype, param.device))
-                for key in SHARED_KEYS:  # accepted when present, but the target's copy is the one used
-                    if weights.has(key):
-                        f = weights.key_to_file[key]
-                        with safe_open(str(f), framework="pt") as h:
-                            shape = list(h.get_slice(key).get_shape())
-                        want = [cfg.vocab_size, cfg.hidden_size]
-                        if shape != want:
-                            raise CheckpointError(f"tensor {key!r} in {f} has shape {shape}, expected {want}")
-                extra = sorted(set(weights.key_to_file) - set(expected) - set(SHARED_KEYS))
-                if extra:
-                    warnings.warn(f"{path}: ignoring {len(extra)} unknown drafter tensor(s): {', '.join(extra[:5])}",
-                                  stacklevel=2)
-        finally:
-            weights.close()
-        model.to(device=target.device, dtype=dtype)
-        model.requires_grad_(False)
-        model.eval()
-        model.attach(target, dtype)
-        return model
-
 
 # ---------------------------------------------------------------------------------------------------
 # The drafter the engine talks to
 
 
+class FeatureDrafter(SlotTable):
+    """Engine side shared by the drafters over a `FeatureDrafterModel` (DSpark/DFlash, EAGLE-3): the
+    model, a KV cache of its draft layers (one cache slot per sequence), loading and saving, and
+    `propose` = `draft_block(...)` (which each subclass implements) as a `DraftProposal`."""
+
+    name: str
+    model_class: type[FeatureDrafterModel]
+
+    def __init__(self, model: FeatureDrafterModel, max_seqs: int, max_len: int) -> None:
+        cfg = model.config
+        self.model = model
+        self.config = cfg
+        self.block_size = cfg.block_size
+        self.target_layer_ids = list(cfg.target_layer_ids)
+        # Room for the block scratch past the longest context.
+        self.cache = KVCache(cfg.num_hidden_layers, max_seqs, max_len + cfg.block_size,
+                             cfg.num_key_value_heads, cfg.head_dim, model.dtype, model.device)
+        self._slots: dict[int, int] = {}  # engine slot -> cache slot
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path | None, target: "TargetModel", max_seqs: int, max_len: int) -> Any:
+        if path is None:
+            raise CheckpointError(f"the {cls.name} drafter needs a trained drafter directory, not a bare name")
+        return cls(cls.model_class.load(path, target), max_seqs, max_len)
+
+    def save_pretrained(self, out: str | Path) -> Path:
+        return self.model.save_pretrained(out)
+
+    def propose(self, slots: list[int], anchors: list[int], gamma: int, sampling: SamplingTensors,
+                generators: list[torch.Generator | None]) -> DraftProposal:
+        return self.draft_block(slots, anchors, gamma, sampling, generators).proposal()
+
+    def draft_block(self, slots: list[int], anchors: list[int], gamma: int, sampling: SamplingTensors,
+                    generators: list[torch.Generator | None]) -> BlockDraft:
+        raise NotImplementedError
+
+    def _features_in(self, target_hidden: Tensor | None, n: int) -> Tensor:
+        """The target's taps of `n` new positions, checked, on the model's device: [n, L, H]."""
+        return check_target_hidden(self.name, self.target_layer_ids, target_hidden, n).to(self.model.device)
+
+
 @register_drafter("dspark", architectures=(ARCHITECTURE,))
-class DSparkDrafter:
+class DSparkDrafter(FeatureDrafter):
     """`Drafter` over a `DSparkModel`, with a per-sequence cache of the draft layers' context K/V.
 
     Context position i of a sequence = sequence position i, and the cache of a sequence holds exactly
@@ -812,102 +945,43 @@ class DSparkDrafter:
     """
 
     name = "dspark"
+    model_class = DSparkModel
 
     def __init__(self, model: DSparkModel, max_seqs: int, max_len: int) -> None:
+        super().__init__(model, max_seqs, max_len)
         cfg = model.config
-        self.model = model
-        self.config = cfg
         self.name = cfg.drafter_type if cfg.drafter_type in ("dspark", "dflash") else type(self).name
-        self.block_size = cfg.block_size
-        self.target_layer_ids = list(cfg.target_layer_ids)
-        # Room for the block scratch past the longest context.
-        self.cache = KVCache(cfg.num_hidden_layers, max_seqs, max_len + cfg.block_size,
-                             cfg.num_key_value_heads, cfg.head_dim, model.dtype, model.device)
-        self._slots: dict[int, int] = {}  # engine slot -> cache slot
-
-    # ---- construction ------------------------------------------------------------------------------
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path | None, target: "TargetModel", max_seqs: int,
-                        max_len: int) -> "DSparkDrafter":
-        if path is None:
-            raise CheckpointError(f"the {cls.name} drafter needs a trained drafter directory, not a bare name")
-        return cls(DSparkModel.load(path, target), max_seqs, max_len)
-
-    def save_pretrained(self, out: str | Path) -> Path:
-        return self.model.save_pretrained(out)
 
     # ---- Drafter protocol ---------------------------------------------------------------------------
 
     def add_sequence(self, slot: int, prompt_ids: list[int], target_hidden: Tensor | None) -> None:
-        if slot in self._slots:
-            raise CacheError(f"drafter: slot {slot} is already tracked (free it first)")
-        self._slots[slot] = self.cache.allocate()
-        self._append_context(slot, len(prompt_ids), target_hidden)
+        self._open_slot(slot, lambda cslot: self._append_context(slot, len(prompt_ids), target_hidden))
 
     def commit(self, slot: int, accepted_ids: list[int], target_hidden: Tensor | None) -> None:
         self._append_context(slot, len(accepted_ids), target_hidden)
 
-    def free(self, slot: int) -> None:
-        cslot = self._slots.pop(slot, None)
-        if cslot is not None:
-            self.cache.free(cslot)
-
     def context_length(self, slot: int) -> int:
         return self.cache.length(self._cslot(slot))
 
-    def propose(
-        self,
-        slots: list[int],
-        anchors: list[int],
-        gamma: int,
-        sampling: SamplingTensors,
-        generators: list[torch.Generator | None],
-    ) -> DraftProposal:
-        d = self.draft_block(slots, anchors, gamma, sampling, generators)
-        return DraftProposal(token_ids=d.token_ids, probs=d.probs, confidence=d.confidence)
-
     # ---- internals -----------------------------------------------------------------------------------
-
-    def _cslot(self, slot: int) -> int:
-        if slot not in self._slots:
-            raise CacheError(f"drafter: slot {slot} is not tracked (call add_sequence first)")
-        return self._slots[slot]
 
     @torch.inference_mode()
     def _append_context(self, slot: int, n: int, target_hidden: Tensor | None) -> None:
         """Append the K/V of `n` new context positions (only these; nothing is recomputed)."""
         cslot = self._cslot(slot)
-        L = len(self.target_layer_ids)
-        if target_hidden is None:
-            raise ValueError(f"the {self.name} drafter needs the target's hidden states (layers "
-                             f"{self.target_layer_ids}); got None")
-        if target_hidden.dim() != 3 or target_hidden.shape[0] != n or target_hidden.shape[1] != L:
-            raise ValueError(f"target_hidden must be [{n}, {L}, hidden] (one row per token, one tap per "
-                             f"target layer id), got {tuple(target_hidden.shape)}")
         model = self.model
-        feats = model.context_features(target_hidden.to(model.device).unsqueeze(0))  # [1, n, H]
+        feats = model.context_features(self._features_in(target_hidden, n).unsqueeze(0))  # [1, n, H]
         batch = self.cache.prepare([cslot], [n], max_position=self.cache.max_len)
         for i, (k, v) in enumerate(model.context_keys_values(feats, batch.positions)):
             self.cache.update(i, batch, k, v)
         self.cache.commit(batch)
 
     @torch.inference_mode()
-    def draft_block(
-        self,
-        slots: list[int],
-        anchors: list[int],
-        gamma: int,
-        sampling: SamplingTensors,
-        generators: list[torch.Generator | None],
-    ) -> BlockDraft:
+    def draft_block(self, slots: list[int], anchors: list[int], gamma: int, sampling: SamplingTensors,
+                    generators: list[torch.Generator | None]) -> BlockDraft:
         """One backbone forward for every slot, then the sequential head left to right."""
         G = self.block_size
-        if not 1 <= gamma <= G:
-            raise ValueError(f"gamma={gamma} is outside [1, {G}] (the drafter's block_size)")
-        if len(anchors) != len(slots) or len(generators) != len(slots):
-            raise ValueError(f"need one anchor and one generator per slot: {len(slots)} slots, "
-                             f"{len(anchors)} anchors, {len(generators)} generators")
+        check_propose_args(gamma, G, slots, anchors, generators)
         model = self.model
         dev = model.device
         n = len(slots)
@@ -924,8 +998,6 @@ class DSparkDrafter:
         base = model.lm_head(h)  # [n, gamma, V]
 
         head = model.markov_head
-        greedy = list(sampling.greedy)
-        all_greedy = all(greedy)
         prev = anchor_t
         state = head.init_state(n, h) if head is not None else None
         tokens, step_logits, step_probs, prevs = [], [], [], []
@@ -934,12 +1006,8 @@ class DSparkDrafter:
             if head is not None:
                 bias, state = head.step(prev, h[:, k], state)
                 logits_k = logits_k + bias.float()
-            if all_greedy:
-                tok = logits_k.argmax(dim=-1)
-            else:
-                probs_k = logits_to_probs(logits_k, sampling.temperature, sampling.top_k, sampling.top_p)
-                tok = sample_from_probs(probs_k, generators, greedy)
-                step_probs.append(probs_k)
+            tok, probs_k = sample_step(logits_k, sampling, generators)
+            step_probs.append(probs_k)
             prevs.append(prev)
             tokens.append(tok)
             step_logits.append(logits_k)
@@ -950,7 +1018,7 @@ class DSparkDrafter:
             token_ids=torch.stack(tokens, dim=1),
             logits=torch.stack(step_logits, dim=1),
             base_logits=base,
-            probs=None if all_greedy else torch.stack(step_probs, dim=1),
+            probs=None if step_probs[0] is None else torch.stack(step_probs, dim=1),
             confidence=None if conf is None else torch.sigmoid(conf),
         )
 

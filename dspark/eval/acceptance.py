@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
+from dspark.entry import module_main
 from dspark.errors import DSparkError
 from dspark.eval.prompts import DOMAIN_ORDER, PreparedPrompts, domain_of, load_prompt_set, prepare_prompts
 
@@ -562,15 +563,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dspark.eval.acceptance", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    args = p.parse_args(argv)
-    try:
-        return run(args)
-    except (DSparkError, ValueError, FileNotFoundError) as e:
-        print(f"dspark eval: error: {e}", file=sys.stderr)
-        return 2
+    return module_main(argv, prog="python -m dspark.eval.acceptance", description=__doc__, add_arguments=add_arguments,
+                       run=run, label="dspark eval: error", errors=(DSparkError, ValueError, FileNotFoundError))
 
 
 if __name__ == "__main__":

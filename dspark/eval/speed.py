@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from dspark.entry import module_main
 from dspark.errors import DSparkError
 from dspark.eval.acceptance import (_MODELS, BUNDLED_DRAFTERS, VANILLA, DrafterSpec, EvalError, build_drafter,
                                     resolve_drafter_arg, run_engine)
@@ -359,15 +360,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dspark.eval.speed", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    args = p.parse_args(argv)
-    try:
-        return run(args)
-    except (DSparkError, ValueError, FileNotFoundError) as e:
-        print(f"dspark bench: error: {e}", file=sys.stderr)
-        return 2
+    return module_main(argv, prog="python -m dspark.eval.speed", description=__doc__, add_arguments=add_arguments,
+                       run=run, label="dspark bench: error", errors=(DSparkError, ValueError, FileNotFoundError))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import random
 import sys
 from pathlib import Path
 
+from dspark.entry import module_main
 from dspark.errors import DSparkError
 
 
@@ -76,16 +77,8 @@ def file_prompts(path: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="dspark datagen", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    args = p.parse_args(argv)
-    try:
-        run(args)
-    except (DSparkError, ValueError) as e:
-        print(f"dspark datagen: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return module_main(argv, prog="dspark datagen", description=__doc__, add_arguments=add_arguments,
+                       run=lambda args: run(args) and 0, label="dspark datagen: error")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -24,28 +24,29 @@ import argparse
 import json
 import math
 import os
-import shlex
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from dspark.train.checkpoint import atomic_torch_save, atomic_write_text
+from dspark.entry import module_main
+from dspark.train.checkpoint import atomic_write_text
+from dspark.train.common import (OPTIMISER_OPTIONS, RUN_OPTIONS, RunConfig, adamw, add_config_options,
+                                 add_output_options, card_header, command_line, data_parallel, dist_info, due,
+                                 lr_at, optimizer_step, progress_bar, resume, save_checkpoint, stop_requested)
 from dspark.train.corpus import CorpusError, discover, read_text, tokenize_files
-from dspark.train.tokenizer_train import (EOS_TOKEN, MASK_TOKEN, PAD_TOKEN, save_tokenizer,
-                                          train_tokenizer)
+from dspark.train.tokenizer_train import EOS_TOKEN, PAD_TOKEN, save_tokenizer, train_tokenizer
 
 
-@dataclass
-class PretrainConfig:
-    out: str
+@dataclass(kw_only=True)
+class PretrainConfig(RunConfig):
     corpus: str | None = None            # None: the running Python's standard library
     extensions: tuple[str, ...] = (".py",)
-    val_percent: float = 3.0
+    val_percent: float = 3.0             # of the files
     vocab_size: int = 8192               # of the trained tokenizer; with `tokenizer`, read from there
     tokenizer: str | None = None         # reuse this directory's tokenizer instead of training one
     hidden_size: int = 320
@@ -56,46 +57,23 @@ class PretrainConfig:
     head_dim: int = 64
     max_position_embeddings: int = 2048
     seq_len: int = 512
-    batch_size: int = 8                  # global batch, in sequences
+    eval_tokens: int = 65536
     steps: int = 1200
     lr: float = 1.5e-3
-    min_lr_ratio: float = 0.1
     warmup_steps: int = 100
     weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    eval_every: int = 100
-    eval_tokens: int = 65536
-    ckpt_every: int = 50
-    seed: int = 0
-    threads: int | None = None
     save_dtype: str = "bfloat16"
-    stop_after: int | None = None        # stop (as if killed) after this step; for tests
-    command: str = field(default="", repr=False)
 
     def validate(self) -> None:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads", "head_dim", "seq_len", "batch_size", "steps", "eval_every",
-                     "ckpt_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        super().validate()
+        self.require_positive("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                              "num_kv_heads", "head_dim", "seq_len")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"--num-heads ({self.num_heads}) must be a multiple of --num-kv-heads "
                              f"({self.num_kv_heads})")
-        if not 0 < self.val_percent < 100:
-            raise ValueError(f"--val-percent must be in (0, 100), got {self.val_percent}")
         if self.seq_len >= self.max_position_embeddings:
             raise ValueError(f"--seq-len ({self.seq_len}) must be below --max-position-embeddings "
                              f"({self.max_position_embeddings})")
-        if self.save_dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"--save-dtype must be float32, bfloat16 or float16, got {self.save_dtype!r}")
-
-
-def lr_at(step: int, cfg: PretrainConfig) -> float:
-    """Linear warm-up, then cosine decay to min_lr_ratio * lr."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 def batch_offsets(seed: int, step: int, n_tokens: int, seq_len: int, batch_size: int) -> np.ndarray:
@@ -150,12 +128,6 @@ def evaluate(model, stream: np.ndarray, cfg: PretrainConfig) -> float:
         count += n
     model.train()
     return total / count
-
-
-def _dist_info() -> tuple[int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    return rank, world
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
@@ -283,20 +255,12 @@ def model_card(cfg: PretrainConfig, meta: dict, log: dict, samples: list[dict], 
     evals = log["evals"]
     last = evals[-1] if evals else {"step": 0, "val_loss": float("nan")}
     n_params = log["num_params"]
-    lines = [
-        f"# {Path(cfg.out).name}",
-        "",
+    lines = card_header(cfg, [
         "A small Qwen3-architecture causal language model for Python code, trained from scratch by",
         "DSpark's pretraining recipe (`dspark pretrain`). It is the demo target of DSpark: large enough",
         "that speculative decoding has something to win on a CPU, small enough to train on 2 cores.",
         "It continues Python source; it is not a chat assistant and knows nothing beyond the corpus.",
-        "",
-        "## How it was made",
-        "",
-        "```",
-        cfg.command,
-        "```",
-        "",
+    ]) + [
         f"- Data: {', '.join(cfg.extensions)} files under `{meta['corpus']}`"
         + (" (the Python standard library)" if cfg.corpus is None else "")
         + " with tests, IDLE, lib2to3, ensurepip and vendored code left out; split by file with a",
@@ -332,7 +296,7 @@ def model_card(cfg: PretrainConfig, meta: dict, log: dict, samples: list[dict], 
 
 def train(cfg: PretrainConfig) -> Path:
     cfg.validate()
-    rank, world = _dist_info()
+    rank, world = dist_info()
     if world > 1:
         torch.distributed.init_process_group("gloo")
     if cfg.batch_size % world:
@@ -350,45 +314,25 @@ def train(cfg: PretrainConfig) -> Path:
     meta, train_stream, val_stream = prepare_data(cfg, work, rank, world)
     cfg = replace(cfg, vocab_size=int(meta.get("vocab_size", cfg.vocab_size)))
     model = build_model(cfg, meta)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    opt = adamw(model.parameters(), cfg.lr, cfg.weight_decay)
     ckpt_path = work / "checkpoint.pt"
     log = {"evals": [], "step": 0, "tokens_seen": 0, "wall_seconds": 0.0, "world_size": world,
            "threads": torch.get_num_threads(), "num_params": sum(p.numel() for p in model.parameters())}
-    if ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        log = state["log"]
-        log["world_size"], log["threads"] = world, torch.get_num_threads()
-        if rank == 0:
-            print(f"resuming from {ckpt_path} at step {log['step']}", file=sys.stderr)
-    ddp_model = model
-    if world > 1:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(model)
+    log = resume(ckpt_path, model, opt, log, rank, world)
+    ddp_model = data_parallel(model, world)
     model.train()
-    from tqdm import tqdm
-
-    bar = tqdm(total=cfg.steps, initial=log["step"], desc="pretrain", unit="step",
-               disable=rank != 0, dynamic_ncols=True)
+    bar = progress_bar(cfg.steps, log["step"], "pretrain", rank)
     t_start = time.time()
     wall_before = log["wall_seconds"]
     tokens_per_step = cfg.batch_size * cfg.seq_len
     recent = []
     while log["step"] < cfg.steps:
         step = log["step"]
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
         offs = batch_offsets(cfg.seed, step, len(train_stream), cfg.seq_len, cfg.batch_size)
         x = windows(train_stream, offs[rank::world], cfg.seq_len)
         logits = ddp_model(input_ids=x[:, :-1]).logits  # [batch / world, seq_len, vocab]
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
+        optimizer_step(opt, loss, model, cfg, step)
         loss_v = loss.detach()
         if world > 1:
             torch.distributed.all_reduce(loss_v)
@@ -403,14 +347,13 @@ def train(cfg: PretrainConfig) -> Path:
         bar.set_postfix(loss=f"{np.mean(recent):.3f}", lr=f"{lr_at(step, cfg):.1e}",
                         tok_s=f"{tokens_per_step * bar.format_dict['rate'] if bar.format_dict.get('rate') else 0:.0f}")
         done = log["step"] == cfg.steps
-        if rank == 0 and (log["step"] % cfg.eval_every == 0 or done):
+        if rank == 0 and due(log["step"], cfg.eval_every, done):
             v = evaluate(model, val_stream, cfg)
             log["evals"].append({"step": log["step"], "train_loss": float(np.mean(recent)), "val_loss": v})
             bar.write(f"step {log['step']}: train loss {np.mean(recent):.4f}, val loss {v:.4f}, ppl {math.exp(v):.2f}")
-        if rank == 0 and (log["step"] % cfg.ckpt_every == 0 or done):
-            atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "log": log,
-                               "config": asdict(cfg)}, ckpt_path)
-        if cfg.stop_after is not None and log["step"] >= cfg.stop_after and not done:
+        if rank == 0 and due(log["step"], cfg.ckpt_every, done):
+            save_checkpoint(ckpt_path, model, opt, log, cfg)
+        if stop_requested(cfg, log["step"], done):
             bar.close()
             if world > 1:
                 torch.distributed.destroy_process_group()
@@ -433,48 +376,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="reuse DIR's tokenizer (e.g. the target model's, to train a draft model for it) instead "
                         "of training one; the vocabulary size then comes from DIR (--vocab-size is ignored)")
     p.add_argument("--extensions", default=",".join(d.extensions), help="comma-separated file endings to read (default: .py)")
-    for name, help_ in [
+    add_config_options(p, d, [
         ("val_percent", "percent of files held out for validation"), ("vocab_size", "BPE vocabulary size"),
         ("hidden_size", "model width"), ("intermediate_size", "MLP width"), ("num_layers", "decoder layers"),
         ("num_heads", "attention heads"), ("num_kv_heads", "key/value heads"), ("head_dim", "head dimension"),
         ("max_position_embeddings", "context length"), ("seq_len", "training sequence length"),
-        ("batch_size", "global batch in sequences"), ("steps", "optimiser steps"), ("lr", "peak learning rate"),
-        ("min_lr_ratio", "final lr as a fraction of peak"), ("warmup_steps", "warm-up steps"),
-        ("weight_decay", "AdamW weight decay"), ("grad_clip", "gradient norm clip"),
+        ("batch_size", "global batch in sequences"), ("steps", "optimiser steps"), *OPTIMISER_OPTIONS,
         ("eval_every", "validate every N steps"), ("eval_tokens", "validation tokens per evaluation"),
-        ("ckpt_every", "checkpoint every N steps"), ("seed", "random seed"),
-        ("threads", "torch threads per process (default: cores / processes)"),
-    ]:
-        default = getattr(d, name)
-        typ = type(default) if default is not None else int
-        p.add_argument("--" + name.replace("_", "-"), type=typ, default=default, help=f"{help_} (default: {default})")
-    p.add_argument("--save-dtype", default=d.save_dtype, choices=["float32", "bfloat16", "float16"],
-                   help=f"dtype of the saved weights (default: {d.save_dtype})")
-    p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
+        *RUN_OPTIONS,
+    ])
+    add_output_options(p, d, "weights")
 
 
 def config_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> PretrainConfig:
     kw = {k: v for k, v in vars(args).items() if k in PretrainConfig.__dataclass_fields__}
     kw["extensions"] = tuple(e if e.startswith(".") else "." + e for e in args.extensions.split(",") if e)
-    args_str = " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    prefix = f"torchrun --nproc-per-node {world} -m dspark.train.pretrain" if world > 1 else "dspark pretrain"
-    kw["command"] = f"{prefix} {args_str}"
-
+    kw["command"] = command_line("dspark.train.pretrain", "pretrain", argv)
     return PretrainConfig(**kw)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="dspark pretrain", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    args = p.parse_args(argv)
-    try:
-        train(config_from_args(args, argv))
-    except (CorpusError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return module_main(argv, prog="dspark pretrain", description=__doc__, add_arguments=add_arguments,
+                       run=lambda args: train(config_from_args(args, argv)) and 0,
+                       errors=(CorpusError, ValueError))
 
 
 if __name__ == "__main__":

@@ -28,12 +28,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -43,8 +41,12 @@ import torch
 from dspark.drafters.dspark_drafter import (DSparkConfig, DSparkModel, HEAD_ALIASES, block_label_positions,
                                             default_target_layer_ids)
 from dspark.drafters.eagle3 import Eagle3Config, Eagle3Model
+from dspark.entry import module_main
 from dspark.errors import DSparkError
-from dspark.train.checkpoint import atomic_torch_save, atomic_write_text
+from dspark.train.checkpoint import atomic_write_text
+from dspark.train.common import (OPTIMISER_OPTIONS, RUN_OPTIONS, RunConfig, adamw, add_config_options,
+                                 add_output_options, card_header, command_line, data_parallel, dist_info, due,
+                                 lr_at, optimizer_step, progress_bar, resume, save_checkpoint, stop_requested)
 from dspark.train.losses import LossTerms, LossWeights, loss_terms, total_loss
 
 # Held-out split: fixed, independent of --seed, so runs with different seeds validate on the same data.
@@ -57,11 +59,10 @@ class DataError(DSparkError, ValueError):
     """The training data file is missing, malformed or has nothing to train on."""
 
 
-@dataclass
-class TrainDrafterConfig:
+@dataclass(kw_only=True)
+class TrainDrafterConfig(RunConfig):
     target: str
     data: str
-    out: str
     drafter: str = "dspark"               # a TRAINABLE_DRAFTERS key: dspark, dflash, eagle3
     block_size: int = 7
     num_layers: int = 1
@@ -72,34 +73,17 @@ class TrainDrafterConfig:
     mask_token_id: int | None = None      # None: the target tokenizer's mask token
     anchors_per_seq: int = 16
     max_seq_len: int = 1024
-    val_percent: float = 5.0
-    steps: int = 1000
-    batch_size: int = 8                   # global batch, in sequences
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 50
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
     ce_weight: float = 0.1
     tv_weight: float = 0.9
     conf_weight: float = 1.0
     loss_decay: float | None = None       # γ_decay of w_k = exp(-(k-1)/γ_decay); None: block_size
-    eval_every: int = 100
     eval_seqs: int = 64                   # validation sequences per evaluation (at most)
-    ckpt_every: int = 50
-    seed: int = 0
-    threads: int | None = None
-    save_dtype: str = "float32"
-    stop_after: int | None = None         # stop (as if killed) after this step; for tests
-    command: str = field(default="", repr=False)
 
     def validate(self) -> None:
         if self.drafter not in TRAINABLE_DRAFTERS:
             raise ValueError(f"--drafter must be one of {', '.join(TRAINABLE_DRAFTERS)}, got {self.drafter!r}")
-        for name in ("block_size", "num_layers", "anchors_per_seq", "steps", "batch_size", "eval_every",
-                     "ckpt_every", "eval_seqs"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        super().validate()
+        self.require_positive("block_size", "num_layers", "anchors_per_seq", "eval_seqs")
         if self.max_seq_len < 3:
             raise ValueError(f"--max-seq-len must be >= 3, got {self.max_seq_len}")
         if self.markov_rank is not None and self.markov_rank < 0:
@@ -107,15 +91,11 @@ class TrainDrafterConfig:
         if self.markov_head_type not in HEAD_ALIASES:
             raise ValueError(f"--markov-head-type must be one of {', '.join(HEAD_ALIASES)}, "
                              f"got {self.markov_head_type!r}")
-        if not 0 < self.val_percent < 100:
-            raise ValueError(f"--val-percent must be in (0, 100), got {self.val_percent}")
         if self.lr <= 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
         for name in ("ce_weight", "tv_weight", "conf_weight", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        if self.save_dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"--save-dtype must be float32, bfloat16 or float16, got {self.save_dtype!r}")
 
     @property
     def decay(self) -> float:
@@ -124,14 +104,6 @@ class TrainDrafterConfig:
     @property
     def loss_weights(self) -> LossWeights:
         return LossWeights(ce=self.ce_weight, tv=self.tv_weight, conf=self.conf_weight)
-
-
-def lr_at(step: int, cfg: TrainDrafterConfig) -> float:
-    """Linear warm-up, then cosine decay to min_lr_ratio * lr."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -374,10 +346,6 @@ def drafter_config(cfg: TrainDrafterConfig, target) -> DrafterSettings:
     return TRAINABLE_DRAFTERS[cfg.drafter].settings(cfg, target)
 
 
-def _dist_info() -> tuple[int, int]:
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def _all_reduce(values: list[torch.Tensor], world: int) -> list[torch.Tensor]:
     if world == 1:
         return [v.detach() for v in values]
@@ -390,7 +358,7 @@ def train(cfg: TrainDrafterConfig) -> Path:
     cfg.validate()
     from dspark.models import load_target
 
-    rank, world = _dist_info()
+    rank, world = dist_info()
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size ({cfg.batch_size}) must be divisible by the number of processes ({world})")
     if world > 1:
@@ -410,10 +378,7 @@ def _train(cfg: TrainDrafterConfig, rank: int, world: int, load_target) -> Path:
     dcfg = drafter_config(cfg, target)
     model = TRAINABLE_DRAFTERS[cfg.drafter].model_class.from_target(dcfg, target, seed=cfg.seed, dtype=torch.float32)
     model.train()
-    decay_params = [p for p in model.parameters() if p.ndim >= 2]
-    other_params = [p for p in model.parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay_params, "weight_decay": cfg.weight_decay},
-                             {"params": other_params, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    opt = adamw(model.parameters(), cfg.lr, cfg.weight_decay)
     out = Path(cfg.out)
     work = out / ".work"
     ckpt_path = work / "checkpoint.pt"
@@ -421,30 +386,16 @@ def _train(cfg: TrainDrafterConfig, rank: int, world: int, load_target) -> Path:
            "world_size": world, "threads": torch.get_num_threads(),
            "num_params": sum(p.numel() for p in model.parameters()),
            "drafter": dcfg.to_json_dict(), "train_seqs": len(data.train), "val_seqs": len(data.val)}
-    if ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        log = state["log"]
-        log["world_size"], log["threads"] = world, torch.get_num_threads()
-        if rank == 0:
-            print(f"resuming from {ckpt_path} at step {log['step']}", file=sys.stderr)
-    ddp_model = model
-    if world > 1:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(model)
+    log = resume(ckpt_path, model, opt, log, rank, world)
+    ddp_model = data_parallel(model, world)
 
     local_bs = cfg.batch_size // world
     cache = target.new_cache(local_bs, max_len)
     weights = cfg.loss_weights
-    from tqdm import tqdm
-
-    bar = tqdm(total=cfg.steps, initial=log["step"], desc=f"train-drafter ({cfg.drafter})", unit="step",
-               disable=rank != 0, dynamic_ncols=True)
+    bar = progress_bar(cfg.steps, log["step"], f"train-drafter ({cfg.drafter})", rank)
     t_start, wall_before = time.time(), log["wall_seconds"]
     while log["step"] < cfg.steps:
         step = log["step"]
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
         idx = batch_indices(cfg.seed, step, len(data.train), cfg.batch_size)
         mine = list(range(rank, cfg.batch_size, world))  # positions in the global batch this rank runs
         seqs = [data.train[idx[j]] for j in mine]
@@ -455,10 +406,7 @@ def _train(cfg: TrainDrafterConfig, rank: int, world: int, load_target) -> Path:
         # makes the update exactly that of one process on the whole global batch.
         (den,) = _all_reduce([terms.weight_sum], world)
         loss = total_loss(terms, weights, den)
-        opt.zero_grad(set_to_none=True)
-        (loss * world).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
+        optimizer_step(opt, loss * world, model, cfg, step)
         loss_v, tau_sum, blocks = _all_reduce([loss, terms.tau_sum, terms.num_blocks], world)
         tau = float(tau_sum) / max(float(blocks), 1.0)
         log["step"] = step + 1
@@ -470,15 +418,14 @@ def _train(cfg: TrainDrafterConfig, rank: int, world: int, load_target) -> Path:
         bar.set_postfix(loss=f"{np.mean(recent):.4f}", tau=f"{np.mean(log['train_tau'][-20:]):.2f}",
                         lr=f"{lr_at(step, cfg):.1e}")
         done = log["step"] == cfg.steps
-        if rank == 0 and (log["step"] % cfg.eval_every == 0 or done):
+        if rank == 0 and due(log["step"], cfg.eval_every, done):
             ev = evaluate(model, target, cache, data.val, cfg, dcfg, local_bs)
             log["evals"].append({"step": log["step"], "train_loss": float(np.mean(recent)), **ev})
             bar.write(f"step {log['step']}: train loss {np.mean(recent):.4f}, val loss {ev['val_loss']:.4f}, "
                       f"val tau {ev['val_tau']:.3f}")
-        if rank == 0 and (log["step"] % cfg.ckpt_every == 0 or done):
-            atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "log": log,
-                               "config": asdict(cfg)}, ckpt_path)
-        if cfg.stop_after is not None and log["step"] >= cfg.stop_after and not done:
+        if rank == 0 and due(log["step"], cfg.ckpt_every, done):
+            save_checkpoint(ckpt_path, model, opt, log, cfg)
+        if stop_requested(cfg, log["step"], done):
             bar.close()
             return out
     bar.close()
@@ -500,18 +447,10 @@ def model_card(cfg: TrainDrafterConfig, log: dict) -> str:
     d = log["drafter"]
     evals = log["evals"]
     last = evals[-1] if evals else {}
-    lines = [
-        f"# {Path(cfg.out).name}",
-        "",
+    lines = card_header(cfg, [
         f"A `{cfg.drafter}` drafter for the target `{cfg.target}`, trained by DSpark's `train-drafter`",
         "against the frozen target on responses the target generated itself (`dspark datagen`).",
-        "",
-        "## How it was made",
-        "",
-        "```",
-        cfg.command,
-        "```",
-        "",
+    ]) + [
         f"- Data: `{cfg.data}`: {log['train_seqs']} training and {log['val_seqs']} held-out sequences.",
         f"- Drafter: {log['num_params'] / 1e6:.2f}M trainable parameters; block size γ={cfg.block_size}, "
         f"{cfg.num_layers} draft layer(s), target layers {d.get('target_layer_ids')}, "
@@ -567,48 +506,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mask-token-id", type=int, default=None, help="mask token id (default: the tokenizer's)")
     p.add_argument("--loss-decay", type=float, default=None,
                    help="γ_decay of the position weights exp(-(k-1)/γ_decay) (default: block size)")
-    for name, help_ in [
+    add_config_options(p, d, [
         ("block_size", "γ: tokens per draft block"), ("num_layers", "draft transformer layers"),
         ("anchors_per_seq", "anchors (blocks) per training sequence"),
         ("max_seq_len", "truncate prompt+output to this many tokens"),
         ("val_percent", "percent of sequences held out for validation"),
-        ("steps", "optimiser steps"), ("batch_size", "global batch in sequences"), ("lr", "peak learning rate"),
-        ("min_lr_ratio", "final lr as a fraction of peak"), ("warmup_steps", "warm-up steps"),
-        ("weight_decay", "AdamW weight decay"), ("grad_clip", "gradient norm clip"),
+        ("steps", "optimiser steps"), ("batch_size", "global batch in sequences"), *OPTIMISER_OPTIONS,
         ("ce_weight", "α_ce"), ("tv_weight", "α_tv"), ("conf_weight", "α_conf"),
         ("eval_every", "validate every N steps"), ("eval_seqs", "validation sequences per evaluation"),
-        ("ckpt_every", "checkpoint every N steps"), ("seed", "random seed"),
-        ("threads", "torch threads per process (default: cores / processes)"),
-    ]:
-        default = getattr(d, name)
-        typ = type(default) if default is not None else int
-        p.add_argument("--" + name.replace("_", "-"), type=typ, default=default, help=f"{help_} (default: {default})")
-    p.add_argument("--save-dtype", default=d.save_dtype, choices=["float32", "bfloat16", "float16"],
-                   help=f"dtype of the saved drafter weights (default: {d.save_dtype})")
-    p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
+        *RUN_OPTIONS,
+    ])
+    add_output_options(p, d, "drafter weights")
 
 
 def config_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> TrainDrafterConfig:
     kw = {k: v for k, v in vars(args).items() if k in TrainDrafterConfig.__dataclass_fields__}
-    args_str = " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    prefix = (f"torchrun --nproc-per-node {world} -m dspark.train.train_drafter" if world > 1
-              else "dspark train-drafter")
-    kw["command"] = f"{prefix} {args_str}"
+    kw["command"] = command_line("dspark.train.train_drafter", "train-drafter", argv)
     return TrainDrafterConfig(**kw)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="dspark train-drafter", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    args = p.parse_args(argv)
-    try:
-        train(config_from_args(args, argv))
-    except (DSparkError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return module_main(argv, prog="dspark train-drafter", description=__doc__, add_arguments=add_arguments,
+                       run=lambda args: train(config_from_args(args, argv)) and 0)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,189 @@
+"""Plumbing shared by the resumable trainers (`pretrain`, `train_drafter`): process group info, the
+learning-rate schedule, the optimiser, checkpoint save/resume and the command line a run records.
+
+Both trainers checkpoint `{"model", "optimizer", "log", "config"}` to OUT/.work/checkpoint.pt and
+resume from it, so a killed run started again continues exactly where its last checkpoint left off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shlex
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Protocol
+
+import torch
+
+from dspark.train.checkpoint import atomic_torch_save
+
+
+SAVE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """Options every resumable trainer has (each a command-line flag of the same name). Trainer
+    configs are `@dataclass(kw_only=True)` subclasses; they redeclare a field to change its default."""
+
+    out: str                             # output directory; its .work/ holds the checkpoint
+    val_percent: float = 5.0             # held out for validation
+    steps: int = 1000
+    batch_size: int = 8                  # global batch, in sequences
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    ckpt_every: int = 50
+    seed: int = 0
+    threads: int | None = None
+    save_dtype: str = "float32"
+    stop_after: int | None = None        # stop (as if killed) after this step; for tests
+    command: str = field(default="", repr=False)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the flag; subclasses extend this with their own options."""
+        self.require_positive("steps", "batch_size", "eval_every", "ckpt_every")
+        if not 0 < self.val_percent < 100:
+            raise ValueError(f"--val-percent must be in (0, 100), got {self.val_percent}")
+        if self.save_dtype not in SAVE_DTYPES:
+            raise ValueError(f"--save-dtype must be float32, bfloat16 or float16, got {self.save_dtype!r}")
+
+    def require_positive(self, *names: str) -> None:
+        for name in names:
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+
+
+class Schedule(Protocol):
+    lr: float
+    min_lr_ratio: float
+    warmup_steps: int
+    steps: int
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment; (0, 1) for a plain process."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def lr_at(step: int, cfg: Schedule) -> float:
+    """Linear warm-up, then cosine decay to min_lr_ratio * lr."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def adamw(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on norms and biases), betas (0.9, 0.95)."""
+    params = list(params)
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+
+
+def resume(ckpt_path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, log: dict, rank: int,
+           world: int) -> dict:
+    """Load model and optimiser state from `ckpt_path` when it exists and return its log (with this
+    run's world size and threads); otherwise return `log` unchanged."""
+    if not ckpt_path.exists():
+        return log
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    log = state["log"]
+    log["world_size"], log["threads"] = world, torch.get_num_threads()
+    if rank == 0:
+        print(f"resuming from {ckpt_path} at step {log['step']}", file=sys.stderr)
+    return log
+
+
+def save_checkpoint(ckpt_path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, log: dict,
+                    cfg: Any) -> None:
+    """Write what `resume` reads (plus the run's config, for the record), atomically."""
+    atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "log": log,
+                       "config": asdict(cfg)}, ckpt_path)
+
+
+def data_parallel(model: torch.nn.Module, world: int) -> torch.nn.Module:
+    """The module to run forwards through: DDP-wrapped in a multi-process run (gradients averaged
+    over ranks during backward), else `model` itself."""
+    return torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+
+
+def progress_bar(total: int, initial: int, desc: str, rank: int) -> Any:
+    """A step progress bar, shown by rank 0 only."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=rank != 0, dynamic_ncols=True)
+
+
+def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, model: torch.nn.Module, cfg: Any,
+                   step: int) -> None:
+    """One update of `model` from `loss` at the schedule's lr for `step`, gradients clipped to
+    cfg.grad_clip."""
+    for g in opt.param_groups:
+        g["lr"] = lr_at(step, cfg)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+
+
+def due(step: int, every: int, done: bool) -> bool:
+    """Evaluate / checkpoint after `step` steps: every `every` steps and at the end."""
+    return step % every == 0 or done
+
+
+def stop_requested(cfg: Any, step: int, done: bool) -> bool:
+    """--stop-after: end the run after `step` as if it had been killed (tests of resume)."""
+    return cfg.stop_after is not None and step >= cfg.stop_after and not done
+
+
+def card_header(cfg: RunConfig, intro: list[str]) -> list[str]:
+    """The opening lines of a trained model's README: its name, `intro`, and the command that made it."""
+    return [f"# {Path(cfg.out).name}", "", *intro, "", "## How it was made", "", "```", cfg.command, "```", ""]
+
+
+def command_line(module: str, subcommand: str, argv: list[str] | None) -> str:
+    """The command that started this run, for the model card: `dspark SUBCOMMAND ARGS`, or the
+    torchrun line when it runs in several processes."""
+    args_str = " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    world = dist_info()[1]
+    prefix = f"torchrun --nproc-per-node {world} -m {module}" if world > 1 else f"dspark {subcommand}"
+    return f"{prefix} {args_str}"
+
+
+# Command-line options every trainer has, as (config field, help); `add_config_options` turns them
+# into flags, so the two trainers spell and document them alike.
+OPTIMISER_OPTIONS = [
+    ("lr", "peak learning rate"), ("min_lr_ratio", "final lr as a fraction of peak"),
+    ("warmup_steps", "warm-up steps"), ("weight_decay", "AdamW weight decay"), ("grad_clip", "gradient norm clip"),
+]
+RUN_OPTIONS = [
+    ("ckpt_every", "checkpoint every N steps"), ("seed", "random seed"),
+    ("threads", "torch threads per process (default: cores / processes)"),
+]
+
+
+def add_config_options(p: argparse.ArgumentParser, defaults: Any, options: list[tuple[str, str]]) -> None:
+    """`--field-name` for each (field, help): type and default from the config dataclass `defaults`
+    (an int option where the default is None)."""
+    for name, help_ in options:
+        default = getattr(defaults, name)
+        typ = type(default) if default is not None else int
+        p.add_argument("--" + name.replace("_", "-"), type=typ, default=default, help=f"{help_} (default: {default})")
+
+
+def add_output_options(p: argparse.ArgumentParser, defaults: Any, what: str) -> None:
+    """--save-dtype of the written `what`, and the hidden --stop-after that tests use to kill a run."""
+    p.add_argument("--save-dtype", default=defaults.save_dtype, choices=list(SAVE_DTYPES),
+                   help=f"dtype of the saved {what} (default: {defaults.save_dtype})")
+    p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
