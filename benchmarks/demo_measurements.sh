@@ -8,15 +8,15 @@ DATA=${1:-../shared/benchmarks}
 mkdir -p runs
 
 # Issue 2: plain decoding vs transformers generate(), batch 1 and 8, 1 and 2 threads.
-python benchmarks/plain_vs_transformers.py --threads 1 --max-tokens 128 --out runs/bench_plain_t1.json
-python benchmarks/plain_vs_transformers.py --threads 2 --max-tokens 128 --out runs/bench_plain_t2.json
+python benchmarks/plain_vs_transformers.py --threads 1 --max-tokens 128 --repeats 2 --out runs/bench_plain_t1.json
+python benchmarks/plain_vs_transformers.py --threads 2 --max-tokens 128 --repeats 2 --out runs/bench_plain_t2.json
 
 # Issue 4: τ of the demo drafter on the first 40 HumanEval prompts, γ = 7, at temperature 0 and 1.
 for T in 0 1; do
   dspark eval --drafters dspark --data-dir "$DATA" --sets humaneval --num-prompts 40 \
-    --temperature "$T" --gamma 7 --max-tokens 128 --batch-size 8 --threads 2 --out "runs/eval_demo_t$T.json"
+    --temperature "$T" --gamma 7 --max-tokens 128 --batch-size 8 --threads 1 --out "runs/eval_demo_t$T.json"
 done
 
 # Issue 4/5: wall-clock tokens/s at batch 1, greedy, side by side, identical output checked.
 dspark bench --drafters dspark,ngram --data-dir "$DATA" --set humaneval --num-prompts 20 \
-  --max-tokens 128 --gamma 7 --threads 1 --repeats 2 --out runs/bench_demo.json
+  --max-tokens 128 --gamma 7 --threads 2 --repeats 1 --out runs/bench_demo.json
