@@ -344,6 +344,24 @@ class Engine:
         if self.drafter is not None:
             self.drafter.free(req.slot)
 
+    def run(self, prompts: Sequence[str | Sequence[int]], params: Sequence[SamplingParams],
+            on_finished=None) -> list[RequestOutput]:
+        """Add every prompt, step until all are done, return outputs in prompt order.
+
+        ``on_finished(n)`` is called with the number of requests each step finished (progress bars).
+        On any error (bad input included) every request is aborted, so the engine stays usable.
+        """
+        try:
+            reqs = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+            while self.has_unfinished():
+                done = self.step()
+                if on_finished is not None and done:
+                    on_finished(len(done))
+        except BaseException:
+            self.abort_all()
+            raise
+        return [Engine.to_output(r) for r in reqs]
+
     def abort_all(self) -> None:
         for req in list(self.running):
             self._release(req)
@@ -407,29 +425,15 @@ class LLM:
         params = list(sampling_params) if isinstance(sampling_params, Sequence) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
-        reqs = []
-        try:
-            for p, sp in zip(prompts, params):
-                reqs.append(engine.add_request(p, sp))
-        except Exception:
-            engine.abort_all()
-            raise
         bar = None
         if use_tqdm:
             from tqdm import tqdm
-            bar = tqdm(total=len(reqs), desc="generate", unit="req")
+            bar = tqdm(total=len(prompts), desc="generate", unit="req")
         try:
-            while engine.has_unfinished():
-                done = engine.step()
-                if bar is not None and done:
-                    bar.update(len(done))
-        except BaseException:
-            engine.abort_all()
-            raise
+            return engine.run(prompts, params, on_finished=bar.update if bar is not None else None)
         finally:
             if bar is not None:
                 bar.close()
-        return [Engine.to_output(r) for r in reqs]
 
     def generate_stream(self, prompt: str | Sequence[int], sampling_params: SamplingParams | None = None
                         ) -> Iterator[StreamDelta]:

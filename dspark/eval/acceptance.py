@@ -121,20 +121,7 @@ def build_drafter(spec: DrafterSpec, target: "TargetModel", max_seqs: int, max_l
 def run_engine(engine: "Engine", prompts: Sequence[Sequence[int]], params: Sequence["SamplingParams"],
                bar: Any = None) -> list["RequestOutput"]:
     """Decode every prompt on `engine` (batched up to its max_num_seqs); outputs in prompt order."""
-    from dspark.engine import Engine
-
-    reqs = []
-    try:
-        for p, sp in zip(prompts, params):
-            reqs.append(engine.add_request(list(p), sp))
-        while engine.has_unfinished():
-            done = engine.step()
-            if bar is not None and done:
-                bar.update(len(done))
-    except BaseException:
-        engine.abort_all()
-        raise
-    return [Engine.to_output(r) for r in reqs]
+    return engine.run([list(p) for p in prompts], params, on_finished=bar.update if bar is not None else None)
 
 
 # ---------------------------------------------------------------------------------------------------
