@@ -228,11 +228,7 @@ class Engine:
         sampling = SamplingTensors.from_params([r.params for r in reqs])
         generators = [r.generator for r in reqs]
         slots = [r.slot for r in reqs]
-        if gamma > 0:
-            proposal = self.drafter.propose(slots, anchors, gamma, sampling, generators)
-            draft_ids = proposal.token_ids  # [num_reqs, gamma]
-        else:
-            proposal, draft_ids = None, torch.zeros(len(reqs), 0, dtype=torch.long)
+        draft_ids, draft_probs_all = self._propose_by_length(reqs, ells, anchors, sampling, generators)
         starts = [self.cache.length(s) for s in slots]
         tokens = [[a] + draft_ids[i, :ell].tolist() for i, (a, ell) in enumerate(zip(anchors, ells))]
         res = self.target.forward(self.cache, slots, tokens, hidden_layer_ids=self.drafter.target_layer_ids)
@@ -242,7 +238,7 @@ class Engine:
             draft_probs = None
         else:
             target_probs = logits_to_probs(logits, sampling.temperature, sampling.top_k, sampling.top_p)
-            draft_probs = proposal.probs if proposal is not None else logits.new_zeros(len(reqs), 0, logits.shape[-1])
+            draft_probs = draft_probs_all
         results = verify_batch(draft_ids, draft_probs, target_probs, ells, generators, sampling.greedy)
         for i, (req, ver, ell) in enumerate(zip(reqs, results, ells)):
             a = ver.num_accepted
@@ -264,6 +260,35 @@ class Engine:
             self._append(req, ver.emitted)
             if req.finished:
                 finished.append(req)
+
+    def _propose_by_length(self, reqs: list[Request], ells: list[int], anchors: list[int],
+                           sampling: SamplingTensors, generators: list) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Draft ℓ_r tokens for each request, one drafter call per distinct ℓ.
+
+        A drafter consumes a request's random stream for every token it samples, so each request is
+        drafted with exactly its own ℓ: a seeded request then gets the same tokens whatever else is in
+        the batch. Normally every request has ℓ = γ and this is a single call.
+        Returns draft ids [num_reqs, gamma_max] and draft probs [num_reqs, gamma_max, vocab] (None when
+        every request is greedy); entries past a request's ℓ are padding.
+        """
+        gamma = max(ells)
+        vocab = self.target.vocab_size
+        ids = torch.zeros(len(reqs), gamma, dtype=torch.long)
+        greedy = all(sampling.greedy)
+        probs = None if greedy else torch.zeros(len(reqs), gamma, vocab)
+        for ell in sorted(set(ells) - {0}):
+            rows = [i for i, e in enumerate(ells) if e == ell]
+            sub = SamplingTensors(sampling.temperature[rows], sampling.top_k[rows], sampling.top_p[rows],
+                                  [sampling.greedy[i] for i in rows])
+            prop = self.drafter.propose([reqs[i].slot for i in rows], [anchors[i] for i in rows], ell, sub,
+                                        [generators[i] for i in rows])
+            ids[rows, :ell] = prop.token_ids.to(ids.device)
+            if probs is not None:
+                if prop.probs is not None:
+                    probs[rows, :ell] = prop.probs.to(probs.device, probs.dtype)
+                else:  # an all-greedy group: one-hot on its (argmax) tokens
+                    probs[rows, :ell] = torch.nn.functional.one_hot(prop.token_ids, vocab).to(probs.dtype)
+        return ids, probs
 
     def _schedule(self) -> list[Request]:
         admitted = []

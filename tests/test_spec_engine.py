@@ -65,3 +65,18 @@ def test_sampled_speculative_output_follows_target(qwen3_ckpt, plain, kind):
     if kind == "ngram":
         assert accepted > 0.05 * n  # drafts were accepted often enough to matter
     assert pvalue > 1e-3, pvalue
+
+
+@pytest.mark.parametrize("kind", ["ngram", "dspark"])
+def test_seeded_speculative_sampling_is_reproducible_and_batch_independent(qwen3_ckpt, plain, kind):
+    def run(prompts, seeds, batch):
+        llm = LLM(model=qwen3_ckpt.path, drafter=make_drafter(kind, plain.target, batch), max_num_seqs=batch,
+                  num_speculative_tokens=4)
+        params = [SamplingParams(temperature=1.0, top_k=8, max_tokens=16, seed=s, ignore_eos=True) for s in seeds]
+        return [o.token_ids for o in llm.generate(prompts, params)]
+
+    together = run(PROMPTS[:4], [5, 6, 7, 8], batch=4)
+    assert together == run(PROMPTS[:4], [5, 6, 7, 8], batch=4)  # same seeds, same tokens
+    for i in range(4):  # each request alone gives what it gave inside the batch
+        assert run([PROMPTS[i]], [5 + i], batch=1)[0] == together[i]
+    assert run(PROMPTS[:1], [99], batch=1)[0] != together[0]  # a different seed samples differently
