@@ -17,6 +17,10 @@ for T in 0 1; do
     --temperature "$T" --gamma 7 --max-tokens 128 --batch-size 8 --threads 1 --out "runs/eval_demo_t$T.json"
 done
 
+# Issue 5: DSpark vs the DFlash baseline on the code sets, temperature 1, γ = 7.
+dspark eval --drafters dspark,dflash --data-dir "$DATA" --sets humaneval,mbpp,livecodebench --num-prompts 40 \
+  --temperature 1 --gamma 7 --max-tokens 128 --batch-size 8 --threads 1 --out runs/eval_demo_t1.json
+
 # Issue 4/5: wall-clock tokens/s at batch 1, greedy, side by side, identical output checked.
 dspark bench --drafters dspark,ngram --data-dir "$DATA" --set humaneval --num-prompts 20 \
   --max-tokens 128 --gamma 7 --threads 2 --repeats 1 --out runs/bench_demo.json
