@@ -116,44 +116,29 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_pretrain(sub: argparse._SubParsersAction) -> None:
-    from dspark.train import pretrain
-
-    p = sub.add_parser("pretrain", help="train a tokenizer and a small Qwen3 code model from scratch",
-                       description=pretrain.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    pretrain.add_arguments(p)
-    p.set_defaults(func=lambda a: pretrain.train(pretrain.config_from_args(a, a.raw_argv)) and 0)
-
-
-def _add_datagen(sub: argparse._SubParsersAction) -> None:
-    from dspark.train import datagen
-
-    p = sub.add_parser("datagen", help="regenerate responses with the target (drafter training data)",
-                       description=datagen.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    datagen.add_arguments(p)
-    p.set_defaults(func=lambda a: datagen.run(a) and 0)
+def _add_module(sub: argparse._SubParsersAction, name: str, module, help_: str, func) -> None:
+    """A subcommand whose options and description live in `module` (`add_arguments`, docstring)."""
+    p = sub.add_parser(name, help=help_, description=module.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    module.add_arguments(p)
+    p.set_defaults(func=func)
 
 
-def _add_train_drafter(sub: argparse._SubParsersAction) -> None:
-    from dspark.train import train_drafter
-
-    p = sub.add_parser("train-drafter", help="train a DSpark (or DFlash) drafter against a frozen target",
-                       description=train_drafter.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    train_drafter.add_arguments(p)
-    p.set_defaults(func=lambda a: train_drafter.train(train_drafter.config_from_args(a, a.raw_argv)) and 0)
-
-
-def _add_eval(sub: argparse._SubParsersAction) -> None:
+def _add_workflows(sub: argparse._SubParsersAction) -> None:
     from dspark.eval import acceptance, speed
+    from dspark.train import datagen, pretrain, train_drafter
 
-    p = sub.add_parser("eval", help="accepted length and conditional acceptance of drafters on prompt sets",
-                       description=acceptance.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    acceptance.add_arguments(p)
-    p.set_defaults(func=acceptance.run)
-    p = sub.add_parser("bench", help="wall-clock tokens/s of every method side by side, checking identical output",
-                       description=speed.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    speed.add_arguments(p)
-    p.set_defaults(func=speed.run)
+    _add_module(sub, "pretrain", pretrain, "train a tokenizer and a small Qwen3 code model from scratch",
+                lambda a: pretrain.train(pretrain.config_from_args(a, a.raw_argv)) and 0)
+    _add_module(sub, "datagen", datagen, "regenerate responses with the target (drafter training data)",
+                lambda a: datagen.run(a) and 0)
+    _add_module(sub, "train-drafter", train_drafter,
+                "train a DSpark, DFlash or EAGLE-3 drafter against a frozen target",
+                lambda a: train_drafter.train(train_drafter.config_from_args(a, a.raw_argv)) and 0)
+    _add_module(sub, "eval", acceptance, "accepted length and conditional acceptance of drafters on prompt sets",
+                acceptance.run)
+    _add_module(sub, "bench", speed, "wall-clock tokens/s of every method side by side, checking identical output",
+                speed.run)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,10 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", metavar="SUBCOMMAND", required=True)
     _add_generate(sub)
-    _add_pretrain(sub)
-    _add_datagen(sub)
-    _add_train_drafter(sub)
-    _add_eval(sub)
+    _add_workflows(sub)
     return p
 
 
