@@ -46,6 +46,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                         "(default: the bundled demo drafter when present, else none)")
     p.add_argument("-g", "--num-speculative-tokens", type=int, default=None,
                    help="γ, draft tokens per round (default: the drafter's block size)")
+    p.add_argument("--scheduler", default="static", choices=["static", "confidence"],
+                   help="static: verify every draft; confidence: the drafter's confidence head and a step "
+                        "cost table profiled at start-up choose how many drafts to verify (default: static)")
     p.add_argument("--compare", action="store_true",
                    help="also decode plainly (same target, same prompts) and print the speedup")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate per prompt (default: 64)")
@@ -78,8 +81,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         drafter = None
     if drafter is None and args.num_speculative_tokens is not None:
         raise ValueError("-g/--num-speculative-tokens needs a drafter (--drafter DIR or ngram)")
+    if drafter is None and args.scheduler != "static":
+        raise ValueError(f"--scheduler {args.scheduler} needs a drafter with a confidence head")
     llm = LLM(model=args.model, drafter=drafter, dtype=args.dtype, num_threads=args.threads,
-              max_num_seqs=args.max_num_seqs)
+              max_num_seqs=args.max_num_seqs, scheduler=args.scheduler)
     prompts = list(args.prompts)
     if args.chat:
         prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]

@@ -29,6 +29,7 @@ import torch
 from dspark.errors import DSparkError
 from dspark.models import TargetModel, load_target
 from dspark.sampling import SamplingParams, SamplingTensors, logits_to_probs, make_generator, sample_from_probs
+from dspark.schedule import SCHEDULERS, ScheduleError, StepCostTable, schedule_prefix, survival_from_confidence
 from dspark.tokenizer import IncrementalDetokenizer
 from dspark.verify import verify_batch
 
@@ -125,7 +126,8 @@ class Engine:
     """Holds the target, its KV cache and the running requests; `step()` advances all of them."""
 
     def __init__(self, target: TargetModel, max_num_seqs: int = 8, max_model_len: int | None = None,
-                 drafter=None, num_speculative_tokens: int | None = None) -> None:
+                 drafter=None, num_speculative_tokens: int | None = None, scheduler: str = "static",
+                 step_cost: StepCostTable | None = None) -> None:
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
         self.target = target
@@ -145,6 +147,20 @@ class Engine:
             self.default_gamma = gamma
         else:
             self.default_gamma = 0
+        # "static": verify every drafted token; "confidence": ℓ per request from the drafter's
+        # confidences and the hardware's step-cost table (paper Algorithm 1, dspark.schedule).
+        if scheduler not in SCHEDULERS:
+            raise ScheduleError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+        self.scheduler = scheduler if drafter is not None else "static"
+        self.step_cost = step_cost
+        if self.scheduler == "confidence":
+            if not getattr(drafter, "has_confidence", False):
+                raise ScheduleError(f"scheduler 'confidence' needs a drafter with a confidence head; the "
+                                    f"{drafter.name} drafter has none (use scheduler 'static')")
+            if self.step_cost is None:
+                # B verified tokens per round: at most every running request's anchor + its γ drafts.
+                self.step_cost = StepCostTable.profile(target, max_num_seqs * (drafter.block_size + 1),
+                                                       hidden_layer_ids=drafter.target_layer_ids)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._next_id = 0
@@ -228,7 +244,13 @@ class Engine:
         sampling = SamplingTensors.from_params([r.params for r in reqs])
         generators = [r.generator for r in reqs]
         slots = [r.slot for r in reqs]
-        draft_ids, draft_probs_all = self._propose_by_length(reqs, ells, anchors, sampling, generators)
+        draft_ids, draft_probs_all, confidence = self._propose_by_length(reqs, ells, anchors, sampling, generators)
+        if self.scheduler == "confidence" and gamma > 0:
+            assert confidence is not None
+            ells = schedule_prefix(survival_from_confidence(confidence), ells, self.step_cost)
+            gamma = max(ells)
+            draft_ids = draft_ids[:, :gamma]
+            draft_probs_all = draft_probs_all[:, :gamma] if draft_probs_all is not None else None
         starts = [self.cache.length(s) for s in slots]
         tokens = [[a] + draft_ids[i, :ell].tolist() for i, (a, ell) in enumerate(zip(anchors, ells))]
         res = self.target.forward(self.cache, slots, tokens, hidden_layer_ids=self.drafter.target_layer_ids)
@@ -261,21 +283,23 @@ class Engine:
             if req.finished:
                 finished.append(req)
 
-    def _propose_by_length(self, reqs: list[Request], ells: list[int], anchors: list[int],
-                           sampling: SamplingTensors, generators: list) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _propose_by_length(self, reqs: list[Request], ells: list[int], anchors: list[int], sampling: SamplingTensors,
+                           generators: list) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Draft ℓ_r tokens for each request, one drafter call per distinct ℓ.
 
         A drafter consumes a request's random stream for every token it samples, so each request is
         drafted with exactly its own ℓ: a seeded request then gets the same tokens whatever else is in
         the batch. Normally every request has ℓ = γ and this is a single call.
-        Returns draft ids [num_reqs, gamma_max] and draft probs [num_reqs, gamma_max, vocab] (None when
-        every request is greedy); entries past a request's ℓ are padding.
+        Returns draft ids [num_reqs, gamma_max], draft probs [num_reqs, gamma_max, vocab] (None when
+        every request is greedy) and confidences [num_reqs, gamma_max] (None when the drafter has no
+        confidence head); entries past a request's ℓ are padding.
         """
         gamma = max(ells)
         vocab = self.target.vocab_size
         ids = torch.zeros(len(reqs), gamma, dtype=torch.long)
         greedy = all(sampling.greedy)
         probs = None if greedy else torch.zeros(len(reqs), gamma, vocab)
+        conf = torch.zeros(len(reqs), gamma) if getattr(self.drafter, "has_confidence", False) else None
         for ell in sorted(set(ells) - {0}):
             rows = [i for i, e in enumerate(ells) if e == ell]
             sub = SamplingTensors(sampling.temperature[rows], sampling.top_k[rows], sampling.top_p[rows],
@@ -283,12 +307,14 @@ class Engine:
             prop = self.drafter.propose([reqs[i].slot for i in rows], [anchors[i] for i in rows], ell, sub,
                                         [generators[i] for i in rows])
             ids[rows, :ell] = prop.token_ids.to(ids.device)
+            if conf is not None and prop.confidence is not None:
+                conf[rows, :ell] = prop.confidence.to(conf.device, conf.dtype)
             if probs is not None:
                 if prop.probs is not None:
                     probs[rows, :ell] = prop.probs.to(probs.device, probs.dtype)
                 else:  # an all-greedy group: one-hot on its (argmax) tokens
                     probs[rows, :ell] = torch.nn.functional.one_hot(prop.token_ids, vocab).to(probs.dtype)
-        return ids, probs
+        return ids, probs, conf
 
     def _schedule(self) -> list[Request]:
         admitted = []
@@ -405,12 +431,16 @@ class LLM:
     ``drafter``: None (plain decoding), a drafter directory or registered name (e.g. ``"ngram"``),
     or a ready Drafter object. ``num_speculative_tokens``: default γ (default: the drafter's block).
     ``max_num_seqs``: how many requests are decoded together in one batched forward.
+    ``scheduler``: ``"static"`` verifies every drafted token; ``"confidence"`` lets the drafter's
+    confidence head and a step-cost table (profiled at start-up unless ``step_cost`` is given) choose
+    how many drafts each request verifies per round (the paper's Algorithm 1; lossless either way).
     """
 
     def __init__(self, model: str | os.PathLike | None = None, drafter=None,
                  dtype: str | None = None, max_num_seqs: int = 8, max_model_len: int | None = None,
                  num_threads: int | None = None, device: str = "cpu",
-                 num_speculative_tokens: int | None = None) -> None:
+                 num_speculative_tokens: int | None = None, scheduler: str = "static",
+                 step_cost: StepCostTable | None = None) -> None:
         if num_threads is not None:
             torch.set_num_threads(num_threads)
         self.model_path = Path(model) if model is not None else default_model_path()
@@ -422,7 +452,8 @@ class LLM:
             drafter = load_drafter(drafter, self.target, max_seqs=max_num_seqs, max_len=max_len)
         self.drafter = drafter
         self.engine = Engine(self.target, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-                             drafter=drafter, num_speculative_tokens=num_speculative_tokens)
+                             drafter=drafter, num_speculative_tokens=num_speculative_tokens,
+                             scheduler=scheduler, step_cost=step_cost)
         self._plain_engine: Engine | None = None
         self._engine_args = dict(max_num_seqs=max_num_seqs, max_model_len=max_model_len)
 

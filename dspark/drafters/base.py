@@ -47,7 +47,8 @@ class DraftProposal:
     # then only compares tokens).
     probs: Tensor | None
     # [num_reqs, gamma], c_k in (0, 1): estimated P(token k accepted | tokens < k accepted);
-    # None when the drafter has no confidence head.
+    # None when the drafter has no confidence head. c_k may depend on drafts < k but never on draft
+    # k itself: the confidence scheduler (dspark.schedule) decides from it whether k is verified.
     confidence: Tensor | None
 
 

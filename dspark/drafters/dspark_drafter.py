@@ -951,6 +951,8 @@ class DSparkDrafter(FeatureDrafter):
         super().__init__(model, max_seqs, max_len)
         cfg = model.config
         self.name = cfg.drafter_type if cfg.drafter_type in ("dspark", "dflash") else type(self).name
+        # Proposals carry c_k, so the confidence scheduler can choose ℓ (see dspark.schedule).
+        self.has_confidence = model.confidence_head is not None
 
     # ---- Drafter protocol ---------------------------------------------------------------------------
 

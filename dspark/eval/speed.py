@@ -62,6 +62,7 @@ class BenchConfig:
     model: str | None = None
     draft_model: str | None = None    # None: the bundled draft-model baseline, when present
     transformers: bool = True
+    scheduler: str = "static"         # "confidence": also run drafters that have a confidence head with it
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -74,6 +75,8 @@ class BenchConfig:
             raise EvalError(f"--gamma must be >= 1, got {self.gamma}")
         if self.threads is not None and self.threads < 1:
             raise EvalError(f"--threads must be >= 1, got {self.threads}")
+        if self.scheduler not in ("static", "confidence"):
+            raise EvalError(f"--scheduler must be static or confidence, got {self.scheduler!r}")
 
 
 @dataclass
@@ -230,6 +233,13 @@ def benchmark(cfg: BenchConfig, drafters: Mapping[str, DrafterSpec] | None = Non
             notes.append(f"{label}: --gamma {g} exceeds its block_size {d.block_size}; using {d.block_size}")
             g = d.block_size
         methods.append(EngineMethod(label, Engine(target, max_num_seqs=1, max_model_len=max_len, drafter=d), g))
+        if cfg.scheduler == "confidence":
+            if getattr(d, "has_confidence", False):
+                d2 = build_drafter(spec, target, 1, max_len)  # its own caches: engines never share a drafter
+                methods.append(EngineMethod(f"{label}+confidence", Engine(
+                    target, max_num_seqs=1, max_model_len=max_len, drafter=d2, scheduler="confidence"), g))
+            else:
+                notes.append(f"{label}: no confidence head, so no confidence-scheduled run")
     if cfg.transformers:
         hf = _load_hf(model_path)
         eos = target.eos_token_ids
@@ -333,6 +343,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-model", default=None,
                    help="small LM directory for transformers assisted generation "
                         "(default: models/dspark-demo-draft-model when present)")
+    p.add_argument("--scheduler", default="static", choices=["static", "confidence"],
+                   help="confidence: also run each drafter that has a confidence head with the confidence "
+                        "scheduler (method LABEL+confidence; γ is then the most it verifies) (default: static)")
     p.add_argument("--no-transformers", dest="transformers", action="store_false",
                    help="skip the Hugging Face transformers baselines")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -342,7 +355,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     return BenchConfig(drafters=args.drafters, out=args.out, data_dir=args.data_dir, set=args.set,
                        num_prompts=args.num_prompts, max_tokens=args.max_tokens, gamma=args.gamma,
                        threads=args.threads, repeats=args.repeats, model=args.model, draft_model=args.draft_model,
-                       transformers=args.transformers)
+                       transformers=args.transformers, scheduler=args.scheduler)
 
 
 def run(args: argparse.Namespace) -> int:
