@@ -1,6 +1,6 @@
 """Where the time of one speculative round goes, at batch 1 (greedy), piece by piece.
 
-    python benchmarks/profile_round.py --threads 1 [--drafters dspark,dflash,eagle3] [--repeats 50]
+    python benchmarks/profile_round.py --threads 1 [--drafters dspark,dflash,eagle3] [--repeats 50] [--cpu-gemm off]
 
 Times (median ms over --repeats): one plain decode step; target forwards of k = 1..8 tokens as
 verification runs them (all logits, the drafter's hidden-state taps); each drafter's `propose` of γ
@@ -42,10 +42,12 @@ def main() -> None:
     ap.add_argument("--gamma", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=50)
+    ap.add_argument("--cpu-gemm", default="auto", choices=["auto", "off"],
+                    help="the target's projections: packed fp16-weight GEMM when exact (auto) or F.linear (off)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    target = load_target(args.model)
+    target = load_target(args.model, cpu_gemm=args.cpu_gemm)
     cache = target.new_cache(1, 1024)
     slot = cache.allocate()
     ids = target.tokenizer.encode(PROMPT)
@@ -58,7 +60,7 @@ def main() -> None:
             cache.truncate(slot, base_len)
         return run
 
-    print(f"threads {args.threads}; prompt {len(ids)} tokens; median of {args.repeats} (ms)")
+    print(f"threads {args.threads}; GEMM {target.cpu_gemm}; prompt {len(ids)} tokens; median of {args.repeats} (ms)")
     plain = median_ms(step(1), args.repeats)
     print(f"plain decode step (k=1, no taps)     {plain:7.2f}")
     for k in (2, 4, 8):

@@ -127,7 +127,9 @@ def build_checkpoint(
     model.eval()
     save_kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.to(dtype).save_pretrained(str(path), **save_kwargs)
-    model.to(torch.float32)
+    if dtype != torch.float32:
+        # Casting back would leave buffers (RoPE inv_freq) rounded: reload the reference from disk.
+        model = model_cls.from_pretrained(str(path), dtype=torch.float32).eval()
     write_tokenizer(path)
     (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0]}))
     return TinyCheckpoint(path, model)
@@ -152,6 +154,18 @@ def llama_ckpt(tmp_path_factory: pytest.TempPathFactory) -> TinyCheckpoint:
         tmp_path_factory.mktemp("llama"), "llama", seed=1, tie=True, rope_scaling=scaling,
         attention_bias=True, mlp_bias=True,
     )
+
+
+@pytest.fixture(scope="session")
+def qwen3_bf16_ckpt(tmp_path_factory: pytest.TempPathFactory) -> TinyCheckpoint:
+    # bf16 weights (exact fp16 values): loaded as float32 on CPU, they run the packed fp16-weight GEMM.
+    return build_checkpoint(tmp_path_factory.mktemp("qwen3bf16"), "qwen3", seed=5, tie=True, dtype=torch.bfloat16)
+
+
+@pytest.fixture(scope="session")
+def llama_bf16_ckpt(tmp_path_factory: pytest.TempPathFactory) -> TinyCheckpoint:
+    return build_checkpoint(tmp_path_factory.mktemp("llamabf16"), "llama", seed=6, attention_bias=True,
+                            mlp_bias=True, dtype=torch.bfloat16)
 
 
 @pytest.fixture(scope="session")

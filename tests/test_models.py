@@ -27,10 +27,13 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
-@pytest.fixture(scope="module", params=["qwen3", "llama", "qwen2"])
+@pytest.fixture(scope="module", params=["qwen3", "llama", "qwen2", "qwen3_bf16", "llama_bf16"])
 def pair(request: pytest.FixtureRequest) -> tuple[TinyCheckpoint, TargetModel]:
     ckpt = request.getfixturevalue(f"{request.param}_ckpt")
-    return ckpt, load_target(ckpt.path)
+    target = load_target(ckpt.path)
+    # Random float32 weights keep F.linear; bf16 checkpoints run every test on the packed fp16-weight GEMM.
+    assert target.cpu_gemm == ("fp16-weights" if request.param.endswith("bf16") else "fp32")
+    return ckpt, target
 
 
 def test_prefill_matches_transformers(pair: tuple[TinyCheckpoint, TargetModel]) -> None:
@@ -250,3 +253,21 @@ def test_outputs_usable_by_a_trainer(qwen3_ckpt: TinyCheckpoint) -> None:
     loss.backward()
     assert fc.weight.grad is not None and fc.weight.grad.abs().sum() > 0
     assert not target.transformer.lm_head_weight.requires_grad
+
+
+def test_packed_fp16_weight_gemm_is_opt_out_and_exact(qwen3_bf16_ckpt: TinyCheckpoint) -> None:
+    from dspark.models.transformer import fp16_exact
+
+    packed, plain = load_target(qwen3_bf16_ckpt.path), load_target(qwen3_bf16_ckpt.path, cpu_gemm="off")
+    assert packed.cpu_gemm == "fp16-weights" and plain.cpu_gemm == "fp32"
+    ids = rand_ids(21, seed=9)
+    outs = []
+    for t in (packed, plain):
+        cache = t.new_cache(max_seqs=1, max_len=32)
+        outs.append(t.forward(cache, [cache.allocate()], [ids]).logits)
+    assert max_diff(outs[0], outs[1]) < 1e-4  # same weights, same fp32 accumulation, other order
+    w = torch.tensor([1.0, 0.1, 2.0 ** -20])
+    assert fp16_exact(w.bfloat16().float()) and not fp16_exact(torch.tensor([0.1])) and \
+        not fp16_exact(torch.tensor([1e6]))
+    with pytest.raises(ValueError, match="cpu_gemm must be 'auto' or 'off'"):
+        load_target(qwen3_bf16_ckpt.path, cpu_gemm="fast")

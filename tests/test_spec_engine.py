@@ -80,3 +80,16 @@ def test_seeded_speculative_sampling_is_reproducible_and_batch_independent(qwen3
     for i in range(4):  # each request alone gives what it gave inside the batch
         assert run([PROMPTS[i]], [5 + i], batch=1)[0] == together[i]
     assert run(PROMPTS[:1], [99], batch=1)[0] != together[0]  # a different seed samples differently
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_greedy_speculative_equals_plain_on_packed_fp16_weights(qwen3_bf16_ckpt, batch):
+    """Verification (k tokens) and plain decoding (1 token) on the packed fp16-weight GEMM."""
+    plain = LLM(model=qwen3_bf16_ckpt.path, max_num_seqs=batch)
+    assert plain.target.cpu_gemm == "fp16-weights"
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    ref = [o.token_ids for o in plain.generate(PROMPTS, params)]
+    for kind in ("ngram", "dspark"):
+        spec = LLM(model=qwen3_bf16_ckpt.path, drafter=make_drafter(kind, plain.target, batch), max_num_seqs=batch,
+                   num_speculative_tokens=7)
+        assert [o.token_ids for o in spec.generate(PROMPTS, params)] == ref, kind

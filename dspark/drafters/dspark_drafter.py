@@ -43,7 +43,7 @@ from dspark.drafters.common import SlotTable, check_propose_args, check_target_h
 from dspark.errors import CheckpointError
 from dspark.kv_cache import KVCache
 from dspark.models.config import ModelConfig, RopeScaling, _rope
-from dspark.models.transformer import rms_norm
+from dspark.models.transformer import PackedLinear, linear, rms_norm
 from dspark.sampling import SamplingTensors
 
 if TYPE_CHECKING:
@@ -536,6 +536,12 @@ class SharedWeights:
 
     embed: Tensor  # [V, H]
     lm_head: Tensor  # [V, H]
+    # The target's LM head packed for the fp16-weight GEMM (inference only), when the target has one.
+    packed_lm_head: PackedLinear | None = None
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """LM head over hidden [..., H] -> [..., V] in the weights' dtype."""
+        return linear(hidden, self.lm_head, None, self.packed_lm_head)
 
 
 @dataclass
@@ -646,7 +652,8 @@ class FeatureDrafterModel(nn.Module):
         t = target.transformer
         dtype = dtype or t.embed_weight.dtype
         self.shared = SharedWeights(embed=t.embed_weight.detach().to(dtype),
-                                    lm_head=t.lm_head_weight.detach().to(dtype))
+                                    lm_head=t.lm_head_weight.detach().to(dtype),
+                                    packed_lm_head=t.packed_lm_head if dtype == t.lm_head_weight.dtype else None)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -793,7 +800,7 @@ class DSparkModel(FeatureDrafterModel):
         return DSparkConfig.from_json_dict(raw, source, tok.mask_token_id if tok is not None else None)
 
     def lm_head(self, hidden: Tensor) -> Tensor:
-        return F.linear(hidden, self._shared().lm_head).float()
+        return self._shared().logits(hidden).float()
 
     def context_features(self, target_hidden: Tensor) -> Tensor:
         """target_hidden [..., L, H] (taps in target_layer_ids order) -> context features [..., H]."""

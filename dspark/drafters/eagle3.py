@@ -103,7 +103,7 @@ class Eagle3Model(FeatureDrafterModel):
 
     def logits(self, hidden: Tensor) -> Tensor:
         """h [..., H] (before `norm`) -> next-token logits [..., V] float32 via the target's LM head."""
-        return F.linear(self.norm(hidden), self._shared().lm_head).float()
+        return self._shared().logits(self.norm(hidden)).float()
 
     def run_cached(self, cache: KVCache, batch: CacheBatch, ids: Tensor, features: Tensor) -> Tensor:
         """Rows appended to `cache` per `batch`: ids [b, S], features [b, S, H] -> h [b, S, H].

@@ -47,6 +47,55 @@ def interleave_rope_rows(w: Tensor, num_heads: int, head_dim: int) -> Tensor:
     return w.reshape(num_heads, head_dim, *w.shape[1:])[:, perm].reshape(w.shape)
 
 
+# ---- CPU GEMM with fp16-packed weights --------------------------------------------------------------
+#
+# On CPUs, fp32 GEMMs with few rows (decoding, verifying a handful of draft tokens) are bound by
+# reading the weights. fbgemm's fp16-weight GEMM (torch's `quantized::linear_dynamic_fp16`, the
+# kernel behind dynamic fp16 quantization) reads half the bytes and accumulates in fp32. It is
+# used only for weights that are *exactly* fp16 values (a bf16 checkpoint's weights are, except a few
+# below fp16's normal range), so the math is the same fp32 math on the same weight values; the
+# results differ from F.linear only by summation order (~1e-6). Inference only: the packed op has no
+# autograd, so with grad enabled (a drafter training through the frozen LM head) F.linear runs.
+
+FP16_MIN_NORMAL = 2.0 ** -14
+FP16_MAX = 65504.0
+
+
+def fp16_exact(w: Tensor) -> bool:
+    """True when every entry of a float32 `w` is an fp16 value, except entries below fp16's normal
+    range (whose rounding error is then at most 2^-25)."""
+    if w.dtype != torch.float32 or not bool(torch.isfinite(w).all()) or float(w.abs().max()) > FP16_MAX:
+        return False
+    return bool(((w.half().float() == w) | (w.abs() < FP16_MIN_NORMAL)).all())
+
+
+def fp16_gemm_available() -> bool:
+    """Whether this torch build has the fp16-weight GEMM (x86 builds with fbgemm do)."""
+    try:
+        w = torch.ops.quantized.linear_prepack_fp16(torch.ones(2, 2), None)
+        return bool(torch.ops.quantized.linear_dynamic_fp16(torch.ones(1, 2), w).eq(2).all())
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+
+
+class PackedLinear:
+    """A weight [out, in] (and bias) packed for the fp16-weight GEMM."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
+        self.packed = torch.ops.quantized.linear_prepack_fp16(
+            weight.detach().contiguous(), None if bias is None else bias.detach().float().contiguous())
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None, packed: PackedLinear | None) -> Tensor:
+    """F.linear, or the packed fp16-weight GEMM when there is one and no gradient is wanted."""
+    if packed is not None and not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32:
+        return packed(x)
+    return F.linear(x, weight, bias)
+
+
 def _linear_params(in_f: int, out_f: int, bias: bool) -> tuple[nn.Parameter, nn.Parameter | None]:
     # Uninitialised on purpose: every parameter is overwritten by the checkpoint loader.
     w = nn.Parameter(torch.empty(out_f, in_f), requires_grad=False)
@@ -73,12 +122,13 @@ class Attention(nn.Module):
         self.qk_norm = (
             nn.Parameter(torch.empty(self.H + self.Hkv, self.D), requires_grad=False) if cfg.qk_norm else None
         )
+        self.packed: dict[str, PackedLinear] = {}  # "qkv", "o" when packed (see pack_fp16_weights)
 
     def forward(self, x: Tensor, rope: Tensor, cache: KVCache, batch: CacheBatch) -> Tensor:
         # x: [batch, k, hidden]; rope: [batch, k, 1, D/2] complex64 (cos + i sin at each position)
         b, k, _ = x.shape
         dtype = x.dtype
-        qkv = F.linear(x, self.qkv_weight, self.qkv_bias).view(b, k, self.H + 2 * self.Hkv, self.D)
+        qkv = linear(x, self.qkv_weight, self.qkv_bias, self.packed.get("qkv")).view(b, k, self.H + 2 * self.Hkv, self.D)
         qk, v = qkv.split([self.H + self.Hkv, self.Hkv], dim=2)
         if self.qk_norm is not None:
             qk = rms_norm(qk, self.qk_norm, self.eps)
@@ -96,7 +146,7 @@ class Attention(nn.Module):
             enable_gqa=self.H != self.Hkv,
         )  # [batch, H, k, D]
         out = out.transpose(1, 2).reshape(b, k, self.H * self.D)
-        return F.linear(out, self.o_weight, self.o_bias)
+        return linear(out, self.o_weight, self.o_bias, self.packed.get("o"))
 
 
 class MLP(nn.Module):
@@ -107,10 +157,11 @@ class MLP(nn.Module):
         self.inter = cfg.intermediate_size
         self.gate_up_weight, self.gate_up_bias = _linear_params(cfg.hidden_size, 2 * self.inter, cfg.mlp_bias)
         self.down_weight, self.down_bias = _linear_params(self.inter, cfg.hidden_size, cfg.mlp_bias)
+        self.packed: dict[str, PackedLinear] = {}  # "gate_up", "down" when packed
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = F.linear(x, self.gate_up_weight, self.gate_up_bias).split(self.inter, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down_weight, self.down_bias)
+        gate, up = linear(x, self.gate_up_weight, self.gate_up_bias, self.packed.get("gate_up")).split(self.inter, dim=-1)
+        return linear(F.silu(gate) * up, self.down_weight, self.down_bias, self.packed.get("down"))
 
 
 class DecoderLayer(nn.Module):
@@ -145,6 +196,31 @@ class Transformer(nn.Module):
         # Tied checkpoints share the embedding tensor (set by the loader), so no copy is made.
         self.lm_head_weight = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size), requires_grad=False)
         self.register_buffer("rope_table", torch.empty(0, dtype=torch.complex64), persistent=False)
+        self.packed_lm_head: PackedLinear | None = None
+
+    def pack_fp16_weights(self, mode: str = "auto") -> bool:
+        """Use the fp16-weight GEMM for every projection and the LM head ("auto": when this is a
+        float32 CPU model, fbgemm is available and every such weight is fp16-exact; "off": never).
+        Returns whether the weights are now packed."""
+        if mode not in ("auto", "off"):
+            raise ValueError(f"cpu_gemm must be 'auto' or 'off', got {mode!r}")
+        for layer in self.layers:
+            layer.attn.packed.clear()
+            layer.mlp.packed.clear()
+        self.packed_lm_head = None
+        if mode == "off" or self.embed_weight.device.type != "cpu" or not fp16_gemm_available():
+            return False
+        mats = [self.lm_head_weight] + [w for layer in self.layers for w in (
+            layer.attn.qkv_weight, layer.attn.o_weight, layer.mlp.gate_up_weight, layer.mlp.down_weight)]
+        if not all(fp16_exact(w.data) for w in mats):
+            return False
+        for layer in self.layers:
+            a, m = layer.attn, layer.mlp
+            a.packed.update(qkv=PackedLinear(a.qkv_weight, a.qkv_bias), o=PackedLinear(a.o_weight, a.o_bias))
+            m.packed.update(gate_up=PackedLinear(m.gate_up_weight, m.gate_up_bias),
+                            down=PackedLinear(m.down_weight, m.down_bias))
+        self.packed_lm_head = PackedLinear(self.lm_head_weight, None)
+        return True
 
     def build_rope(self, num_positions: int) -> None:
         """Precompute RoPE rotations `[num_positions, D/2]` complex64 (float32, as transformers computes them)."""
@@ -166,7 +242,7 @@ class Transformer(nn.Module):
 
     def lm_head(self, hidden: Tensor) -> Tensor:
         """Logits in the model dtype; no final norm (see `final_norm`)."""
-        return F.linear(hidden, self.lm_head_weight)
+        return linear(hidden, self.lm_head_weight, None, self.packed_lm_head)
 
     def forward(
         self,
