@@ -29,7 +29,8 @@ import torch
 from dspark.errors import DSparkError
 from dspark.models import TargetModel, load_target
 from dspark.sampling import SamplingParams, SamplingTensors, logits_to_probs, make_generator, sample_from_probs
-from dspark.schedule import SCHEDULERS, ScheduleError, StepCostTable, schedule_prefix, survival_from_confidence
+from dspark.schedule import (SCHEDULERS, ScheduleError, StepCostTable, schedule_is_final, schedule_prefix,
+                             survival_from_confidence)
 from dspark.tokenizer import IncrementalDetokenizer
 from dspark.verify import verify_batch
 
@@ -163,6 +164,7 @@ class Engine:
                                                        hidden_layer_ids=drafter.target_layer_ids)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self._drafted: list[int] = []  # tokens each request of the current round was drafted
         self._next_id = 0
 
     # ---- requests --------------------------------------------------------------------------------
@@ -244,10 +246,22 @@ class Engine:
         sampling = SamplingTensors.from_params([r.params for r in reqs])
         generators = [r.generator for r in reqs]
         slots = [r.slot for r in reqs]
-        draft_ids, draft_probs_all, confidence = self._propose_by_length(reqs, ells, anchors, sampling, generators)
+        stop = None
+        if self.scheduler == "confidence" and gamma > 0:
+            caps = list(ells)
+
+            def stop(conf: torch.Tensor) -> int | None:
+                # Drafting may end once the prefix to verify is settled (see schedule_is_final).
+                surv = survival_from_confidence(conf)
+                return max(schedule_prefix(surv, caps, self.step_cost)) if \
+                    schedule_is_final(surv, caps, self.step_cost) else None
+        draft_ids, draft_probs_all, confidence = self._propose_by_length(reqs, ells, anchors, sampling, generators,
+                                                                         stop)
         if self.scheduler == "confidence" and gamma > 0:
             assert confidence is not None
-            ells = schedule_prefix(survival_from_confidence(confidence), ells, self.step_cost)
+            # Rows drafted short by the early stop: their known survivals settle the same ℓ.
+            ells = schedule_prefix([row[:w] for row, w in zip(survival_from_confidence(confidence), self._drafted)],
+                                   ells, self.step_cost)
             gamma = max(ells)
             draft_ids = draft_ids[:, :gamma]
             draft_probs_all = draft_probs_all[:, :gamma] if draft_probs_all is not None else None
@@ -284,7 +298,7 @@ class Engine:
                 finished.append(req)
 
     def _propose_by_length(self, reqs: list[Request], ells: list[int], anchors: list[int], sampling: SamplingTensors,
-                           generators: list) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+                           generators: list, stop=None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Draft ℓ_r tokens for each request, one drafter call per distinct ℓ.
 
         A drafter consumes a request's random stream for every token it samples, so each request is
@@ -292,7 +306,9 @@ class Engine:
         the batch. Normally every request has ℓ = γ and this is a single call.
         Returns draft ids [num_reqs, gamma_max], draft probs [num_reqs, gamma_max, vocab] (None when
         every request is greedy) and confidences [num_reqs, gamma_max] (None when the drafter has no
-        confidence head); entries past a request's ℓ are padding.
+        confidence head); entries past a request's ℓ are padding. `stop` (the confidence scheduler's
+        early stop) is handed to the drafter when all requests share one ℓ; `self._drafted` then
+        holds how many tokens each request actually got.
         """
         gamma = max(ells)
         vocab = self.target.vocab_size
@@ -300,20 +316,26 @@ class Engine:
         greedy = all(sampling.greedy)
         probs = None if greedy else torch.zeros(len(reqs), gamma, vocab)
         conf = torch.zeros(len(reqs), gamma) if getattr(self.drafter, "has_confidence", False) else None
-        for ell in sorted(set(ells) - {0}):
+        groups = sorted(set(ells) - {0})
+        self._drafted = list(ells)
+        for ell in groups:
             rows = [i for i, e in enumerate(ells) if e == ell]
             sub = SamplingTensors(sampling.temperature[rows], sampling.top_k[rows], sampling.top_p[rows],
                                   [sampling.greedy[i] for i in rows])
-            prop = self.drafter.propose([reqs[i].slot for i in rows], [anchors[i] for i in rows], ell, sub,
-                                        [generators[i] for i in rows])
-            ids[rows, :ell] = prop.token_ids.to(ids.device)
+            args = ([reqs[i].slot for i in rows], [anchors[i] for i in rows], ell, sub, [generators[i] for i in rows])
+            prop = self.drafter.propose(*args, stop=stop) if stop is not None and len(groups) == 1 else \
+                self.drafter.propose(*args)
+            w = prop.token_ids.shape[1]  # == ell, or fewer after an early stop
+            for i in rows:
+                self._drafted[i] = w
+            ids[rows, :w] = prop.token_ids.to(ids.device)
             if conf is not None and prop.confidence is not None:
-                conf[rows, :ell] = prop.confidence.to(conf.device, conf.dtype)
+                conf[rows, :w] = prop.confidence.to(conf.device, conf.dtype)
             if probs is not None:
                 if prop.probs is not None:
-                    probs[rows, :ell] = prop.probs.to(probs.device, probs.dtype)
+                    probs[rows, :w] = prop.probs.to(probs.device, probs.dtype)
                 else:  # an all-greedy group: one-hot on its (argmax) tokens
-                    probs[rows, :ell] = torch.nn.functional.one_hot(prop.token_ids, vocab).to(probs.dtype)
+                    probs[rows, :w] = torch.nn.functional.one_hot(prop.token_ids, vocab).to(probs.dtype)
         return ids, probs, conf
 
     def _schedule(self) -> list[Request]:

@@ -134,6 +134,26 @@ def schedule_prefix(survival: Sequence[Sequence[float]], caps: Sequence[int],
     table or a function B -> steps per second. Admits candidates in decreasing survival (ties: lower
     position, then lower request) while Θ = τ·SPS(B) rises, and stops at the first candidate that
     does not raise it."""
+    return _schedule(survival, caps, cost)[0]
+
+
+def schedule_is_final(survival: Sequence[Sequence[float]], caps: Sequence[int],
+                      cost: StepCostTable | Callable[[int], float]) -> bool:
+    """Whether `schedule_prefix` over longer rows (survivals of positions not drafted yet appended,
+    up to `caps`) can only return what it returns over these. That holds once the search stops at a
+    candidate whose survival is at least every row's last known one: positions not yet drafted have
+    survival at most that (a product of probabilities), and sort after the stop. A drafter may then
+    stop drafting: the verified prefix is settled without the drafts it did not make."""
+    _, stop_at = _schedule(survival, caps, cost)
+    open_rows = [row[-1] if row else 1.0 for row, cap in zip(survival, caps) if len(row) < cap]
+    if not open_rows:
+        return True
+    return stop_at is not None and all(a <= stop_at for a in open_rows)
+
+
+def _schedule(survival: Sequence[Sequence[float]], caps: Sequence[int],
+              cost: StepCostTable | Callable[[int], float]) -> tuple[list[int], float | None]:
+    """(ℓ per request, survival of the candidate the search stopped at, or None if it admitted all)."""
     sps = cost.sps if isinstance(cost, StepCostTable) else cost
     if len(survival) != len(caps):
         raise ScheduleError(f"got survivals for {len(survival)} requests and caps for {len(caps)}")
@@ -154,9 +174,9 @@ def schedule_prefix(survival: Sequence[Sequence[float]], caps: Sequence[int],
         assert ells[r] == j, "candidates must arrive in prefix order"
         new_theta = (tau - neg_a) * sps(num_tokens + 1)
         if new_theta <= theta:  # no gain: stop here, as Algorithm 1 does (Θ ≤ Θ_best)
-            break
+            return ells, -neg_a
         ells[r] = j + 1
         tau -= neg_a
         num_tokens += 1
         theta = new_theta
-    return ells
+    return ells, None

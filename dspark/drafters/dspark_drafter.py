@@ -929,8 +929,10 @@ class FeatureDrafter(SlotTable):
         return self.model.save_pretrained(out)
 
     def propose(self, slots: list[int], anchors: list[int], gamma: int, sampling: SamplingTensors,
-                generators: list[torch.Generator | None]) -> DraftProposal:
-        return self.draft_block(slots, anchors, gamma, sampling, generators).proposal()
+                generators: list[torch.Generator | None], stop: DraftStop | None = None) -> DraftProposal:
+        if stop is None:
+            return self.draft_block(slots, anchors, gamma, sampling, generators).proposal()
+        return self.draft_block(slots, anchors, gamma, sampling, generators, stop=stop).proposal()
 
     def draft_block(self, slots: list[int], anchors: list[int], gamma: int, sampling: SamplingTensors,
                     generators: list[torch.Generator | None]) -> BlockDraft:
@@ -939,6 +941,13 @@ class FeatureDrafter(SlotTable):
     def _features_in(self, target_hidden: Tensor | None, n: int) -> Tensor:
         """The target's taps of `n` new positions, checked, on the model's device: [n, L, H]."""
         return check_target_hidden(self.name, self.target_layer_ids, target_hidden, n).to(self.model.device)
+
+
+# Early stop for drafters with a confidence head: called before drafting token k with the
+# confidences c_1..c_k [n, k] (c_k depends on drafts < k only); returns None to go on, or m = the
+# number of drafts the scheduler will verify at most, once that is settled (then drafting stops
+# after max(m, tokens drafted so far) tokens).
+DraftStop = Callable[[Tensor], "int | None"]
 
 
 @register_drafter("dspark", architectures=(ARCHITECTURE,))
@@ -987,8 +996,12 @@ class DSparkDrafter(FeatureDrafter):
 
     @torch.inference_mode()
     def draft_block(self, slots: list[int], anchors: list[int], gamma: int, sampling: SamplingTensors,
-                    generators: list[torch.Generator | None]) -> BlockDraft:
-        """One backbone forward for every slot, then the sequential head left to right."""
+                    generators: list[torch.Generator | None], stop: DraftStop | None = None) -> BlockDraft:
+        """One backbone forward for every slot, then the sequential head left to right.
+
+        With `stop` (needs the confidence head) the confidence of each position is computed before
+        its token is drafted and drafting ends as soon as `stop` settles how many will be verified:
+        the returned block may then hold fewer than `gamma` tokens (and confidences)."""
         G = self.block_size
         check_propose_args(gamma, G, slots, anchors, generators)
         model = self.model
@@ -1010,7 +1023,16 @@ class DSparkDrafter(FeatureDrafter):
         prev = anchor_t
         state = head.init_state(n, h) if head is not None else None
         tokens, step_logits, step_probs, prevs = [], [], [], []
+        confs: list[Tensor] = []  # c_k computed step by step (only with `stop`)
+        need: int | None = None  # drafts the scheduler will verify at most, once settled
+        if stop is not None and model.confidence_head is None:
+            raise ValueError(f"the {self.name} drafter has no confidence head to stop drafting early with")
         for k in range(gamma):
+            if stop is not None and need is None:
+                confs.append(torch.sigmoid(model.confidence_logits(h[:, k], prev)))
+                need = stop(torch.stack(confs, dim=1))
+            if need is not None and k >= need:
+                break
             logits_k = base[:, k]  # [n, V]
             if head is not None:
                 bias, state = head.step(prev, h[:, k], state)
@@ -1021,14 +1043,24 @@ class DSparkDrafter(FeatureDrafter):
             tokens.append(tok)
             step_logits.append(logits_k)
             prev = tok
-        prev_ids = torch.stack(prevs, dim=1)  # [n, gamma] x_0..x_{gamma-1}
-        conf = model.confidence_logits(h, prev_ids)
+        m = len(tokens)
+        if not tokens:  # the scheduler settled on verifying no draft at all
+            V = base.shape[-1]
+            greedy = all(sampling.greedy)
+            return BlockDraft(token_ids=torch.zeros(n, 0, dtype=torch.long, device=dev), logits=base[:, :0],
+                              base_logits=base, probs=None if greedy else base.new_zeros(n, 0, V),
+                              confidence=base.new_zeros(n, 0))
+        if stop is not None:
+            confidence: Tensor | None = torch.stack(confs, dim=1)[:, :m]
+        else:
+            conf = model.confidence_logits(h, torch.stack(prevs, dim=1))  # prevs: x_0..x_{gamma-1}
+            confidence = None if conf is None else torch.sigmoid(conf)
         return BlockDraft(
             token_ids=torch.stack(tokens, dim=1),
             logits=torch.stack(step_logits, dim=1),
             base_logits=base,
             probs=None if step_probs[0] is None else torch.stack(step_probs, dim=1),
-            confidence=None if conf is None else torch.sigmoid(conf),
+            confidence=confidence,
         )
 
 
