@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every figure in the README's "Results" section, measured on the bundled demo pair.
 # Usage: bash benchmarks/demo_measurements.sh [DATA_DIR]   (DATA_DIR: the benchmark prompt sets,
-# default ../shared/benchmarks). Writes runs/*.json, *.md and *.png. Takes ~20 minutes on 2 cores.
+# default ../shared/benchmarks). Writes runs/*.json, *.md and *.png. Takes ~60 minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:-../shared/benchmarks}
@@ -17,10 +17,18 @@ for T in 0 1; do
     --temperature "$T" --gamma 7 --max-tokens 128 --batch-size 8 --threads 1 --out "runs/eval_demo_t$T.json"
 done
 
-# Issue 5: DSpark vs the DFlash baseline on the code sets, temperature 1, γ = 7.
-dspark eval --drafters dspark,dflash --data-dir "$DATA" --sets humaneval,mbpp,livecodebench --num-prompts 40 \
-  --temperature 1 --gamma 7 --max-tokens 128 --batch-size 8 --threads 1 --out runs/eval_demo_t1.json
+# Issue 5: Table 1 on the demo target: every trained drafter (same data, target layers, γ and steps),
+# temperature 1, γ = 7, 40 prompts of each code, math and chat set.
+dspark eval --drafters dspark,dflash,eagle3,draft-model,DSpark-5L=models/dspark-demo-drafter-5l \
+  --data-dir "$DATA" --sets humaneval,mbpp,livecodebench,gsm8k,math500,aime25,mt-bench,arena-hard-v2 \
+  --num-prompts 40 --temperature 1 --gamma 7 --max-tokens 128 --batch-size 8 --threads 1 --out runs/table1_t1.json
 
-# Issue 4/5: wall-clock tokens/s at batch 1, greedy, side by side, identical output checked.
-dspark bench --drafters dspark,ngram --data-dir "$DATA" --set humaneval --num-prompts 20 \
-  --max-tokens 128 --gamma 7 --threads 2 --repeats 1 --out runs/bench_demo.json
+# Issue 5: wall-clock tokens/s at batch 1, greedy, side by side, identical output checked; our drafters,
+# the confidence scheduler, prompt lookup, and transformers plain / prompt lookup / assisted generation.
+dspark bench --drafters dspark,dflash,eagle3,draft-model,ngram --scheduler confidence \
+  --data-dir "$DATA" --set humaneval --num-prompts 20 --max-tokens 128 --gamma 7 --threads 2 --repeats 2 \
+  --out runs/bench_demo.json
+
+# Where a round's time goes (batch 1), with the packed GEMM and without.
+python benchmarks/profile_round.py --threads 1 --repeats 50
+python benchmarks/profile_round.py --threads 1 --repeats 50 --cpu-gemm off

@@ -137,3 +137,24 @@ def test_tau_ratios_pick_drafters_by_kind():
     assert r["dspark/dflash"] == pytest.approx({"code": 1.5, "mean": 1.25})
     assert r["dspark/eagle3"] == {"code": 2.0, "mean": None}
     assert acceptance.tau_ratios(domains, {"base": "dflash"}) == {}
+
+
+def test_training_curves_plot(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    for name, taus in (("a", [1.5, 2.0, 2.4]), ("b", [2.0, 2.8, 3.1])):
+        d = tmp_path / name
+        d.mkdir()
+        evals = [{"step": 100 * (i + 1), "val_tau": t, "val_loss": 3.0 - t} for i, t in enumerate(taus)]
+        (d / "training_log.json").write_text(json.dumps({"evals": evals}))
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "plot_training_curves.py"
+    out = tmp_path / "curves.png"
+    r = subprocess.run([sys.executable, str(script), "--out", str(out), f"A={tmp_path / 'a'}", f"B={tmp_path / 'b'}"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    r = subprocess.run([sys.executable, str(script), "--out", str(out), f"C={tmp_path / 'missing'}"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "missing/training_log.json" in r.stderr

@@ -3,6 +3,7 @@
     plot_conditional_acceptance(report["results"], {"code": ["humaneval"]}, "runs/eval.acceptance.png")
     plot_tau_vs_gamma(report["gamma_sweep"], {"code": ["humaneval"]}, "runs/eval.tau_vs_gamma.png")
     plot_bench(rows, "runs/bench.png")
+    plot_training_curves({"dspark": json.load(open("models/x/training_log.json"))}, "runs/curves.png")
 
 Inputs are the plain dicts the JSON files hold, so figures can be redrawn from a results file alone.
 """
@@ -91,6 +92,27 @@ def plot_bench(rows: Sequence[Mapping[str, Any]], path: str | Path, title: str =
     ax.set_ylabel("tokens/s")
     ax.set_title(title, fontsize=10)
     ax.grid(axis="y", alpha=0.3)
+    return _save(fig, plt, path)
+
+
+def plot_training_curves(logs: Mapping[str, Mapping[str, Any]], path: str | Path,
+                         title: str = "Held-out τ̂ during drafter training") -> Path:
+    """Held-out τ̂ (and validation loss) against optimiser step, one line per drafter, from each
+    drafter's `training_log.json` (its `evals` list of {step, val_tau, val_loss})."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9.0, 3.4))
+    fig.suptitle(title)
+    for label, log in logs.items():
+        evals = log.get("evals") or []
+        steps = [e["step"] for e in evals]
+        axes[0].plot(steps, [e["val_tau"] for e in evals], marker="o", ms=3, label=label)
+        axes[1].plot(steps, [e["val_loss"] for e in evals], marker="o", ms=3, label=label)
+    axes[0].set_ylabel("held-out τ̂ (bonus included)")
+    axes[1].set_ylabel("validation loss (0.1·CE + 0.9·TV [+ BCE])")
+    for ax in axes:
+        ax.set_xlabel("optimiser step")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
     return _save(fig, plt, path)
 
 
