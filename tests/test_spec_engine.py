@@ -4,6 +4,7 @@ token, and sampled output follows the target distribution (chi-square on the fir
 from __future__ import annotations
 
 import pytest
+import torch
 
 from dspark import LLM, SamplingParams
 from dspark.drafters.ngram import NgramDrafter
@@ -83,13 +84,18 @@ def test_seeded_speculative_sampling_is_reproducible_and_batch_independent(qwen3
 
 
 @pytest.mark.parametrize("batch", [1, 4])
-def test_greedy_speculative_equals_plain_on_packed_fp16_weights(qwen3_bf16_ckpt, batch):
-    """Verification (k tokens) and plain decoding (1 token) on the packed fp16-weight GEMM."""
+def test_greedy_speculative_equals_plain_on_packed_fp16_weights(qwen3_bf16_ckpt, tmp_path, batch):
+    """Verification (k tokens) and plain decoding (1 token) on the packed fp16-weight GEMM, with a
+    loaded drafter whose own (inexact) weights are packed too."""
     plain = LLM(model=qwen3_bf16_ckpt.path, max_num_seqs=batch)
     assert plain.target.cpu_gemm == "fp16-weights"
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
     ref = [o.token_ids for o in plain.generate(PROMPTS, params)]
-    for kind in ("ngram", "dspark"):
-        spec = LLM(model=qwen3_bf16_ckpt.path, drafter=make_drafter(kind, plain.target, batch), max_num_seqs=batch,
-                   num_speculative_tokens=7)
-        assert [o.token_ids for o in spec.generate(PROMPTS, params)] == ref, kind
+    drafter_dir = make_drafter("dspark", plain.target, batch).save_pretrained(tmp_path / "drafter")
+    for drafter in ("ngram", str(drafter_dir)):
+        spec = LLM(model=qwen3_bf16_ckpt.path, drafter=drafter, max_num_seqs=batch, num_speculative_tokens=7)
+        if drafter != "ngram":
+            model = spec.drafter.model
+            packed = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and "forward" in vars(m)]
+            assert model.markov_head.markov_w2 in packed and model.fc in packed
+        assert [o.token_ids for o in spec.generate(PROMPTS, params)] == ref, drafter

@@ -28,6 +28,7 @@ Symbols in shape comments:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import warnings
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ from dspark.drafters.common import SlotTable, check_propose_args, check_target_h
 from dspark.errors import CheckpointError
 from dspark.kv_cache import KVCache
 from dspark.models.config import ModelConfig, RopeScaling, _rope
-from dspark.models.transformer import PackedLinear, linear, rms_norm
+from dspark.models.transformer import PackedLinear, fp16_gemm_available, linear, rms_norm
 from dspark.sampling import SamplingTensors
 
 if TYPE_CHECKING:
@@ -530,6 +531,10 @@ class ConfidenceHead(nn.Module):
 # The model
 
 
+def _packed_linear_forward(mod: nn.Linear, packed: PackedLinear, x: Tensor) -> Tensor:
+    return linear(x, mod.weight, mod.bias, packed)
+
+
 @dataclass
 class SharedWeights:
     """The target's embedding and LM head: frozen, shared, never saved with the drafter."""
@@ -702,6 +707,22 @@ class FeatureDrafterModel(nn.Module):
             x = x + a.o_proj(out.transpose(1, 2).reshape(b, s, a.Hq * a.D))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return x
+
+    def pack_fp16_weights(self) -> int:
+        """Run this drafter's projections through the packed fp16-weight GEMM at inference (the
+        target's CPU GEMM). Unlike the target's, a drafter's weights need not be exact fp16 values:
+        rounding them changes the proposals slightly, never the output distribution, because draft
+        probabilities stay exactly those the tokens are sampled from. Training (grad enabled) still
+        runs F.linear on the float32 weights. Returns the number of projections packed."""
+        if self.device.type != "cpu" or self.dtype != torch.float32 or not fp16_gemm_available():
+            return 0
+        n = 0
+        for mod in self.modules():
+            if isinstance(mod, nn.Linear) and mod.out_features >= 8:
+                packed = PackedLinear(mod.weight, mod.bias)
+                mod.forward = functools.partial(_packed_linear_forward, mod, packed)  # type: ignore[method-assign]
+                n += 1
+        return n
 
     # ---- checkpoints --------------------------------------------------------------------------------
 
@@ -923,7 +944,10 @@ class FeatureDrafter(SlotTable):
     def from_pretrained(cls, path: str | Path | None, target: "TargetModel", max_seqs: int, max_len: int) -> Any:
         if path is None:
             raise CheckpointError(f"the {cls.name} drafter needs a trained drafter directory, not a bare name")
-        return cls(cls.model_class.load(path, target), max_seqs, max_len)
+        model = cls.model_class.load(path, target)
+        if getattr(target, "cpu_gemm", "fp32") == "fp16-weights":
+            model.pack_fp16_weights()  # follow the target: packed GEMM on CPU unless turned off there
+        return cls(model, max_seqs, max_len)
 
     def save_pretrained(self, out: str | Path) -> Path:
         return self.model.save_pretrained(out)
