@@ -23,9 +23,15 @@ dspark eval --drafters dspark,dflash,eagle3,draft-model,DSpark-5L=models/dspark-
   --data-dir "$DATA" --sets humaneval,mbpp,livecodebench,gsm8k,math500,aime25,mt-bench,arena-hard-v2 \
   --num-prompts 40 --temperature 1 --gamma 7 --max-tokens 128 --batch-size 8 --threads 1 --out runs/table1_t1.json
 
+# Issue 5: τ against γ for the γ = 7 drafters (the paper's Figure 4 needs drafters trained on larger blocks).
+dspark eval --drafters dspark,dflash,eagle3 --data-dir "$DATA" --sets humaneval --num-prompts 40 --temperature 1 \
+  --gamma 7 --gammas 1,2,3,4,5,6,7 --max-tokens 128 --batch-size 8 --threads 1 --out runs/gamma_sweep_t1.json
+python benchmarks/plot_training_curves.py --out runs/drafter_training_curves.png DSpark=models/dspark-demo-drafter \
+  DSpark-5L=models/dspark-demo-drafter-5l DFlash=models/dspark-demo-dflash EAGLE-3=models/dspark-demo-eagle3
+
 # Issue 5: wall-clock tokens/s at batch 1, greedy, side by side, identical output checked; our drafters,
 # the confidence scheduler, prompt lookup, and transformers plain / prompt lookup / assisted generation.
-dspark bench --drafters dspark,dflash,eagle3,draft-model,ngram --scheduler confidence \
+dspark bench --drafters dspark,dflash,eagle3,draft-model,ngram,DSpark-5L=models/dspark-demo-drafter-5l --scheduler confidence \
   --data-dir "$DATA" --set humaneval --num-prompts 20 --max-tokens 128 --gamma 7 --threads 2 --repeats 2 \
   --out runs/bench_demo.json
 
