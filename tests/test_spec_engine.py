@@ -99,3 +99,13 @@ def test_greedy_speculative_equals_plain_on_packed_fp16_weights(qwen3_bf16_ckpt,
             packed = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and "forward" in vars(m)]
             assert model.markov_head.markov_w2 in packed and model.fc in packed
         assert [o.token_ids for o in spec.generate(PROMPTS, params)] == ref, drafter
+
+
+def test_sampled_speculative_with_packed_weights_follows_target(qwen3_bf16_ckpt, tmp_path):
+    """Sampling through a loaded drafter with packed (fp16-rounded) weights on a packed target."""
+    target = LLM(model=qwen3_bf16_ckpt.path, max_num_seqs=8).target
+    drafter_dir = make_drafter("dspark", target, 8).save_pretrained(tmp_path / "drafter")
+    llm = LLM(model=qwen3_bf16_ckpt.path, drafter=str(drafter_dir), max_num_seqs=8, num_speculative_tokens=3)
+    assert llm.target.cpu_gemm == "fp16-weights" and "forward" in vars(llm.drafter.model.fc)
+    pvalue, _ = sampled_pairs_pvalue(llm, qwen3_bf16_ckpt.hf_model, n=2000, top_k=4)
+    assert pvalue > 1e-3, pvalue
