@@ -19,7 +19,7 @@ done
 
 # Issue 5: Table 1 on the demo target: every trained drafter (same data, target layers, γ and steps),
 # temperature 1, γ = 7, 40 prompts of each code, math and chat set.
-dspark eval --drafters dspark,dflash,eagle3,draft-model,DSpark-5L=models/dspark-demo-drafter-5l \
+dspark eval --drafters dspark,dflash,eagle3,draft-model,DSpark-5L=models/dspark-demo-drafter-5l,DFlash-5L=models/dspark-demo-dflash-5l \
   --data-dir "$DATA" --sets humaneval,mbpp,livecodebench,gsm8k,math500,aime25,mt-bench,arena-hard-v2 \
   --num-prompts 40 --temperature 1 --gamma 7 --max-tokens 128 --batch-size 8 --threads 1 --out runs/table1_t1.json
 
@@ -27,7 +27,7 @@ dspark eval --drafters dspark,dflash,eagle3,draft-model,DSpark-5L=models/dspark-
 dspark eval --drafters dspark,dflash,eagle3 --data-dir "$DATA" --sets humaneval --num-prompts 40 --temperature 1 \
   --gamma 7 --gammas 1,2,3,4,5,6,7 --max-tokens 128 --batch-size 8 --threads 1 --out runs/gamma_sweep_t1.json
 python benchmarks/plot_training_curves.py --out runs/drafter_training_curves.png DSpark=models/dspark-demo-drafter \
-  DSpark-5L=models/dspark-demo-drafter-5l DFlash=models/dspark-demo-dflash EAGLE-3=models/dspark-demo-eagle3
+  DSpark-5L=models/dspark-demo-drafter-5l DFlash=models/dspark-demo-dflash DFlash-5L=models/dspark-demo-dflash-5l EAGLE-3=models/dspark-demo-eagle3
 
 # Issue 5: wall-clock tokens/s at batch 1, greedy, side by side, identical output checked; our drafters,
 # the confidence scheduler, prompt lookup, and transformers plain / prompt lookup / assisted generation.
