@@ -29,7 +29,7 @@ import torch
 from dspark.errors import DSparkError
 from dspark.models import TargetModel, load_target
 from dspark.sampling import SamplingParams, SamplingTensors, logits_to_probs, make_generator, sample_from_probs
-from dspark.schedule import (SCHEDULERS, ScheduleError, StepCostTable, schedule_is_final, schedule_prefix,
+from dspark.schedule import (SCHEDULERS, ScheduleError, StepCostTable, schedule_prefix, settled_schedule,
                              survival_from_confidence)
 from dspark.tokenizer import IncrementalDetokenizer
 from dspark.verify import verify_batch
@@ -164,7 +164,6 @@ class Engine:
                                                        hidden_layer_ids=drafter.target_layer_ids)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        self._drafted: list[int] = []  # tokens each request of the current round was drafted
         self._next_id = 0
 
     # ---- requests --------------------------------------------------------------------------------
@@ -247,21 +246,24 @@ class Engine:
         generators = [r.generator for r in reqs]
         slots = [r.slot for r in reqs]
         stop = None
+        settled: list[list[int]] = []  # the ℓ per request, once the early stop has settled them
         if self.scheduler == "confidence" and gamma > 0:
             caps = list(ells)
 
             def stop(conf: torch.Tensor) -> int | None:
-                # Drafting may end once the prefix to verify is settled (see schedule_is_final).
-                surv = survival_from_confidence(conf)
-                return max(schedule_prefix(surv, caps, self.step_cost)) if \
-                    schedule_is_final(surv, caps, self.step_cost) else None
+                # Drafting may end once the prefix to verify is settled (see settled_schedule).
+                s = settled_schedule(survival_from_confidence(conf), caps, self.step_cost)
+                if s is None:
+                    return None
+                settled.append(s)
+                return max(s)
         draft_ids, draft_probs_all, confidence = self._propose_by_length(reqs, ells, anchors, sampling, generators,
                                                                          stop)
         if self.scheduler == "confidence" and gamma > 0:
             assert confidence is not None
-            # Rows drafted short by the early stop: their known survivals settle the same ℓ.
-            ells = schedule_prefix([row[:w] for row, w in zip(survival_from_confidence(confidence), self._drafted)],
-                                   ells, self.step_cost)
+            # Drafting ran to the end (several ℓ groups, or nothing settled earlier): schedule now.
+            ells = settled[-1] if settled else schedule_prefix(survival_from_confidence(confidence), ells,
+                                                               self.step_cost)
             gamma = max(ells)
             draft_ids = draft_ids[:, :gamma]
             draft_probs_all = draft_probs_all[:, :gamma] if draft_probs_all is not None else None
@@ -307,8 +309,8 @@ class Engine:
         Returns draft ids [num_reqs, gamma_max], draft probs [num_reqs, gamma_max, vocab] (None when
         every request is greedy) and confidences [num_reqs, gamma_max] (None when the drafter has no
         confidence head); entries past a request's ℓ are padding. `stop` (the confidence scheduler's
-        early stop) is handed to the drafter when all requests share one ℓ; `self._drafted` then
-        holds how many tokens each request actually got.
+        early stop) is handed to the drafter when all requests share one ℓ; the drafter may then
+        return fewer tokens, enough for the prefix `stop` settled.
         """
         gamma = max(ells)
         vocab = self.target.vocab_size
@@ -317,7 +319,6 @@ class Engine:
         probs = None if greedy else torch.zeros(len(reqs), gamma, vocab)
         conf = torch.zeros(len(reqs), gamma) if getattr(self.drafter, "has_confidence", False) else None
         groups = sorted(set(ells) - {0})
-        self._drafted = list(ells)
         for ell in groups:
             rows = [i for i, e in enumerate(ells) if e == ell]
             sub = SamplingTensors(sampling.temperature[rows], sampling.top_k[rows], sampling.top_p[rows],
@@ -326,8 +327,6 @@ class Engine:
             prop = self.drafter.propose(*args, stop=stop) if stop is not None and len(groups) == 1 else \
                 self.drafter.propose(*args)
             w = prop.token_ids.shape[1]  # == ell, or fewer after an early stop
-            for i in rows:
-                self._drafted[i] = w
             ids[rows, :w] = prop.token_ids.to(ids.device)
             if conf is not None and prop.confidence is not None:
                 conf[rows, :w] = prop.confidence.to(conf.device, conf.dtype)

@@ -137,18 +137,19 @@ def schedule_prefix(survival: Sequence[Sequence[float]], caps: Sequence[int],
     return _schedule(survival, caps, cost)[0]
 
 
-def schedule_is_final(survival: Sequence[Sequence[float]], caps: Sequence[int],
-                      cost: StepCostTable | Callable[[int], float]) -> bool:
-    """Whether `schedule_prefix` over longer rows (survivals of positions not drafted yet appended,
-    up to `caps`) can only return what it returns over these. That holds once the search stops at a
-    candidate whose survival is at least every row's last known one: positions not yet drafted have
-    survival at most that (a product of probabilities), and sort after the stop. A drafter may then
-    stop drafting: the verified prefix is settled without the drafts it did not make."""
-    _, stop_at = _schedule(survival, caps, cost)
+def settled_schedule(survival: Sequence[Sequence[float]], caps: Sequence[int],
+                     cost: StepCostTable | Callable[[int], float]) -> list[int] | None:
+    """`schedule_prefix` over these rows if it is settled, else None. Settled: over longer rows
+    (survivals of positions not drafted yet appended, up to `caps`) it can only return the same.
+    That holds once the search stops at a candidate whose survival is at least every row's last known
+    one: positions not yet drafted have survival at most that (a product of probabilities), and sort
+    after the stop. A drafter may then stop drafting: the verified prefix is settled without the
+    drafts it did not make."""
+    ells, stop_at = _schedule(survival, caps, cost)
     open_rows = [row[-1] if row else 1.0 for row, cap in zip(survival, caps) if len(row) < cap]
-    if not open_rows:
-        return True
-    return stop_at is not None and all(a <= stop_at for a in open_rows)
+    if not open_rows or (stop_at is not None and all(a <= stop_at for a in open_rows)):
+        return ells
+    return None
 
 
 def _schedule(survival: Sequence[Sequence[float]], caps: Sequence[int],

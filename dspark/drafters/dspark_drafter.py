@@ -954,12 +954,10 @@ class FeatureDrafter(SlotTable):
 
     def propose(self, slots: list[int], anchors: list[int], gamma: int, sampling: SamplingTensors,
                 generators: list[torch.Generator | None], stop: DraftStop | None = None) -> DraftProposal:
-        if stop is None:
-            return self.draft_block(slots, anchors, gamma, sampling, generators).proposal()
         return self.draft_block(slots, anchors, gamma, sampling, generators, stop=stop).proposal()
 
     def draft_block(self, slots: list[int], anchors: list[int], gamma: int, sampling: SamplingTensors,
-                    generators: list[torch.Generator | None]) -> BlockDraft:
+                    generators: list[torch.Generator | None], stop: DraftStop | None = None) -> BlockDraft:
         raise NotImplementedError
 
     def _features_in(self, target_hidden: Tensor | None, n: int) -> Tensor:

@@ -230,9 +230,11 @@ class Eagle3Drafter(FeatureDrafter):
 
     @torch.inference_mode()
     def draft_block(self, slots: list[int], anchors: list[int], gamma: int, sampling: SamplingTensors,
-                    generators: list[torch.Generator | None]) -> BlockDraft:
+                    generators: list[torch.Generator | None], stop=None) -> BlockDraft:
         """γ sequential steps for every slot; each step appends one scratch row per slot, and all of
         them are rolled back at the end (the accepted ones come back through `commit`)."""
+        if stop is not None:
+            raise ValueError("the eagle3 drafter has no confidence head to stop drafting early with")
         check_propose_args(gamma, self.block_size, slots, anchors, generators)
         model = self.model
         dev = model.device
