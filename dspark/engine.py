@@ -8,16 +8,36 @@ Usage:
     for delta in llm.generate_stream("import os\\n", SamplingParams(max_tokens=32)):
         print(delta.text, end="", flush=True)
 
-`Engine.step()` reads as schedule -> run -> postprocess: admit waiting requests into free cache
-slots (prefill, which also samples each request's first token), run one batched forward over every
-running request, then append tokens and retire finished requests. Every token goes through the one
-logits -> probabilities -> token path of `dspark.sampling`, with a generator per request so a seeded
-request's output does not depend on what else is in the batch.
+    engine = Engine(target, EngineConfig(max_num_seqs=8), drafter=drafter)   # serving: any thread may
+    rid = engine.add_request("def f(x):", SamplingParams(max_tokens=32))       # add_request / abort
+    while engine.has_unfinished():
+        for out in engine.step():                  # one StepOutput per request the step touched
+            print(out.request_id, out.text_delta, out.finish_reason)
+
+`Engine.step()` reads as schedule -> run -> postprocess (nano-vllm's split):
+  * schedule: take requests added or aborted since the last step (from any thread), then fill the
+    step's token budget: every decoding request first (1 + ℓ tokens each), then prefill chunks of
+    admitted requests, admitting waiting ones into free cache slots. A long prompt is prefilled in
+    chunks over several steps, so it never stalls the decoding of running requests.
+  * run: the prefill chunks (one forward each), then one batched forward for every decoding
+    request: plain decoding, or a speculative round (propose -> verify on the ragged layout of
+    `dspark.verify.SpecDecodeMetadata` -> one batched drafter commit).
+  * postprocess: append tokens, check stop conditions, free finished requests' slots in both
+    caches, and return a `StepOutput` (new token ids, text delta, finish reason, metrics) per request
+    touched; streaming, the server and `LLM.generate` all consume these.
+
+Every token goes through the one logits -> probabilities -> token path of `dspark.sampling`, with a
+generator per request so a seeded request's output does not depend on what else is in the batch.
+A failure inside a step fails only the requests it concerns (finish reason "error"); the engine
+goes on serving the others.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -26,21 +46,35 @@ from pathlib import Path
 
 import torch
 
+from dspark.config import EngineConfig, SchedulerKind
+from dspark.drafters.base import DraftCommit
 from dspark.errors import DSparkError
 from dspark.models import TargetModel, load_target
 from dspark.sampling import SamplingParams, SamplingTensors, logits_to_probs, make_generator, sample_from_probs
-from dspark.schedule import (SCHEDULERS, ScheduleError, StepCostTable, schedule_prefix, settled_schedule,
+from dspark.schedule import (ScheduleError, StepCostTable, schedule_prefix, settled_schedule,
                              survival_from_confidence)
 from dspark.tokenizer import IncrementalDetokenizer
-from dspark.verify import verify_batch
+from dspark.verify import SpecDecodeMetadata, draw_ragged_uniforms, verify_ragged
 
 DEFAULT_MODEL_ENV = "DSPARK_MODEL"
 _REPO_MODELS = Path(__file__).resolve().parent.parent / "models"
 DEFAULT_MODEL_NAME = "dspark-demo-target"
 
+# Tokens one step may run through the target when the config does not say (prefill chunks + decoding).
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 512
+
+RequestId = int | str
+# Default request ids are unique across every engine of the process, so outputs of several engines
+# (LLM.plain_engine) never collide in one mailbox.
+_REQUEST_COUNTER = itertools.count()
+
 
 class RequestError(DSparkError, ValueError):
     """A request cannot be served as given (empty prompt, prompt longer than the context, ...)."""
+
+
+class RequestFailed(DSparkError, RuntimeError):
+    """The engine failed while serving a request (the message says what failed); others go on."""
 
 
 def default_model_path() -> Path:
@@ -61,6 +95,7 @@ class RequestMetrics:
     num_tokens: int = 0
     seconds: float = 0.0
     tokens_per_s: float = 0.0
+    time_to_first_token: float | None = None  # seconds from arrival to the first generated token
     rounds: int = 0                       # target forwards after prefill that produced tokens
     accepted_drafts: int = 0              # draft tokens the target kept, over all rounds
     accepted_length: float | None = None  # τ: tokens per round, bonus included (speculative only)
@@ -75,13 +110,42 @@ class RequestMetrics:
 
 @dataclass
 class RequestOutput:
-    request_id: int
+    request_id: RequestId
     prompt: str
     prompt_token_ids: list[int]
     text: str
     token_ids: list[int]
-    finish_reason: str  # "stop" (eos, stop token or stop string) or "length" (max_tokens or context)
+    finish_reason: str  # "stop" (eos, stop token or stop string), "length", "abort" or "error"
     metrics: RequestMetrics
+
+
+@dataclass
+class StepOutput:
+    """What one step did to one request."""
+
+    request_id: RequestId
+    new_token_ids: list[int]
+    text_delta: str
+    finish_reason: str | None  # None while running; "stop", "length", "abort" or "error"
+    metrics: RequestMetrics
+    num_draft_tokens: int = 0           # ℓ verified this step (speculative rounds)
+    num_accepted: int | None = None     # drafts accepted this step (None: no speculative round)
+    output: RequestOutput | None = None  # the whole result, once finished
+    error: str | None = None             # what failed, with finish_reason "error"
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """Totals of the last step, for metrics."""
+
+    num_prefill_tokens: int
+    num_verified_tokens: int  # target positions scored by the decoding forward (anchors + drafts)
+    num_running: int
+    num_waiting: int
 
 
 @dataclass
@@ -95,7 +159,7 @@ class StreamDelta:
 
 @dataclass
 class Request:
-    request_id: int
+    request_id: RequestId
     prompt: str
     prompt_ids: list[int]
     params: SamplingParams
@@ -105,70 +169,120 @@ class Request:
     max_total_len: int
     gamma: int = 0                         # draft tokens per round (0 = plain decoding)
     slot: int = -1
+    num_computed: int = 0                  # prompt tokens already in the target cache
+    prefill_hidden: list[torch.Tensor] = field(default_factory=list)  # per chunk, for the drafter
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
-    pending_delta: str = ""
-    new_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    error: BaseException | None = None
+    t_arrival: float = field(default_factory=time.perf_counter)
     t_start: float = 0.0
     t_end: float = 0.0
     metrics: RequestMetrics | None = None
+    # What the current step produced (reset by each step's postprocess).
+    new_ids: list[int] = field(default_factory=list)
+    pending_delta: str = ""
+    num_draft: int = 0
+    num_accepted: int | None = None
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
     @property
+    def prefilled(self) -> bool:
+        return self.num_computed >= len(self.prompt_ids)
+
+    @property
     def last_token(self) -> int:
         return self.output_ids[-1]
 
 
-class Engine:
-    """Holds the target, its KV cache and the running requests; `step()` advances all of them."""
+@dataclass
+class PrefillChunk:
+    request: Request
+    num_tokens: int  # prompt tokens this step runs
 
-    def __init__(self, target: TargetModel, max_num_seqs: int = 8, max_model_len: int | None = None,
-                 drafter=None, num_speculative_tokens: int | None = None, scheduler: str = "static",
-                 step_cost: StepCostTable | None = None) -> None:
-        if max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+
+@dataclass
+class ScheduledStep:
+    """What one step runs: prefill chunks and the requests that decode (speculatively or not)."""
+
+    prefill: list[PrefillChunk]
+    decode: list[Request]
+    num_draft_tokens: list[int]  # ℓ per decoding request (0 without a drafter)
+
+
+class Engine:
+    """Holds the target, its KV cache and the requests; `step()` advances all of them.
+
+    `add_request` and `abort` may be called from any thread; `step()` calls are serialised.
+    """
+
+    def __init__(self, target: TargetModel, config: EngineConfig | None = None, *, drafter=None,
+                 step_cost: StepCostTable | None = None, **config_fields) -> None:
+        if config is None:
+            config = EngineConfig(**config_fields)
+        elif config_fields:
+            raise TypeError(f"pass either an EngineConfig or its fields, not both ({sorted(config_fields)})")
+        self.config = config
         self.target = target
         self.tokenizer = target.tokenizer
+        self.device = target.device
         ctx = target.context_length
-        if max_model_len is not None and not 1 < max_model_len <= ctx:
-            raise ValueError(f"max_model_len must be in [2, {ctx}] (the model's context), got {max_model_len}")
-        self.max_model_len = max_model_len or ctx
-        self.max_num_seqs = max_num_seqs
-        self.cache = target.new_cache(max_num_seqs, self.max_model_len)
+        if config.max_model_len is not None and not 1 < config.max_model_len <= ctx:
+            raise ValueError(f"max_model_len must be in [2, {ctx}] (the model's context), got {config.max_model_len}")
+        self.max_model_len = config.max_model_len or ctx
+        self.max_num_seqs = config.max_num_seqs
+        self.cache = target.new_cache(self.max_num_seqs, self.max_model_len)
         self.drafter = drafter  # a dspark.drafters Drafter, or None for plain decoding
         if drafter is not None:
-            gamma = num_speculative_tokens or drafter.block_size
+            gamma = config.num_speculative_tokens or drafter.block_size
             if not 1 <= gamma <= drafter.block_size:
                 raise ValueError(f"num_speculative_tokens={gamma} is outside [1, {drafter.block_size}] "
                                  f"(the {drafter.name} drafter's block_size)")
             self.default_gamma = gamma
         else:
             self.default_gamma = 0
-        # "static": verify every drafted token; "confidence": ℓ per request from the drafter's
+        largest_round = self.max_num_seqs * (1 + (drafter.block_size if drafter is not None else 0))
+        budget = config.max_num_batched_tokens
+        if budget is None:
+            budget = max(DEFAULT_MAX_NUM_BATCHED_TOKENS, largest_round + 1)
+        elif budget < largest_round + 1:
+            raise ValueError(f"max_num_batched_tokens={budget} must exceed the largest decoding step "
+                             f"({self.max_num_seqs} requests x {largest_round // self.max_num_seqs} tokens "
+                             f"= {largest_round}), so prefill always makes progress")
+        self.max_num_batched_tokens = budget
+        # STATIC: verify every drafted token; CONFIDENCE: ℓ per request from the drafter's
         # confidences and the hardware's step-cost table (paper Algorithm 1, dspark.schedule).
-        if scheduler not in SCHEDULERS:
-            raise ScheduleError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
-        self.scheduler = scheduler if drafter is not None else "static"
+        self.scheduler = config.scheduler if drafter is not None else SchedulerKind.STATIC
         self.step_cost = step_cost
-        if self.scheduler == "confidence":
-            if not getattr(drafter, "has_confidence", False):
+        if self.scheduler is SchedulerKind.CONFIDENCE:
+            if not drafter.has_confidence:
                 raise ScheduleError(f"scheduler 'confidence' needs a drafter with a confidence head; the "
                                     f"{drafter.name} drafter has none (use scheduler 'static')")
             if self.step_cost is None:
                 # B verified tokens per round: at most every running request's anchor + its γ drafts.
-                self.step_cost = StepCostTable.profile(target, max_num_seqs * (drafter.block_size + 1),
+                self.step_cost = StepCostTable.profile(target, largest_round,
                                                        hidden_layer_ids=drafter.target_layer_ids)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        self._next_id = 0
+        self.last_step = StepStats(0, 0, 0, 0)
+        # Requests and aborts from any thread wait here until the next step takes them.
+        self._inbox_lock = threading.Lock()
+        self._inbox: list[Request] = []
+        self._abort_ids: list[RequestId] = []
+        self._live_ids: set[RequestId] = set()
+        self._step_lock = threading.Lock()
+        self._early_outputs: list[StepOutput] = []  # aborts done outside a step
 
-    # ---- requests --------------------------------------------------------------------------------
+    # ---- requests (any thread) -------------------------------------------------------------------
 
-    def add_request(self, prompt: str | Sequence[int], params: SamplingParams) -> Request:
+    def add_request(self, prompt: str | Sequence[int], params: SamplingParams,
+                    request_id: RequestId | None = None) -> RequestId:
+        """Validate and queue a request; returns its id. Raises RequestError on bad input."""
+        if not isinstance(params, SamplingParams):
+            raise RequestError(f"params must be a SamplingParams, got {type(params).__name__}")
         if isinstance(prompt, str):
             if not prompt:
                 raise RequestError("prompt is empty: give at least one character of text")
@@ -176,117 +290,196 @@ class Engine:
             text = prompt
         else:
             ids = [int(t) for t in prompt]
-            text = self.tokenizer.decode(ids, skip_special_tokens=False)
             bad = [t for t in ids if not 0 <= t < self.target.vocab_size]
             if bad:
                 raise RequestError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.target.vocab_size})")
+            text = self.tokenizer.decode(ids, skip_special_tokens=False)
         if not ids:
             raise RequestError("prompt encodes to no tokens")
         if len(ids) >= self.max_model_len:
             raise RequestError(f"prompt has {len(ids)} tokens; the model's context is {self.max_model_len} tokens, "
                                "which must also leave room for at least one generated token")
-        eos = frozenset() if params.ignore_eos else frozenset(self.target.eos_token_ids)
-        req = Request(self._next_id, text, ids, params, make_generator(params.seed),
-                      IncrementalDetokenizer(self.tokenizer), eos | frozenset(params.stop_token_ids),
-                      max_total_len=min(self.max_model_len, len(ids) + params.max_tokens))
+        gamma = 0
         if self.drafter is not None:
-            g = params.num_speculative_tokens or self.default_gamma
-            if g > self.drafter.block_size:
-                raise RequestError(f"num_speculative_tokens={g} exceeds the {self.drafter.name} drafter's "
+            gamma = params.num_speculative_tokens or self.default_gamma
+            if gamma > self.drafter.block_size:
+                raise RequestError(f"num_speculative_tokens={gamma} exceeds the {self.drafter.name} drafter's "
                                    f"block_size {self.drafter.block_size}")
-            req.gamma = g
-        self._next_id += 1
-        self.waiting.append(req)
-        return req
+        eos = frozenset() if params.ignore_eos else frozenset(self.target.eos_token_ids)
+        rid = next(_REQUEST_COUNTER) if request_id is None else request_id
+        req = Request(rid, text, ids, params, make_generator(params.seed),
+                      IncrementalDetokenizer(self.tokenizer), eos | frozenset(params.stop_token_ids),
+                      max_total_len=min(self.max_model_len, len(ids) + params.max_tokens), gamma=gamma)
+        with self._inbox_lock:
+            if rid in self._live_ids:
+                raise RequestError(f"request id {rid!r} is already in use")
+            self._live_ids.add(rid)
+            self._inbox.append(req)
+        return rid
+
+    def abort(self, request_id: RequestId) -> None:
+        """Stop a request and free its slot in both caches: now when no step is running, else at the
+        start of the next step. Its last StepOutput (finish reason "abort") comes from `step()`.
+        Unknown or finished ids are ignored."""
+        with self._inbox_lock:
+            if request_id not in self._live_ids:
+                return
+            self._abort_ids.append(request_id)
+        if self._step_lock.acquire(blocking=False):
+            try:
+                self._early_outputs += self._take_inbox()
+            finally:
+                self._step_lock.release()
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        with self._inbox_lock:
+            return bool(self.waiting or self.running or self._inbox or self._early_outputs)
+
+    @property
+    def num_unfinished(self) -> int:
+        with self._inbox_lock:
+            return len(self._live_ids)
 
     # ---- the step --------------------------------------------------------------------------------
 
-    def step(self) -> list[Request]:
-        """Advance every request by one target forward; return the requests that finished."""
-        finished: list[Request] = []
-        admitted = self._schedule()
-        for req in admitted:  # prefill one prompt at a time: lengths differ, padding would waste compute
-            self._prefill(req, finished)
-        running = [r for r in self.running if r not in admitted and not r.finished]
-        if running and self.drafter is not None:
-            self._speculative_round(running, finished)
-        elif running:
-            tokens = torch.tensor([[r.last_token] for r in running])  # [batch, 1]
-            res = self.target.forward(self.cache, [r.slot for r in running], tokens)
-            self._postprocess(running, self._sample(res.logits[:, 0], running), finished)
-        return finished
+    def step(self) -> list[StepOutput]:
+        """schedule -> run -> postprocess; one StepOutput per request the step touched."""
+        with self._step_lock:
+            outputs, self._early_outputs = self._early_outputs + self._take_inbox(), []
+            sched = self._schedule()
+            self._run(sched)
+            touched = [c.request for c in sched.prefill] + sched.decode
+            outputs += self._postprocess(touched)
+            self.last_step = StepStats(sum(c.num_tokens for c in sched.prefill),
+                                       sum(1 + e for e in sched.num_draft_tokens), len(self.running),
+                                       len(self.waiting))
+            return outputs
 
-    def _prefill(self, req: Request, finished: list[Request]) -> None:
-        """Run the prompt through the target and sample the first token (the first anchor)."""
-        layers = self.drafter.target_layer_ids if self.drafter is not None else ()
-        res = self.target.forward(self.cache, [req.slot], [req.prompt_ids], hidden_layer_ids=layers,
-                                  all_logits=False)
-        if self.drafter is not None:
-            self.drafter.add_sequence(req.slot, req.prompt_ids, res.hidden[0] if res.hidden is not None else None)
-        self._append(req, self._sample(res.logits[:, -1], [req]))
-        if req.finished:
-            finished.append(req)
+    def _take_inbox(self) -> list[StepOutput]:
+        """Move new requests to the waiting queue and carry out aborts (under the step lock)."""
+        with self._inbox_lock:
+            new, self._inbox = self._inbox, []
+            aborts, self._abort_ids = set(self._abort_ids), []
+        self.waiting.extend(new)
+        outputs = []
+        for req in [r for r in itertools.chain(self.waiting, self.running) if r.request_id in aborts]:
+            if req.metrics is None:
+                req.metrics = RequestMetrics(num_prompt_tokens=len(req.prompt_ids))
+            self._finish(req, "abort")
+            outputs.append(self._step_output(req))
+        return outputs
 
-    def _speculative_round(self, reqs: list[Request], finished: list[Request]) -> None:
-        """propose -> verify -> commit: draft ℓ tokens per request, score them in one target forward,
-        keep the accepted prefix and the bonus, roll the rejected tail back in both caches."""
+    def _schedule(self) -> ScheduledStep:
+        """Fill the token budget: decoding requests first, then prefill chunks (admitting waiting
+        requests into free slots while budget and slots remain)."""
+        decode = [r for r in self.running if r.prefilled]
+        ells = [self._num_draft_tokens(r) for r in decode] if self.drafter is not None else [0] * len(decode)
+        budget = self.max_num_batched_tokens - sum(1 + e for e in ells)
+        prefill = []
+        for req in [r for r in self.running if not r.prefilled]:  # chunks of prompts already admitted
+            if budget <= 0:
+                break
+            n = min(len(req.prompt_ids) - req.num_computed, budget)
+            prefill.append(PrefillChunk(req, n))
+            budget -= n
+        while budget > 0 and self.waiting and len(self.running) < self.max_num_seqs:
+            req = self.waiting.popleft()
+            req.slot = self.cache.allocate()
+            req.t_start = time.perf_counter()
+            req.metrics = RequestMetrics(num_prompt_tokens=len(req.prompt_ids))
+            self.running.append(req)
+            n = min(len(req.prompt_ids), budget)
+            prefill.append(PrefillChunk(req, n))
+            budget -= n
+        return ScheduledStep(prefill, decode, ells)
+
+    def _num_draft_tokens(self, r: Request) -> int:
         # ℓ_r: the request's γ, capped so the verified tokens fit the context (anchor + ℓ new entries)
         # and so no more is verified than the request can still emit.
-        ells = []
-        for r in reqs:
-            room = self.max_model_len - self.cache.length(r.slot) - 1
-            left = r.params.max_tokens - len(r.output_ids) - 1
-            ells.append(max(0, min(r.gamma, room, left)))
-        gamma = max(ells)
+        room = self.max_model_len - self.cache.length(r.slot) - 1
+        left = r.params.max_tokens - len(r.output_ids) - 1
+        return max(0, min(r.gamma, room, left))
+
+    def _run(self, sched: ScheduledStep) -> None:
+        """The model runner: prefill chunks, then one batched forward for the decoding requests. A
+        failure fails the requests of the forward that raised, nothing else."""
+        for chunk in sched.prefill:
+            try:
+                self._prefill(chunk)
+            except Exception as e:  # noqa: BLE001 - isolate the request, keep serving the others
+                self._fail(chunk.request, e)
+        if not sched.decode:
+            return
+        try:
+            if self.drafter is not None:
+                self._speculative_round(sched.decode, sched.num_draft_tokens)
+            else:
+                tokens = torch.tensor([[r.last_token] for r in sched.decode], device=self.device)  # [R, 1]
+                res = self.target.forward(self.cache, [r.slot for r in sched.decode], tokens)
+                for req, tok in zip(sched.decode, self._sample(res.logits[:, 0], sched.decode)):
+                    req.metrics.rounds += 1
+                    self._append(req, [tok])
+        except Exception as e:  # noqa: BLE001
+            for req in sched.decode:
+                if not req.finished:
+                    self._fail(req, e)
+
+    def _prefill(self, chunk: PrefillChunk) -> None:
+        """Run one chunk of a prompt; after the last chunk, hand the prompt to the drafter and sample
+        the first token (the first anchor)."""
+        req = chunk.request
+        layers = self.drafter.target_layer_ids if self.drafter is not None else ()
+        ids = req.prompt_ids[req.num_computed:req.num_computed + chunk.num_tokens]
+        res = self.target.forward(self.cache, [req.slot], [ids], hidden_layer_ids=layers, all_logits=False)
+        req.num_computed += len(ids)
+        if self.drafter is not None and res.hidden is not None:
+            req.prefill_hidden.append(res.hidden[0])
+        if not req.prefilled:
+            return
+        if self.drafter is not None:
+            hidden = torch.cat(req.prefill_hidden) if req.prefill_hidden else None  # [n_prompt, L, H]
+            req.prefill_hidden = []
+            self.drafter.add_sequence(req.slot, req.prompt_ids, hidden)
+        self._append(req, self._sample(res.logits[:, -1], [req]))
+
+    def _speculative_round(self, reqs: list[Request], ells: list[int]) -> None:
+        """propose -> verify -> commit: draft ℓ_r tokens per request in one drafter call, score every
+        request's [anchor, drafts] in one target forward, verify on the ragged layout, keep the accepted
+        prefix and the bonus, roll the rejected tail back, and commit every request to the drafter at once."""
+        dev = self.device
         anchors = [r.last_token for r in reqs]
-        sampling = SamplingTensors.from_params([r.params for r in reqs])
+        sampling = SamplingTensors.from_params([r.params for r in reqs], device=dev)
         generators = [r.generator for r in reqs]
         slots = [r.slot for r in reqs]
-        stop = None
-        settled: list[list[int]] = []  # the ℓ per request, once the early stop has settled them
-        if self.scheduler == "confidence" and gamma > 0:
-            caps = list(ells)
-
-            def stop(conf: torch.Tensor) -> int | None:
-                # Drafting may end once the prefix to verify is settled (see settled_schedule).
-                s = settled_schedule(survival_from_confidence(conf), caps, self.step_cost)
-                if s is None:
-                    return None
-                settled.append(s)
-                return max(s)
-        draft_ids, draft_probs_all, confidence = self._propose_by_length(reqs, ells, anchors, sampling, generators,
-                                                                         stop)
-        if self.scheduler == "confidence" and gamma > 0:
-            assert confidence is not None
-            # Drafting ran to the end (several ℓ groups, or nothing settled earlier): schedule now.
-            ells = settled[-1] if settled else schedule_prefix(survival_from_confidence(confidence), ells,
-                                                               self.step_cost)
-            gamma = max(ells)
-            draft_ids = draft_ids[:, :gamma]
-            draft_probs_all = draft_probs_all[:, :gamma] if draft_probs_all is not None else None
+        drafts, draft_probs = self._propose(reqs, ells, anchors, sampling, generators)
+        ells = [len(d) for d in drafts]
         starts = [self.cache.length(s) for s in slots]
-        tokens = [[a] + draft_ids[i, :ell].tolist() for i, (a, ell) in enumerate(zip(anchors, ells))]
+        tokens = [[a] + d for a, d in zip(anchors, drafts)]
         res = self.target.forward(self.cache, slots, tokens, hidden_layer_ids=self.drafter.target_layer_ids)
-        logits = res.logits[:, :gamma + 1]  # [num_reqs, gamma + 1, vocab]
+        num_reqs, k_max, vocab = res.logits.shape
+        meta = SpecDecodeMetadata.build(drafts, k_max, dev)
+        logits = res.logits.reshape(num_reqs * k_max, vocab)[meta.target_logits_indices]  # [N + R, vocab]
+        greedy = torch.tensor(sampling.greedy, device=dev)
         if all(sampling.greedy):
             target_probs = logits  # greedy verification only needs the argmax
-            draft_probs = None
         else:
-            target_probs = logits_to_probs(logits, sampling.temperature, sampling.top_k, sampling.top_p)
-            draft_probs = draft_probs_all
-        results = verify_batch(draft_ids, draft_probs, target_probs, ells, generators, sampling.greedy)
-        for i, (req, ver, ell) in enumerate(zip(reqs, results, ells)):
-            a = ver.num_accepted
+            rows = torch.tensor([e + 1 for e in ells], device=dev)  # target rows per request
+            target_probs = logits_to_probs(logits, sampling.temperature.repeat_interleave(rows),
+                                           sampling.top_k.repeat_interleave(rows),
+                                           sampling.top_p.repeat_interleave(rows))
+        uniforms = draw_ragged_uniforms(ells, generators, sampling.greedy, dev)
+        results = verify_ragged(meta, draft_probs, target_probs, uniforms, greedy).to_results(meta)
+        kept = [tokens[i][:ver.num_accepted + 1] for i, ver in enumerate(results)]
+        for req, start, ver in zip(reqs, starts, results):
             # Keep the anchor and the accepted drafts in the target cache; the bonus is the next anchor.
-            self.cache.truncate(req.slot, starts[i] + 1 + a)
-            hidden = res.hidden[i, :a + 1] if res.hidden is not None else None
-            self.drafter.commit(req.slot, tokens[i][:a + 1], hidden)
+            self.cache.truncate(req.slot, start + 1 + ver.num_accepted)
+        self.drafter.commit_batch(DraftCommit(slots, kept, res.hidden))
+        for req, ver, ell in zip(reqs, results, ells):
+            a = ver.num_accepted
             m = req.metrics
             m.rounds += 1
             m.accepted_drafts += a
+            req.num_draft, req.num_accepted = ell, a
             if len(m.tried_by_position) < ell:
                 extra = ell - len(m.tried_by_position)
                 m.tried_by_position += [0] * extra
@@ -296,75 +489,88 @@ class Engine:
                 if k < a:
                     m.accepted_by_position[k] += 1
             self._append(req, ver.emitted)
-            if req.finished:
-                finished.append(req)
 
-    def _propose_by_length(self, reqs: list[Request], ells: list[int], anchors: list[int], sampling: SamplingTensors,
-                           generators: list, stop=None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Draft ℓ_r tokens for each request, one drafter call per distinct ℓ.
+    def _propose(self, reqs: list[Request], ells: list[int], anchors: list[int], sampling: SamplingTensors,
+                 generators: list) -> tuple[list[list[int]], torch.Tensor | None]:
+        """One drafter call for every request with ℓ_r > 0 (each drafted exactly its own ℓ_r, so a
+        seeded request draws the same randomness whatever else is batched). Returns the drafts per
+        request (after the confidence scheduler, when on) and their draft probabilities in the
+        ragged layout [N, vocab] (None when every request is greedy)."""
+        rows = [i for i, e in enumerate(ells) if e > 0]
+        drafts: list[list[int]] = [[] for _ in reqs]
+        if not rows:
+            return drafts, None
+        sub = SamplingTensors(sampling.temperature[rows], sampling.top_k[rows], sampling.top_p[rows],
+                              [sampling.greedy[i] for i in rows])
+        caps = list(ells)
+        stop, settled = None, []  # settled: the ℓ of every request, once the early stop settled them
+        if self.scheduler is SchedulerKind.CONFIDENCE:
+            def survival(conf: torch.Tensor) -> list[list[float]]:
+                rows_surv = survival_from_confidence(conf)
+                full: list[list[float]] = [[] for _ in reqs]
+                for j, i in enumerate(rows):
+                    full[i] = rows_surv[j]
+                return full
 
-        A drafter consumes a request's random stream for every token it samples, so each request is
-        drafted with exactly its own ℓ: a seeded request then gets the same tokens whatever else is in
-        the batch. Normally every request has ℓ = γ and this is a single call.
-        Returns draft ids [num_reqs, gamma_max], draft probs [num_reqs, gamma_max, vocab] (None when
-        every request is greedy) and confidences [num_reqs, gamma_max] (None when the drafter has no
-        confidence head); entries past a request's ℓ are padding. `stop` (the confidence scheduler's
-        early stop) is handed to the drafter when all requests share one ℓ; the drafter may then
-        return fewer tokens, enough for the prefix `stop` settled.
-        """
-        gamma = max(ells)
+            def stop(conf: torch.Tensor) -> int | None:
+                # Drafting may end once the prefix to verify is settled (see settled_schedule).
+                s = settled_schedule(survival(conf), caps, self.step_cost)
+                if s is None:
+                    return None
+                settled.append(s)
+                return max(s)
+        prop = self.drafter.propose([reqs[i].slot for i in rows], [anchors[i] for i in rows],
+                                    [ells[i] for i in rows], sub, [generators[i] for i in rows], stop=stop)
+        lengths = prop.lengths([ells[i] for i in rows])
+        if self.scheduler is SchedulerKind.CONFIDENCE:
+            assert prop.confidence is not None
+            final = settled[-1] if settled else schedule_prefix(survival(prop.confidence), caps, self.step_cost)
+            lengths = [min(n, final[i]) for n, i in zip(lengths, rows)]
+        width = prop.token_ids.shape[1]
+        ids = prop.token_ids.tolist()
+        flat_index = []
+        for j, (i, n) in enumerate(zip(rows, lengths)):
+            drafts[i] = ids[j][:n]
+            flat_index += [j * width + k for k in range(n)]
+        if all(sampling.greedy) or not flat_index:
+            return drafts, None
         vocab = self.target.vocab_size
-        ids = torch.zeros(len(reqs), gamma, dtype=torch.long)
-        greedy = all(sampling.greedy)
-        probs = None if greedy else torch.zeros(len(reqs), gamma, vocab)
-        conf = torch.zeros(len(reqs), gamma) if getattr(self.drafter, "has_confidence", False) else None
-        groups = sorted(set(ells) - {0})
-        for ell in groups:
-            rows = [i for i, e in enumerate(ells) if e == ell]
-            sub = SamplingTensors(sampling.temperature[rows], sampling.top_k[rows], sampling.top_p[rows],
-                                  [sampling.greedy[i] for i in rows])
-            args = ([reqs[i].slot for i in rows], [anchors[i] for i in rows], ell, sub, [generators[i] for i in rows])
-            prop = self.drafter.propose(*args, stop=stop) if stop is not None and len(groups) == 1 else \
-                self.drafter.propose(*args)
-            w = prop.token_ids.shape[1]  # == ell, or fewer after an early stop
-            ids[rows, :w] = prop.token_ids.to(ids.device)
-            if conf is not None and prop.confidence is not None:
-                conf[rows, :w] = prop.confidence.to(conf.device, conf.dtype)
-            if probs is not None:
-                if prop.probs is not None:
-                    probs[rows, :w] = prop.probs.to(probs.device, probs.dtype)
-                else:  # an all-greedy group: one-hot on its (argmax) tokens
-                    probs[rows, :w] = torch.nn.functional.one_hot(prop.token_ids, vocab).to(probs.dtype)
-        return ids, probs, conf
-
-    def _schedule(self) -> list[Request]:
-        admitted = []
-        while self.waiting and len(self.running) < self.max_num_seqs:
-            req = self.waiting.popleft()
-            req.slot = self.cache.allocate()
-            req.t_start = time.perf_counter()
-            req.metrics = RequestMetrics(num_prompt_tokens=len(req.prompt_ids))
-            self.running.append(req)
-            admitted.append(req)
-        return admitted
+        index = torch.tensor(flat_index, device=self.device)
+        if prop.probs is not None:
+            probs = prop.probs.to(self.device).reshape(len(rows) * width, vocab)[index]  # [N, vocab]
+        else:  # the drafted requests are all greedy (others sample): one-hot on their argmax tokens
+            flat_ids = prop.token_ids.to(self.device).reshape(-1)[index]
+            probs = torch.nn.functional.one_hot(flat_ids, vocab).float()
+        return drafts, probs
 
     def _sample(self, logits: torch.Tensor, reqs: Sequence[Request]) -> list[int]:
         """logits: [batch, vocab] for the next position of each request."""
         if all(r.params.greedy for r in reqs):
             return logits.argmax(dim=-1).tolist()  # same as the one-hot path, without building it
-        st = SamplingTensors.from_params([r.params for r in reqs])
+        st = SamplingTensors.from_params([r.params for r in reqs], device=logits.device)
         probs = logits_to_probs(logits, st.temperature, st.top_k, st.top_p)  # [batch, vocab]
         return sample_from_probs(probs, [r.generator for r in reqs], st.greedy).tolist()
 
-    def _postprocess(self, reqs: Sequence[Request], tokens: Sequence[int], finished: list[Request]) -> None:
-        for req, tok in zip(reqs, tokens):
-            req.metrics.rounds += 1
-            self._append(req, [tok])
-            if req.finished:
-                finished.append(req)
+    # ---- postprocess -----------------------------------------------------------------------------
+
+    def _postprocess(self, touched: list[Request]) -> list[StepOutput]:
+        outputs = []
+        for req in touched:
+            if req.new_ids or req.pending_delta or req.finished:
+                outputs.append(self._step_output(req))
+        return outputs
+
+    def _step_output(self, req: Request) -> StepOutput:
+        out = StepOutput(req.request_id, req.new_ids, req.pending_delta, req.finish_reason, req.metrics,
+                         req.num_draft, req.num_accepted, Engine.to_output(req) if req.finished else None,
+                         str(req.error) if req.error is not None else None)
+        req.new_ids, req.pending_delta, req.num_draft, req.num_accepted = [], "", 0, None
+        return out
 
     def _append(self, req: Request, tokens: Sequence[int]) -> None:
         """Append generated tokens one by one, stopping at eos, a stop string or a length limit."""
+        if not req.output_ids and tokens:
+            req.metrics.time_to_first_token = time.perf_counter() - req.t_arrival
         for tok in tokens:
             req.output_ids.append(tok)
             req.new_ids.append(tok)
@@ -395,49 +601,71 @@ class Engine:
         self._finish(req, "stop")
         return True
 
+    def _fail(self, req: Request, error: BaseException) -> None:
+        req.error = error
+        self._finish(req, "error")
+
     def _finish(self, req: Request, reason: str) -> None:
         req.finish_reason = reason
-        if reason != "stop" or not req.params.stop:
+        if reason in ("length", "stop") and (reason != "stop" or not req.params.stop):
             tail = req.detok.flush()
             req.text += tail
             req.pending_delta += tail
         req.t_end = time.perf_counter()
         m = req.metrics
         m.num_tokens = len(req.output_ids)
-        m.seconds = req.t_end - req.t_start
+        m.seconds = req.t_end - (req.t_start or req.t_arrival)
         m.tokens_per_s = m.num_tokens / m.seconds if m.seconds > 0 else 0.0
         if req.gamma and m.rounds:
             m.accepted_length = (m.accepted_drafts + m.rounds) / m.rounds  # τ: bonus included
         self._release(req)
 
     def _release(self, req: Request) -> None:
-        self.running.remove(req)
-        self.cache.free(req.slot)
-        if self.drafter is not None:
-            self.drafter.free(req.slot)
+        """Free the request's slot in the target's cache and the drafter's."""
+        if req in self.running:
+            self.running.remove(req)
+            self.cache.free(req.slot)
+            if self.drafter is not None:
+                self.drafter.free(req.slot)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        with self._inbox_lock:
+            self._live_ids.discard(req.request_id)
+
+    # ---- offline use -----------------------------------------------------------------------------
 
     def run(self, prompts: Sequence[str | Sequence[int]], params: Sequence[SamplingParams],
             on_finished=None) -> list[RequestOutput]:
         """Add every prompt, step until all are done, return outputs in prompt order.
 
         ``on_finished(n)`` is called with the number of requests each step finished (progress bars).
-        On any error (bad input included) every request is aborted, so the engine stays usable.
+        On any error (bad input included) this call's requests are aborted, so the engine stays usable;
+        a request that failed inside the engine raises RequestFailed.
         """
+        ids: list[RequestId] = []
+        done: dict[RequestId, RequestOutput] = {}
         try:
-            reqs = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
-            while self.has_unfinished():
-                done = self.step()
-                if on_finished is not None and done:
-                    on_finished(len(done))
+            for p, sp in zip(prompts, params):
+                ids.append(self.add_request(p, sp))
+            mine = set(ids)
+            while len(done) < len(ids):
+                finished = [o for o in self.step() if o.finished and o.request_id in mine]
+                for o in finished:
+                    if o.finish_reason == "error":
+                        raise RequestFailed(f"request {o.request_id} failed: {o.error}")
+                    done[o.request_id] = o.output
+                if on_finished is not None and finished:
+                    on_finished(len(finished))
         except BaseException:
-            self.abort_all()
+            for rid in ids:
+                if rid not in done:
+                    self.abort(rid)
             raise
-        return [Engine.to_output(r) for r in reqs]
+        return [done[i] for i in ids]
 
     def abort_all(self) -> None:
-        for req in list(self.running):
-            self._release(req)
-        self.waiting.clear()
+        for req in list(self.running) + list(self.waiting):
+            self.abort(req.request_id)
 
     @staticmethod
     def to_output(req: Request) -> RequestOutput:
@@ -455,15 +683,23 @@ class LLM:
     ``scheduler``: ``"static"`` verifies every drafted token; ``"confidence"`` lets the drafter's
     confidence head and a step-cost table (profiled at start-up unless ``step_cost`` is given) choose
     how many drafts each request verifies per round (the paper's Algorithm 1; lossless either way).
+    ``num_threads``: torch CPU threads while this LLM generates (set around each call, not globally
+    at construction).
+
+    Thread safety: `generate`, `chat` and `generate_stream` may be called from several threads at
+    once. Their requests share the engine's batches (whichever caller steps the engine steps
+    everyone's requests); each caller gets exactly its own outputs.
     """
 
     def __init__(self, model: str | os.PathLike | None = None, drafter=None,
                  dtype: str | None = None, max_num_seqs: int = 8, max_model_len: int | None = None,
                  num_threads: int | None = None, device: str = "cpu",
-                 num_speculative_tokens: int | None = None, scheduler: str = "static",
-                 step_cost: StepCostTable | None = None) -> None:
-        if num_threads is not None:
-            torch.set_num_threads(num_threads)
+                 num_speculative_tokens: int | None = None, scheduler: str | SchedulerKind = SchedulerKind.STATIC,
+                 step_cost: StepCostTable | None = None, max_num_batched_tokens: int | None = None) -> None:
+        self.num_threads = num_threads
+        self.config = EngineConfig(max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                                   max_num_batched_tokens=max_num_batched_tokens,
+                                   num_speculative_tokens=num_speculative_tokens, scheduler=scheduler)
         self.model_path = Path(model) if model is not None else default_model_path()
         self.target = load_target(self.model_path, dtype=dtype, device=device)
         self.tokenizer = self.target.tokenizer
@@ -472,19 +708,62 @@ class LLM:
             from dspark.drafters import load_drafter
             drafter = load_drafter(drafter, self.target, max_seqs=max_num_seqs, max_len=max_len)
         self.drafter = drafter
-        self.engine = Engine(self.target, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-                             drafter=drafter, num_speculative_tokens=num_speculative_tokens,
-                             scheduler=scheduler, step_cost=step_cost)
+        with self._threads():
+            self.engine = Engine(self.target, self.config, drafter=drafter, step_cost=step_cost)
         self._plain_engine: Engine | None = None
-        self._engine_args = dict(max_num_seqs=max_num_seqs, max_model_len=max_model_len)
+        # Outputs a caller's step produced for another caller's requests wait here.
+        self._lock = threading.Lock()
+        self._mailbox: dict[RequestId, list[StepOutput]] = {}
+        self._dropped: set[RequestId] = set()
+
+    @contextlib.contextmanager
+    def _threads(self):
+        if self.num_threads is None:
+            yield
+            return
+        before = torch.get_num_threads()
+        torch.set_num_threads(self.num_threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
 
     def plain_engine(self) -> Engine:
         """An engine without drafter over the same target weights, for side-by-side comparisons."""
         if self.drafter is None:
             return self.engine
         if self._plain_engine is None:
-            self._plain_engine = Engine(self.target, **self._engine_args)
+            cfg = EngineConfig(max_num_seqs=self.config.max_num_seqs, max_model_len=self.config.max_model_len,
+                               max_num_batched_tokens=self.config.max_num_batched_tokens)
+            self._plain_engine = Engine(self.target, cfg)
         return self._plain_engine
+
+    # ---- driving the engine from any number of threads ------------------------------------------
+
+    def _next_outputs(self, engine: Engine, ids: set[RequestId]) -> list[StepOutput]:
+        """Outputs for `ids`, stepping the engine (for every caller) when none are waiting."""
+        while True:
+            with self._lock:
+                mine = [o for rid in ids for o in self._mailbox.pop(rid, [])]
+                if mine:
+                    return mine
+                outs = engine.step()
+                if not outs and not engine.has_unfinished():
+                    raise RequestFailed(f"requests {sorted(map(str, ids))} are unknown to the engine")
+                for o in outs:
+                    if o.request_id not in self._dropped:
+                        self._mailbox.setdefault(o.request_id, []).append(o)
+                    elif o.finished:
+                        self._dropped.discard(o.request_id)
+
+    def _forget(self, engine: Engine, ids: Sequence[RequestId]) -> None:
+        """Abort unfinished requests of a caller that stops listening."""
+        with self._lock:
+            for rid in ids:
+                box = self._mailbox.pop(rid, [])
+                if not any(o.finished for o in box):
+                    self._dropped.add(rid)
+                    engine.abort(rid)
 
     def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -506,24 +785,55 @@ class LLM:
         if use_tqdm:
             from tqdm import tqdm
             bar = tqdm(total=len(prompts), desc="generate", unit="req")
+        ids: list[RequestId] = []
+        done: dict[RequestId, RequestOutput] = {}
         try:
-            return engine.run(prompts, params, on_finished=bar.update if bar is not None else None)
+            with self._threads():
+                for p, sp in zip(prompts, params):
+                    ids.append(engine.add_request(p, sp))
+                pending = set(ids)
+                while pending:
+                    for o in self._next_outputs(engine, pending):
+                        if not o.finished:
+                            continue
+                        if o.finish_reason == "error":
+                            raise RequestFailed(f"request {o.request_id} failed: {o.error}")
+                        done[o.request_id] = o.output
+                        pending.discard(o.request_id)
+                        if bar is not None:
+                            bar.update(1)
         finally:
+            if len(done) < len(ids):
+                self._forget(engine, [i for i in ids if i not in done])
             if bar is not None:
                 bar.close()
+        return [done[i] for i in ids]
+
+    def chat(self, messages, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool = False, **template_kwargs) -> list[RequestOutput]:
+        """Generate replies to one conversation (a list of {"role", "content"} messages) or to a list
+        of conversations, each rendered with the tokenizer's chat template."""
+        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True, **template_kwargs) for c in convs]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def generate_stream(self, prompt: str | Sequence[int], sampling_params: SamplingParams | None = None
                         ) -> Iterator[StreamDelta]:
-        """Yield text deltas for one prompt as tokens are produced; the last delta has the output."""
-        req = self.engine.add_request(prompt, sampling_params or SamplingParams())
+        """Yield text deltas for one prompt as tokens are produced; the last delta has the output.
+        Closing the iterator early aborts this request only."""
+        engine = self.engine
+        rid = engine.add_request(prompt, sampling_params or SamplingParams())
+        finished = False
         try:
-            while not req.finished:
-                self.engine.step()
-                if req.pending_delta or req.new_ids or req.finished:
-                    delta = StreamDelta(req.pending_delta, req.new_ids, req.finished, req.finish_reason,
-                                        Engine.to_output(req) if req.finished else None)
-                    req.pending_delta, req.new_ids = "", []
-                    yield delta
+            while not finished:
+                with self._threads():
+                    outs = self._next_outputs(engine, {rid})
+                for o in outs:
+                    if o.finish_reason == "error":
+                        finished = True
+                        raise RequestFailed(f"request {rid} failed: {o.error}")
+                    finished = o.finished
+                    yield StreamDelta(o.text_delta, o.new_token_ids, o.finished, o.finish_reason, o.output)
         finally:
-            if not req.finished:
-                self.engine.abort_all()
+            if not finished:
+                self._forget(engine, [rid])

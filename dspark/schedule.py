@@ -32,13 +32,10 @@ from pathlib import Path
 
 import torch
 
-from dspark.errors import DSparkError
-
-SCHEDULERS = ("static", "confidence")
+from dspark.config import SCHEDULERS, ScheduleError, SchedulerKind, scheduler_kind  # noqa: F401 (re-exported)
 
 
-class ScheduleError(DSparkError, ValueError):
-    """A scheduler cannot run as configured (unknown name, drafter without confidence, bad table)."""
+
 
 
 @dataclass

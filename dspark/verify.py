@@ -34,6 +34,7 @@ draft tokens of request r; V the vocabulary size; R the number of requests.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -276,3 +277,123 @@ def _check_chain_shapes(
             f"expected draft_probs [{gamma}, V] and target_probs [{gamma + 1}, V] for {gamma} draft "
             f"tokens; got {tuple(draft_probs.shape)} and {tuple(target_probs.shape)}"
         )
+
+
+# ---------------------------------------------------------------------------------------------------
+# The ragged layout the engine verifies on (vLLM's spec-decode metadata): no padding to γ_max, every
+# tensor on the target's device. Symbols: R requests, N = Σ_r ℓ_r draft tokens; the target rows are
+# N + R: request by request, its ℓ_r draft rows and then its bonus row.
+
+
+@dataclass(frozen=True)
+class SpecDecodeMetadata:
+    """Where each request's drafts and target rows sit in the flat layout of one round."""
+
+    num_draft_tokens: list[int]  # [R] ℓ_r, on the host
+    cu_num_draft_tokens: torch.Tensor  # [R] int64: Σ_{r' <= r} ℓ_r' (end of request r's drafts)
+    draft_token_ids: torch.Tensor  # [N] int64, request by request
+    # [N + R] int64: for each target row, its index in the target's padded logits viewed as
+    # [R * k_max, V] (row r * k_max + j = position j of request r's verified tokens [anchor, drafts]).
+    target_logits_indices: torch.Tensor
+
+    @classmethod
+    def build(cls, draft_token_ids: Sequence[Sequence[int]], k_max: int,
+              device: torch.device | str = "cpu") -> "SpecDecodeMetadata":
+        """draft_token_ids: per request its ℓ_r drafts; k_max: the padded width of the target forward
+        (>= max ℓ_r + 1)."""
+        ells = [len(d) for d in draft_token_ids]
+        if ells and max(ells) + 1 > k_max:
+            raise ValueError(f"k_max={k_max} cannot hold {max(ells)} drafts plus the anchor")
+        flat = [int(t) for d in draft_token_ids for t in d]
+        idx = [r * k_max + j for r, ell in enumerate(ells) for j in range(ell + 1)]
+        cu = list(itertools.accumulate(ells))
+        return cls(ells, torch.tensor(cu, dtype=torch.int64, device=device),
+                   torch.tensor(flat, dtype=torch.int64, device=device),
+                   torch.tensor(idx, dtype=torch.int64, device=device))
+
+    @property
+    def num_reqs(self) -> int:
+        return len(self.num_draft_tokens)
+
+
+@dataclass(frozen=True)
+class RaggedVerifyOutput:
+    """num_accepted [R] int64 and bonus [R] int64 (the token after the accepted prefix), on the device."""
+
+    num_accepted: torch.Tensor
+    bonus_token_ids: torch.Tensor
+
+    def to_results(self, meta: SpecDecodeMetadata) -> list[VerifyResult]:
+        counts = self.num_accepted.tolist()
+        bonus = self.bonus_token_ids.tolist()
+        drafts = meta.draft_token_ids.tolist()
+        out, start = [], 0
+        for ell, n, b in zip(meta.num_draft_tokens, counts, bonus):
+            out.append(VerifyResult(n, drafts[start:start + n] + [b]))
+            start += ell
+        return out
+
+
+def draw_ragged_uniforms(
+    num_draft_tokens: Sequence[int],
+    generators: Sequence[torch.Generator | None],
+    greedy: Sequence[bool],
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """[N + R] float64 uniforms in the target-row layout: request r's ℓ_r + 1 come from one call on
+    its generator (exactly what :func:`verify_chain` draws); greedy requests draw nothing (zeros)."""
+    parts = []
+    for n, gen, is_greedy in zip(num_draft_tokens, generators, greedy):
+        parts.append(torch.zeros(n + 1, dtype=torch.float64, device=device) if is_greedy
+                     else draw_uniforms(n + 1, gen, device))
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=device)
+
+
+def verify_ragged(
+    meta: SpecDecodeMetadata,
+    draft_probs: torch.Tensor | None,  # [N, V]: the distribution each draft was sampled from
+    target_probs: torch.Tensor,  # [N + R, V] (logits suffice for greedy requests: only the argmax is read)
+    uniforms: torch.Tensor,  # [N + R] float64, layout of draw_ragged_uniforms
+    greedy: torch.Tensor,  # [R] bool
+) -> RaggedVerifyOutput:
+    """Verify R chains of different lengths in the flat layout, vectorised. Row by row it performs
+    the float64 operations of :func:`verify_chain` / :func:`verify_chain_greedy`, so with uniforms
+    from :func:`draw_ragged_uniforms` each request's result equals verifying it alone."""
+    R, device = meta.num_reqs, target_probs.device
+    ells = torch.tensor(meta.num_draft_tokens, dtype=torch.int64, device=device)  # [R]
+    N = int(meta.draft_token_ids.numel())
+    if target_probs.shape[0] != N + R:
+        raise ValueError(f"target_probs has {target_probs.shape[0]} rows; {N} drafts and {R} requests need {N + R}")
+    greedy = greedy.to(device)
+    all_greedy = bool(greedy.all())
+    if draft_probs is None and not all_greedy and N:
+        raise ValueError("draft_probs is required unless every request is greedy")
+    draft_start = meta.cu_num_draft_tokens.to(device) - ells  # [R]
+    row_start = draft_start + torch.arange(R, device=device)  # [R] first target row of request r
+    req_of = torch.repeat_interleave(torch.arange(R, device=device), ells)  # [N]
+    pos = torch.arange(N, device=device) - draft_start[req_of]  # [N] position inside its chain
+    trow = torch.arange(N, device=device) + req_of  # [N] target row scoring draft i
+    ids = meta.draft_token_ids.to(device)
+    best = target_probs.argmax(dim=-1)  # [N + R]
+
+    accept = ids == best[trow]  # greedy rule, [N]
+    if not all_greedy and N:
+        pt = target_probs[trow].gather(-1, ids[:, None]).squeeze(-1).double()
+        pd = draft_probs.gather(-1, ids[:, None]).squeeze(-1).double()
+        accept = torch.where(greedy[req_of], accept, uniforms[trow] * pd < pt)
+    # Accepted prefix length = position of the first rejection (ℓ_r when none).
+    num_accepted = ells.clone()
+    rejected = ~accept
+    num_accepted.scatter_reduce_(0, req_of[rejected], pos[rejected], reduce="amin", include_self=True)
+
+    bonus_row = row_start + num_accepted  # [R]
+    final = best[bonus_row]
+    if not all_greedy:
+        t_row = target_probs[bonus_row]  # [R, V]
+        bonus_dist = t_row.double()
+        if N:
+            d_row = draft_probs[(draft_start + num_accepted).clamp(max=N - 1)]  # [R, V]
+            bonus_dist = torch.where((num_accepted < ells)[:, None], residual_probs(t_row, d_row), bonus_dist)
+        u_bonus = uniforms[row_start + ells]  # [R]
+        final = torch.where(greedy, final, sample_inverse_cdf(bonus_dist, u_bonus))
+    return RaggedVerifyOutput(num_accepted=num_accepted, bonus_token_ids=final)

@@ -143,7 +143,7 @@ def test_greedy_with_confidence_scheduler_equals_plain(qwen3_ckpt, plain, plain_
                scheduler="confidence", step_cost=linear_cost(0.1))
     short = []  # per propose call: were fewer tokens drafted than asked for?
     draft_block = drafter.draft_block
-    drafter.draft_block = lambda *a, **k: (d := draft_block(*a, **k), short.append(d.token_ids.shape[1] < a[2]))[0]
+    drafter.draft_block = lambda *a, **k: (d := draft_block(*a, **k), short.append(d.token_ids.shape[1] < max(a[2])))[0]
     outs = spec.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
     assert [o.token_ids for o in outs] == plain_greedy
     assert any(short)  # the early stop ended drafting before the asked ℓ (one ℓ group per round)

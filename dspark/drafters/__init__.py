@@ -2,13 +2,13 @@
 
     from dspark.drafters import load_drafter
     drafter = load_drafter("runs/dspark-drafter", target, max_seqs=8, max_len=4096)
-    proposal = drafter.propose(slots, anchors, gamma, sampling, generators)   # DraftProposal
+    proposal = drafter.propose(slots, anchors, ells, sampling, generators)   # DraftProposal
 """
 
 import importlib
 
-from dspark.drafters.base import (ARCHITECTURES, DRAFTERS, DraftProposal, Drafter, drafter_type_of,
-                                  load_drafter, register_drafter)
+from dspark.drafters.base import (ARCHITECTURES, DRAFTERS, DraftCommit, DraftProposal, Drafter, DraftStop,
+                                  drafter_type_of, load_drafter, register_drafter)
 from dspark.drafters.dspark_drafter import (DFlashDrafter, DraftTrainOutput, DSparkConfig, DSparkDrafter,
                                             DSparkModel, default_target_layer_ids)
 
@@ -28,7 +28,9 @@ __all__ = [
     "DSparkConfig",
     "DSparkDrafter",
     "DSparkModel",
+    "DraftCommit",
     "DraftProposal",
+    "DraftStop",
     "DraftTrainOutput",
     "Drafter",
     "default_target_layer_ids",

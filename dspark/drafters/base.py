@@ -1,16 +1,22 @@
 """The drafter interface the engine talks to, and the registry that picks a drafter class.
 
-A drafter proposes γ tokens per running sequence; the engine verifies them against the target and
-tells the drafter which tokens were kept. The engine never looks inside a drafter: everything goes
-through the four calls of `Drafter`, in this order per sequence:
+A drafter proposes ℓ_r tokens per running sequence r (ℓ_r may differ per sequence, and may be 0:
+that sequence only decodes this round); the engine verifies them against the target and tells the
+drafter, in one batched call per round, which tokens were kept. The engine never looks inside a
+drafter: everything goes through the calls of `Drafter`, in this order per sequence:
 
     drafter = load_drafter("runs/dspark-drafter", target, max_seqs=8, max_len=4096)
     drafter.add_sequence(slot, prompt_ids, prefill.hidden[0])      # after the target's prefill
     loop:
-        proposal = drafter.propose(slots, anchors, gamma, sampling, generators)
-        ... the target verifies [anchor, proposal.token_ids[i, :ell]] ...
-        drafter.commit(slot, [anchor, *accepted], verify.hidden[i, :1 + num_accepted])
+        proposal = drafter.propose(slots, anchors, [ell_0, ell_1, ...], sampling, generators, stop=None)
+        ... the target verifies [anchor, proposal.token_ids[i, :proposal.lengths(ells)[i]]] ...
+        drafter.commit_batch(DraftCommit(slots, [[anchor, *accepted], ...], verify_hidden))
     drafter.free(slot)
+
+A drafter consumes a sequence's random stream for each token it samples for it, and only for the
+ℓ_r tokens it was asked for: a seeded request then gets the same tokens whatever else is batched.
+`stop` (only for drafters with `has_confidence`) is the confidence scheduler's early-stop hook:
+drafting may end early, and the proposal is then shorter than asked.
 
 New drafters register themselves with `@register_drafter("name", architectures=(...))` and provide
 `from_pretrained(path, target, max_seqs, max_len)`; `load_drafter` finds them by the `drafter_type`
@@ -20,6 +26,7 @@ or `architectures` key of a drafter directory's `config.json`, or by a bare regi
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Protocol, runtime_checkable
@@ -51,14 +58,57 @@ class DraftProposal:
     # k itself: the confidence scheduler (dspark.schedule) decides from it whether k is verified.
     confidence: Tensor | None
 
+    def lengths(self, asked: Sequence[int]) -> list[int]:
+        """Tokens proposed per sequence: what was asked, cut to the proposal's width (an early stop
+        returns a narrower block)."""
+        width = self.token_ids.shape[1]
+        return [min(int(a), width) for a in asked]
+
+
+# Early stop for drafters with a confidence head: called before drafting token k with the
+# confidences c_1..c_k [n, k] (c_k depends on drafts < k only); returns None to go on, or m = the
+# number of drafts the scheduler will verify at most, once that is settled (then drafting stops
+# after max(m, tokens drafted so far) tokens).
+DraftStop = Callable[[Tensor], "int | None"]
+
+
+@dataclass
+class DraftCommit:
+    """What verification kept in one round, for every sequence of the round (one call per round).
+
+    Symbols: num_reqs = sequences, k_max = the longest verified row (anchor + drafts) of the round.
+    """
+
+    slots: list[int]
+    # Per sequence [anchor, accepted drafts...]: the tokens whose target features are now known.
+    token_ids: list[list[int]]
+    # [num_reqs, k_max, len(target_layer_ids), hidden]: row r is valid up to len(token_ids[r]);
+    # None for drafters that read no target features.
+    target_hidden: Tensor | None
+
+    def hidden_of(self, i: int) -> Tensor | None:
+        """[len(token_ids[i]), L, hidden] of sequence i."""
+        return None if self.target_hidden is None else self.target_hidden[i, :len(self.token_ids[i])]
+
+
+def as_num_draft_tokens(num_draft_tokens: int | Sequence[int], n: int) -> list[int]:
+    """`propose`'s ℓ argument as one int per sequence (an int means the same ℓ for all)."""
+    if isinstance(num_draft_tokens, int):
+        return [num_draft_tokens] * n
+    out = [int(x) for x in num_draft_tokens]
+    if len(out) != n:
+        raise ValueError(f"need one draft count per slot: {n} slots, {len(out)} counts")
+    return out
+
 
 @runtime_checkable
 class Drafter(Protocol):
     """What the engine needs from any drafter (DSpark, DFlash, EAGLE-3, n-gram, ...)."""
 
     name: str  # "dspark", "dflash", ...
-    block_size: int  # the largest gamma `propose` accepts
+    block_size: int  # the largest ℓ `propose` accepts
     target_layer_ids: list[int]  # target hidden-state taps the drafter is conditioned on ([] if none)
+    has_confidence: bool  # proposals carry c_k, and `propose` accepts `stop`
 
     def add_sequence(self, slot: int, prompt_ids: list[int], target_hidden: Tensor | None) -> None:
         """Start tracking a sequence after the target's prefill of `prompt_ids`.
@@ -71,17 +121,23 @@ class Drafter(Protocol):
         self,
         slots: list[int],
         anchors: list[int],
-        gamma: int,
+        num_draft_tokens: int | Sequence[int],
         sampling: SamplingTensors,
         generators: list[torch.Generator | None],
+        stop: DraftStop | None = None,
     ) -> DraftProposal:
-        """Draft `gamma` tokens after each sequence's anchor (its last emitted token, whose target
-        features are not known yet)."""
+        """Draft ℓ_r = num_draft_tokens[r] tokens (0 allowed; an int: the same for all) after each
+        sequence's anchor (its last emitted token, whose target features are not known yet). The
+        proposal is [num_reqs, max ℓ] wide (rows past their ℓ are padding), or narrower after `stop`."""
+        ...
+
+    def commit_batch(self, batch: DraftCommit) -> None:
+        """After verification, for every sequence of the round at once."""
         ...
 
     def commit(self, slot: int, accepted_ids: list[int], target_hidden: Tensor | None) -> None:
-        """After verification: `accepted_ids` = [anchor, accepted drafts...], the tokens whose target
-        features are now known; target_hidden: [len(accepted_ids), len(target_layer_ids), hidden]."""
+        """One sequence's commit (`commit_batch` of one): `accepted_ids` = [anchor, accepted drafts...];
+        target_hidden: [len(accepted_ids), len(target_layer_ids), hidden]."""
         ...
 
     def free(self, slot: int) -> None:

@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from dspark.drafters.base import DraftProposal, register_drafter
-from dspark.drafters.common import SlotTable, check_propose_args, sample_step
+from dspark.drafters.base import DraftCommit, DraftProposal, DraftStop, register_drafter
+from dspark.drafters.common import CommitOne, SlotTable, check_propose_args, sample_step
 from dspark.errors import CheckpointError
 from dspark.kv_cache import KVCache
 from dspark.models.config import supported_architectures
@@ -70,10 +70,11 @@ def check_same_vocabulary(draft: "TargetModel", target: "TargetModel", source: s
 
 
 @register_drafter("draft-model", architectures=tuple(supported_architectures()))
-class DraftModelDrafter(SlotTable):
+class DraftModelDrafter(CommitOne, SlotTable):
     """`Drafter` over an independent small causal LM with its own KV cache."""
 
     name = "draft-model"
+    has_confidence = False
 
     def __init__(self, draft: "TargetModel", max_seqs: int, max_len: int,
                  block_size: int = DEFAULT_BLOCK_SIZE) -> None:
@@ -132,7 +133,13 @@ class DraftModelDrafter(SlotTable):
         self._open_slot(slot, lambda cslot: self.draft.forward(self.cache, [cslot], [list(prompt_ids)],
                                                                all_logits=False))
 
-    def commit(self, slot: int, accepted_ids: list[int], target_hidden: Tensor | None) -> None:
+    def commit_batch(self, batch: DraftCommit) -> None:
+        # Only cache bookkeeping per sequence (no forward): the accepted tokens not read yet are fed
+        # with the next round's anchor, in that round's one batched forward.
+        for slot, ids in zip(batch.slots, batch.token_ids):
+            self._commit_one(slot, ids)
+
+    def _commit_one(self, slot: int, accepted_ids: list[int]) -> None:
         st = self._state(slot)
         if st.round_start is None:  # no proposal this round: nothing of it is in the cache
             st.unread.extend(accepted_ids)
@@ -149,11 +156,16 @@ class DraftModelDrafter(SlotTable):
         st.round_start, st.round_tokens = None, []
 
     @torch.inference_mode()
-    def propose(self, slots: list[int], anchors: list[int], gamma: int, sampling: SamplingTensors,
-                generators: list[torch.Generator | None]) -> DraftProposal:
-        """γ draft-model steps: the first reads each sequence's unread tokens and its anchor in one
-        forward, each later one reads the previous draft."""
-        check_propose_args(gamma, self.block_size, slots, anchors, generators)
+    def propose(self, slots: list[int], anchors: list[int], num_draft_tokens: int | list[int],
+                sampling: SamplingTensors, generators: list[torch.Generator | None],
+                stop: DraftStop | None = None) -> DraftProposal:
+        """γ = max ℓ draft-model steps: the first reads each sequence's unread tokens and its anchor in
+        one forward, each later one reads the previous draft. A row past its own ℓ is padding: it
+        takes the argmax and draws no randomness."""
+        if stop is not None:
+            raise ValueError("the draft-model drafter has no confidence head to stop drafting early with")
+        ells = check_propose_args(num_draft_tokens, self.block_size, slots, anchors, generators)
+        gamma = max(ells)
         states = [self._state(s) for s in slots]
         cslots = [st.cslot for st in states]
         feed = [st.unread + [a] for st, a in zip(states, anchors)]
@@ -164,7 +176,7 @@ class DraftModelDrafter(SlotTable):
         for k in range(gamma):
             res = self.draft.forward(self.cache, cslots, feed, all_logits=False)
             logits_k = res.logits[:, -1]  # [n, V] the next-token logits of each sequence
-            tok, probs_k = sample_step(logits_k, sampling, generators)
+            tok, probs_k = sample_step(logits_k, sampling, generators, active=[e > k for e in ells])
             step_probs.append(probs_k)
             tokens.append(tok)
             if k < gamma - 1:

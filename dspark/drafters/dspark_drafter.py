@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dspark.drafters.base import DraftProposal, register_drafter
-from dspark.drafters.common import SlotTable, check_propose_args, check_target_hidden, sample_step
+from dspark.drafters.base import DraftCommit, DraftProposal, DraftStop, register_drafter
+from dspark.drafters.common import CommitOne, SlotTable, check_propose_args, check_target_hidden, sample_step
 from dspark.errors import CheckpointError
 from dspark.kv_cache import KVCache
 from dspark.models.config import ModelConfig, RopeScaling, _rope
@@ -921,13 +921,14 @@ class DSparkModel(FeatureDrafterModel):
 # The drafter the engine talks to
 
 
-class FeatureDrafter(SlotTable):
+class FeatureDrafter(CommitOne, SlotTable):
     """Engine side shared by the drafters over a `FeatureDrafterModel` (DSpark/DFlash, EAGLE-3): the
     model, a KV cache of its draft layers (one cache slot per sequence), loading and saving, and
     `propose` = `draft_block(...)` (which each subclass implements) as a `DraftProposal`."""
 
     name: str
     model_class: type[FeatureDrafterModel]
+    has_confidence = False
 
     def __init__(self, model: FeatureDrafterModel, max_seqs: int, max_len: int) -> None:
         cfg = model.config
@@ -952,24 +953,33 @@ class FeatureDrafter(SlotTable):
     def save_pretrained(self, out: str | Path) -> Path:
         return self.model.save_pretrained(out)
 
-    def propose(self, slots: list[int], anchors: list[int], gamma: int, sampling: SamplingTensors,
-                generators: list[torch.Generator | None], stop: DraftStop | None = None) -> DraftProposal:
-        return self.draft_block(slots, anchors, gamma, sampling, generators, stop=stop).proposal()
+    def propose(self, slots: list[int], anchors: list[int], num_draft_tokens: int | list[int],
+                sampling: SamplingTensors, generators: list[torch.Generator | None],
+                stop: DraftStop | None = None) -> DraftProposal:
+        return self.draft_block(slots, anchors, num_draft_tokens, sampling, generators, stop=stop).proposal()
 
-    def draft_block(self, slots: list[int], anchors: list[int], gamma: int, sampling: SamplingTensors,
-                    generators: list[torch.Generator | None], stop: DraftStop | None = None) -> BlockDraft:
+    def draft_block(self, slots: list[int], anchors: list[int], num_draft_tokens: int | list[int],
+                    sampling: SamplingTensors, generators: list[torch.Generator | None],
+                    stop: DraftStop | None = None) -> BlockDraft:
         raise NotImplementedError
 
     def _features_in(self, target_hidden: Tensor | None, n: int) -> Tensor:
         """The target's taps of `n` new positions, checked, on the model's device: [n, L, H]."""
         return check_target_hidden(self.name, self.target_layer_ids, target_hidden, n).to(self.model.device)
 
+    def commit(self, slot: int, accepted_ids: list[int], target_hidden: Tensor | None) -> None:
+        check_target_hidden(self.name, self.target_layer_ids, target_hidden, len(accepted_ids))
+        super().commit(slot, accepted_ids, target_hidden)
 
-# Early stop for drafters with a confidence head: called before drafting token k with the
-# confidences c_1..c_k [n, k] (c_k depends on drafts < k only); returns None to go on, or m = the
-# number of drafts the scheduler will verify at most, once that is settled (then drafting stops
-# after max(m, tokens drafted so far) tokens).
-DraftStop = Callable[[Tensor], "int | None"]
+    def _batch_features_in(self, batch: DraftCommit) -> Tensor:
+        """A round's taps, checked, on the model's device: [num_reqs, k_max, L, H]."""
+        h = batch.target_hidden
+        L = len(self.target_layer_ids)
+        k_max = max(len(t) for t in batch.token_ids)
+        if h is None or h.dim() != 4 or h.shape[0] != len(batch.slots) or h.shape[1] < k_max or h.shape[2] != L:
+            raise ValueError(f"the {self.name} drafter needs target_hidden [{len(batch.slots)}, >= {k_max}, {L}, "
+                             f"hidden] for this commit, got {None if h is None else tuple(h.shape)}")
+        return h[:, :k_max].to(self.model.device)
 
 
 @register_drafter("dspark", architectures=(ARCHITECTURE,))
@@ -997,8 +1007,15 @@ class DSparkDrafter(FeatureDrafter):
     def add_sequence(self, slot: int, prompt_ids: list[int], target_hidden: Tensor | None) -> None:
         self._open_slot(slot, lambda cslot: self._append_context(slot, len(prompt_ids), target_hidden))
 
-    def commit(self, slot: int, accepted_ids: list[int], target_hidden: Tensor | None) -> None:
-        self._append_context(slot, len(accepted_ids), target_hidden)
+    @torch.inference_mode()
+    def commit_batch(self, batch: DraftCommit) -> None:
+        """Append the context K/V of every sequence's kept tokens in one ragged pass."""
+        feats = self.model.context_features(self._batch_features_in(batch))  # [num_reqs, k_max, H]
+        cb = self.cache.prepare([self._cslot(s) for s in batch.slots], [len(t) for t in batch.token_ids],
+                                max_position=self.cache.max_len)
+        for i, (k, v) in enumerate(self.model.context_keys_values(feats, cb.positions)):
+            self.cache.update(i, cb, k, v)
+        self.cache.commit(cb)
 
     def context_length(self, slot: int) -> int:
         return self.cache.length(self._cslot(slot))
@@ -1017,15 +1034,18 @@ class DSparkDrafter(FeatureDrafter):
         self.cache.commit(batch)
 
     @torch.inference_mode()
-    def draft_block(self, slots: list[int], anchors: list[int], gamma: int, sampling: SamplingTensors,
-                    generators: list[torch.Generator | None], stop: DraftStop | None = None) -> BlockDraft:
-        """One backbone forward for every slot, then the sequential head left to right.
+    def draft_block(self, slots: list[int], anchors: list[int], num_draft_tokens: int | list[int],
+                    sampling: SamplingTensors, generators: list[torch.Generator | None],
+                    stop: DraftStop | None = None) -> BlockDraft:
+        """One backbone forward for every slot, then the sequential head left to right, γ = max ℓ
+        positions; a row past its own ℓ is padding (argmax, no randomness drawn).
 
         With `stop` (needs the confidence head) the confidence of each position is computed before
         its token is drafted and drafting ends as soon as `stop` settles how many will be verified:
         the returned block may then hold fewer than `gamma` tokens (and confidences)."""
         G = self.block_size
-        check_propose_args(gamma, G, slots, anchors, generators)
+        ells = check_propose_args(num_draft_tokens, G, slots, anchors, generators)
+        gamma = max(ells)
         model = self.model
         dev = model.device
         n = len(slots)
@@ -1059,7 +1079,7 @@ class DSparkDrafter(FeatureDrafter):
             if head is not None:
                 bias, state = head.step(prev, h[:, k], state)
                 logits_k = logits_k + bias.float()
-            tok, probs_k = sample_step(logits_k, sampling, generators)
+            tok, probs_k = sample_step(logits_k, sampling, generators, active=[e > k for e in ells])
             step_probs.append(probs_k)
             prevs.append(prev)
             tokens.append(tok)

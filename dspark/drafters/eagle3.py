@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dspark.drafters.base import register_drafter
+from dspark.drafters.base import DraftCommit, register_drafter
 from dspark.drafters.common import check_propose_args, sample_step
 from dspark.drafters.dspark_drafter import (BlockDraft, DraftLayer, DrafterConfigBase, DraftTrainOutput,
                                             FeatureDrafter, FeatureDrafterModel, RMSNorm,
@@ -208,8 +208,23 @@ class Eagle3Drafter(FeatureDrafter):
         self._open_slot(slot, lambda cslot: self._append_rows(
             slot, list(prompt_ids[1:]), target_hidden, len(prompt_ids), first=True))
 
-    def commit(self, slot: int, accepted_ids: list[int], target_hidden: Tensor | None) -> None:
-        self._append_rows(slot, list(accepted_ids), target_hidden, len(accepted_ids), first=False)
+    @torch.inference_mode()
+    def commit_batch(self, batch: DraftCommit) -> None:
+        """Every sequence's kept tokens in one ragged pass: row j of sequence r pairs token j with the
+        feature before it (the pending one for j = 0); the last new feature becomes pending."""
+        model = self.model
+        cslots = [self._cslot(s) for s in batch.slots]
+        counts = [len(t) for t in batch.token_ids]
+        k_max = max(counts)
+        g = model.fuse(self._batch_features_in(batch))  # [num_reqs, k_max, H]
+        rows = torch.tensor(cslots, device=model.device)
+        feats = torch.cat([self._pending[rows].unsqueeze(1), g[:, :-1]], dim=1)  # [num_reqs, k_max, H]
+        ids = torch.tensor([t + [0] * (k_max - len(t)) for t in batch.token_ids], device=model.device)
+        cb = self.cache.prepare(cslots, counts, max_position=self.cache.max_len)
+        model.run_cached(self.cache, cb, ids, feats)
+        self.cache.commit(cb)
+        last = torch.tensor(counts, device=model.device) - 1
+        self._pending[rows] = g[torch.arange(len(cslots), device=model.device), last]
 
     # ---- internals -----------------------------------------------------------------------------------
 
@@ -229,13 +244,15 @@ class Eagle3Drafter(FeatureDrafter):
         self._pending[cslot] = g[-1]
 
     @torch.inference_mode()
-    def draft_block(self, slots: list[int], anchors: list[int], gamma: int, sampling: SamplingTensors,
-                    generators: list[torch.Generator | None], stop=None) -> BlockDraft:
-        """γ sequential steps for every slot; each step appends one scratch row per slot, and all of
-        them are rolled back at the end (the accepted ones come back through `commit`)."""
+    def draft_block(self, slots: list[int], anchors: list[int], num_draft_tokens: int | list[int],
+                    sampling: SamplingTensors, generators: list[torch.Generator | None], stop=None) -> BlockDraft:
+        """γ = max ℓ sequential steps for every slot (a row past its own ℓ is padding: argmax, no
+        randomness); each step appends one scratch row per slot, and all of them are rolled back at
+        the end (the accepted ones come back through `commit_batch`)."""
         if stop is not None:
             raise ValueError("the eagle3 drafter has no confidence head to stop drafting early with")
-        check_propose_args(gamma, self.block_size, slots, anchors, generators)
+        ells = check_propose_args(num_draft_tokens, self.block_size, slots, anchors, generators)
+        gamma = max(ells)
         model = self.model
         dev = model.device
         n = len(slots)
@@ -245,12 +262,12 @@ class Eagle3Drafter(FeatureDrafter):
         feats = self._pending[torch.tensor(cslots, device=dev)]  # [n, H] g_{p-1}, then the drafter's h
         tokens, step_logits, step_probs = [], [], []
         try:
-            for _ in range(gamma):
+            for k in range(gamma):
                 batch = self.cache.prepare(cslots, [1] * n, max_position=self.cache.max_len)
                 h = model.run_cached(self.cache, batch, prev[:, None], feats[:, None])[:, 0]  # [n, H]
                 self.cache.commit(batch)  # advance so the next step sees this row; rolled back below
                 logits_k = model.logits(h)  # [n, V]
-                tok, probs_k = sample_step(logits_k, sampling, generators)
+                tok, probs_k = sample_step(logits_k, sampling, generators, active=[e > k for e in ells])
                 step_probs.append(probs_k)
                 tokens.append(tok)
                 step_logits.append(logits_k)

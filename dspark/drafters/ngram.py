@@ -16,14 +16,16 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from dspark.drafters.base import DraftProposal, register_drafter
+from dspark.drafters.base import DraftCommit, DraftProposal, DraftStop, as_num_draft_tokens, register_drafter
+from dspark.drafters.common import CommitOne
 from dspark.sampling import SamplingTensors
 
 
 @register_drafter("ngram", architectures=("NgramDrafter",))
-class NgramDrafter:
+class NgramDrafter(CommitOne):
     name = "ngram"
     target_layer_ids: list[int] = []
+    has_confidence = False
 
     def __init__(self, vocab_size: int, block_size: int = 16, max_ngram: int = 3, min_ngram: int = 1) -> None:
         if not 1 <= min_ngram <= max_ngram:
@@ -46,8 +48,9 @@ class NgramDrafter:
     def add_sequence(self, slot: int, prompt_ids: list[int], target_hidden: Tensor | None) -> None:
         self.history[slot] = list(prompt_ids)
 
-    def commit(self, slot: int, accepted_ids: list[int], target_hidden: Tensor | None) -> None:
-        self.history[slot].extend(accepted_ids)
+    def commit_batch(self, batch: DraftCommit) -> None:
+        for slot, ids in zip(batch.slots, batch.token_ids):
+            self.history[slot].extend(ids)
 
     def free(self, slot: int) -> None:
         self.history.pop(slot, None)
@@ -69,12 +72,21 @@ class NgramDrafter:
                         return follow[:gamma]
         return [context[-1]] * gamma
 
-    def propose(self, slots: list[int], anchors: list[int], gamma: int, sampling: SamplingTensors,
-                generators: list[torch.Generator | None]) -> DraftProposal:
-        if gamma > self.block_size:
+    def propose(self, slots: list[int], anchors: list[int], num_draft_tokens: int | list[int],
+                sampling: SamplingTensors, generators: list[torch.Generator | None],
+                stop: DraftStop | None = None) -> DraftProposal:
+        if stop is not None:
+            raise ValueError("the ngram drafter has no confidence head to stop drafting early with")
+        ells = as_num_draft_tokens(num_draft_tokens, len(slots))
+        gamma = max(ells, default=0)
+        if gamma > self.block_size or min(ells, default=0) < 0:
             raise ValueError(f"gamma={gamma} exceeds the ngram drafter's block_size {self.block_size}")
-        rows = [self.lookup(self.history[s] + [a], gamma) for s, a in zip(slots, anchors)]
-        ids = torch.tensor(rows, dtype=torch.long)  # [num_reqs, gamma]
+        # Each row is looked up for its own ℓ and padded (by repeating its last token) to the widest.
+        rows = []
+        for s, a, ell in zip(slots, anchors, ells):
+            row = self.lookup(self.history[s] + [a], ell) if ell else []
+            rows.append(row + [row[-1] if row else a] * (gamma - ell))
+        ids = torch.tensor(rows, dtype=torch.long).reshape(len(slots), gamma)  # [num_reqs, gamma]
         probs = None
         if not all(sampling.greedy):
             # Deterministic proposals: one-hot draft distributions keep verification exact.

@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from dspark.config import SCHEDULERS, SchedulerKind
 from dspark.entry import module_main
 from dspark.errors import DSparkError
 from dspark.eval.acceptance import (_MODELS, BUNDLED_DRAFTERS, VANILLA, DrafterSpec, EvalError, build_drafter,
@@ -62,7 +63,7 @@ class BenchConfig:
     model: str | None = None
     draft_model: str | None = None    # None: the bundled draft-model baseline, when present
     transformers: bool = True
-    scheduler: str = "static"         # "confidence": also run drafters that have a confidence head with it
+    scheduler: str = SchedulerKind.STATIC.value        # "confidence": also run drafters that have a confidence head with it
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -75,8 +76,8 @@ class BenchConfig:
             raise EvalError(f"--gamma must be >= 1, got {self.gamma}")
         if self.threads is not None and self.threads < 1:
             raise EvalError(f"--threads must be >= 1, got {self.threads}")
-        if self.scheduler not in ("static", "confidence"):
-            raise EvalError(f"--scheduler must be static or confidence, got {self.scheduler!r}")
+        if self.scheduler not in SCHEDULERS:
+            raise EvalError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
 
 
 @dataclass
@@ -233,11 +234,11 @@ def benchmark(cfg: BenchConfig, drafters: Mapping[str, DrafterSpec] | None = Non
             notes.append(f"{label}: --gamma {g} exceeds its block_size {d.block_size}; using {d.block_size}")
             g = d.block_size
         methods.append(EngineMethod(label, Engine(target, max_num_seqs=1, max_model_len=max_len, drafter=d), g))
-        if cfg.scheduler == "confidence":
+        if cfg.scheduler == SchedulerKind.CONFIDENCE:
             if getattr(d, "has_confidence", False):
                 d2 = build_drafter(spec, target, 1, max_len)  # its own caches: engines never share a drafter
                 methods.append(EngineMethod(f"{label}+confidence", Engine(
-                    target, max_num_seqs=1, max_model_len=max_len, drafter=d2, scheduler="confidence"), g))
+                    target, max_num_seqs=1, max_model_len=max_len, drafter=d2, scheduler=SchedulerKind.CONFIDENCE), g))
             else:
                 notes.append(f"{label}: no confidence head, so no confidence-scheduled run")
     if cfg.transformers:
@@ -343,7 +344,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-model", default=None,
                    help="small LM directory for transformers assisted generation "
                         "(default: models/dspark-demo-draft-model when present)")
-    p.add_argument("--scheduler", default="static", choices=["static", "confidence"],
+    p.add_argument("--scheduler", default=SchedulerKind.STATIC.value, choices=SCHEDULERS,
                    help="confidence: also run each drafter that has a confidence head with the confidence "
                         "scheduler (method LABEL+confidence; γ is then the most it verifies) (default: static)")
     p.add_argument("--no-transformers", dest="transformers", action="store_false",
