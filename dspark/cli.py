@@ -8,6 +8,7 @@
     dspark train-drafter --data runs/data.jsonl --out models/my-drafter
     dspark eval --drafters dspark,dflash --data-dir ../shared/benchmarks --sets humaneval --num-prompts 40
     dspark bench --drafters dspark,ngram --data-dir ../shared/benchmarks --set humaneval --num-prompts 8
+    dspark serve --port 8000                       # OpenAI-compatible server (see the README)
 
 Run `dspark SUBCOMMAND --help` for the options of each subcommand.
 """
@@ -19,6 +20,7 @@ import json
 import sys
 
 from dspark.errors import DSparkError
+from dspark.config import SCHEDULERS, SchedulerKind
 
 
 DEFAULT_DRAFTER_NAME = "dspark-demo-drafter"
@@ -46,7 +48,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                         "(default: the bundled demo drafter when present, else none)")
     p.add_argument("-g", "--num-speculative-tokens", type=int, default=None,
                    help="γ, draft tokens per round (default: the drafter's block size)")
-    p.add_argument("--scheduler", default="static", choices=["static", "confidence"],
+    p.add_argument("--scheduler", default=SchedulerKind.STATIC.value, choices=SCHEDULERS,
                    help="static: verify every draft; confidence: the drafter's confidence head and a step "
                         "cost table profiled at start-up choose how many drafts to verify (default: static)")
     p.add_argument("--compare", action="store_true",
@@ -81,7 +83,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         drafter = None
     if drafter is None and args.num_speculative_tokens is not None:
         raise ValueError("-g/--num-speculative-tokens needs a drafter (--drafter DIR or ngram)")
-    if drafter is None and args.scheduler != "static":
+    if drafter is None and args.scheduler != SchedulerKind.STATIC:
         raise ValueError(f"--scheduler {args.scheduler} needs a drafter with a confidence head")
     llm = LLM(model=args.model, drafter=drafter, dtype=args.dtype, num_threads=args.threads,
               max_num_seqs=args.max_num_seqs, scheduler=args.scheduler)
@@ -144,6 +146,9 @@ def _add_workflows(sub: argparse._SubParsersAction) -> None:
                 acceptance.run)
     _add_module(sub, "bench", speed, "wall-clock tokens/s of every method side by side, checking identical output",
                 speed.run)
+    from dspark import server
+    _add_module(sub, "serve", server, "OpenAI-compatible HTTP server (chat, completions, streaming, metrics)",
+                server.run)
 
 
 def build_parser() -> argparse.ArgumentParser:
