@@ -21,6 +21,7 @@ from torch import Tensor
 from dspark.errors import CheckpointError
 from dspark.kv_cache import KVCache
 from dspark.models.config import ModelConfig
+from dspark.models.gguf import gguf_to_hf_dir, is_gguf
 from dspark.models.transformer import Transformer, interleave_rope_rows
 from dspark.tokenizer import Tokenizer, read_json
 
@@ -82,12 +83,14 @@ class TargetModel:
         tokenizer: Tokenizer | None,
         generation_config: dict[str, Any],
         path: Path | None = None,
+        source: Path | None = None,
     ) -> None:
         self.config = config
         self.transformer = transformer
         self.tokenizer = tokenizer
         self.generation_config = generation_config
-        self.path = path
+        self.path = path  # the model directory the weights were read from
+        self.source = source if source is not None else path  # what the user named: a directory or a .gguf
 
     @property
     def dtype(self) -> torch.dtype:
@@ -334,14 +337,21 @@ def load_target(
     load_tokenizer: bool = True,
     cpu_gemm: str = "auto",
 ) -> TargetModel:
-    """Load a Hugging Face model directory (config, safetensors, tokenizer, generation config).
+    """Load a Hugging Face model directory (config, safetensors, tokenizer, generation config), or a
+    GGUF file (converted once into a cached directory of that form, see `dspark.models.gguf`; `dtype`
+    then also picks the dtype the dequantized weights are stored in: float16 unless given).
 
     cpu_gemm: "auto" runs inference projections through fbgemm's fp16-weight GEMM when the model is
     float32 on CPU and its weights are exactly fp16 values (true of bf16 checkpoints, such as the
     demo target): half the bytes read per step, the same weight values and fp32 accumulation.
     "off" always uses F.linear. `TargetModel.cpu_gemm` says which one is in use."""
     path = Path(path)
-    if not path.is_dir():
+    source = path
+    if is_gguf(path):
+        path = gguf_to_hf_dir(path, dtype=dtype if dtype != "auto" else None)
+    elif not path.is_dir():
+        if path.suffix.lower() == ".gguf" or path.is_file():
+            raise CheckpointError(f"model file {path} does not exist or is not a GGUF file")
         raise CheckpointError(f"model directory {path} does not exist")
     cfg = load_config(path)
     device = torch.device(device)
@@ -366,5 +376,5 @@ def load_target(
     model.eval()
     model.build_rope(min(cfg.max_position_embeddings, DEFAULT_CACHE_LEN))
     model.pack_fp16_weights(cpu_gemm)
-    return TargetModel(cfg, model, tokenizer, generation_config, path)
+    return TargetModel(cfg, model, tokenizer, generation_config, path, source=source)
 
