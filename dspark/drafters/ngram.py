@@ -23,6 +23,7 @@ from dspark.sampling import SamplingTensors
 @register_drafter("ngram", architectures=("NgramDrafter",))
 class NgramDrafter:
     name = "ngram"
+    weightless = True  # selectable by bare name: prompt lookup needs no checkpoint
     target_layer_ids: list[int] = []
 
     def __init__(self, vocab_size: int, block_size: int = 16, max_ngram: int = 3, min_ngram: int = 1) -> None:

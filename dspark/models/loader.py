@@ -244,6 +244,7 @@ class _Weights:
             # Names the file(s) searched, for error messages.
             self.listing = files[0].name if len(files) == 1 else "{" + ",".join(f.name for f in files) + "}"
         self._handles: dict[Path, Any] = {}
+        self.matrix_dtypes: set[torch.dtype] = set()  # dtypes the 2-D tensors read so far were stored in
 
     @staticmethod
     def _open(f: Path) -> Any:
@@ -269,6 +270,8 @@ class _Weights:
             raise CheckpointError(
                 f"tensor {key!r} in {f} has shape {list(t.shape)}, expected {list(shape)}"
             )
+        if t.dim() == 2:
+            self.matrix_dtypes.add(t.dtype)
         return t.to(device=device, dtype=dtype)
 
     def close(self) -> None:
@@ -375,6 +378,7 @@ def load_target(
         weights.close()
     model.eval()
     model.build_rope(min(cfg.max_position_embeddings, DEFAULT_CACHE_LEN))
-    model.pack_fp16_weights(cpu_gemm)
+    stored = next(iter(weights.matrix_dtypes)) if len(weights.matrix_dtypes) == 1 else None
+    model.pack_fp16_weights(cpu_gemm, stored=stored)
     return TargetModel(cfg, model, tokenizer, generation_config, path, source=source)
 

@@ -61,11 +61,22 @@ FP16_MIN_NORMAL = 2.0 ** -14
 FP16_MAX = 65504.0
 
 
-def fp16_exact(w: Tensor) -> bool:
+def fp16_exact(w: Tensor, stored: torch.dtype | None = None) -> bool:
     """True when every entry of a float32 `w` is an fp16 value, except entries below fp16's normal
-    range (whose rounding error is then at most 2^-25)."""
-    if w.dtype != torch.float32 or not bool(torch.isfinite(w).all()) or float(w.abs().max()) > FP16_MAX:
+    range (whose rounding error is then at most 2^-25).
+
+    `stored`: the dtype the checkpoint held `w` in, when known. float16 weights are exact by
+    construction and bfloat16 ones whenever they are in fp16's range (one pass over `w` instead of
+    four: loading a model is then seconds faster)."""
+    if w.dtype != torch.float32:
         return False
+    if stored == torch.float16:
+        return True
+    lo, hi = torch.aminmax(w)
+    if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))) or max(-float(lo), float(hi)) > FP16_MAX:
+        return False
+    if stored == torch.bfloat16:
+        return True
     return bool(((w.half().float() == w) | (w.abs() < FP16_MIN_NORMAL)).all())
 
 
@@ -198,7 +209,7 @@ class Transformer(nn.Module):
         self.register_buffer("rope_table", torch.empty(0, dtype=torch.complex64), persistent=False)
         self.packed_lm_head: PackedLinear | None = None
 
-    def pack_fp16_weights(self, mode: str = "auto") -> bool:
+    def pack_fp16_weights(self, mode: str = "auto", stored: torch.dtype | None = None) -> bool:
         """Use the fp16-weight GEMM for every projection and the LM head ("auto": when this is a
         float32 CPU model, fbgemm is available and every such weight is fp16-exact; "off": never).
         Returns whether the weights are now packed."""
@@ -212,7 +223,7 @@ class Transformer(nn.Module):
             return False
         mats = [self.lm_head_weight] + [w for layer in self.layers for w in (
             layer.attn.qkv_weight, layer.attn.o_weight, layer.mlp.gate_up_weight, layer.mlp.down_weight)]
-        if not all(fp16_exact(w.data) for w in mats):
+        if not all(fp16_exact(w.data, stored) for w in mats):
             return False
         for layer in self.layers:
             a, m = layer.attn, layer.mlp
