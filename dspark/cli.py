@@ -4,8 +4,8 @@
     dspark generate --raw --max-tokens 32 "def fibonacci(n):"
     dspark generate --drafter ngram -g 5 --compare "Write a Python function that reverses a list."
     dspark generate --model models/dspark-demo-target --temperature 0.8 --seed 1 --json "import os"
-    dspark datagen --out runs/data.jsonl                 # target-generated responses for drafter training
-    dspark train-drafter --data runs/data.jsonl --out runs/my-drafter
+    dspark datagen --model models/dspark-demo-target --out runs/data.jsonl   # drafter training data
+    dspark train-drafter --target models/dspark-demo-target --data runs/data.jsonl --out runs/my-drafter
     dspark eval --drafters ngram --data-dir ../shared/benchmarks --sets humaneval --num-prompts 8
     dspark bench --drafters ngram --data-dir ../shared/benchmarks --set humaneval --num-prompts 4
 
