@@ -52,16 +52,22 @@ class CacheBatch:
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """torch.zeros, but on CPU from calloc'd memory: the OS hands out zero pages only when they are
-    first written, so a cache sized for the whole context costs nothing until it is used (torch.zeros
-    writes every page up front: seconds for a few GB)."""
+    """torch.zeros, but on CPU from a private anonymous mapping: the OS hands out zeroed 4 KiB pages
+    only when they are first written, so a cache sized for the whole context costs nothing until it is
+    used. (torch.zeros writes every page up front, seconds for a few GB; numpy's calloc'd arrays ask
+    for 2 MiB huge pages, each zeroed whole on first touch, which costs the same once every slot runs.)"""
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
-    import numpy as np
+    import math
+    import mmap
 
     itemsize = torch.empty((), dtype=dtype).element_size()
-    raw = np.zeros(int(np.prod(shape)) * itemsize, dtype=np.uint8)  # numpy allocates zeros with calloc
-    return torch.from_numpy(raw).view(dtype).view(shape)
+    nbytes = max(1, math.prod(shape) * itemsize)
+    try:
+        buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except (AttributeError, OSError, ValueError):  # no anonymous private mappings here (non-POSIX)
+        return torch.zeros(shape, dtype=dtype)
+    return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).view(shape)  # the tensor keeps `buf` alive
 
 
 class KVCache:
