@@ -36,12 +36,25 @@ def bandwidth_gbs(nbytes: int = 1 << 30, repeats: int = 5) -> float:
 
 
 def weight_bytes(target) -> int:
-    """Bytes of projection + LM-head weights one step reads (2 per weight on the packed fp16 GEMM)."""
+    """Bytes of projection + LM-head weights one step reads: 2 per weight on the packed fp16 GEMM,
+    half a byte plus a bf16 scale and zero per 32 on the int4 GEMM, the dtype's size otherwise."""
+    from dspark.models.transformer import Int4Linear, PackedLinear
+
     t = target.transformer
-    per = 2 if target.cpu_gemm == "fp16-weights" else t.embed_weight.element_size()
-    mats = [t.lm_head_weight] + [w for layer in t.layers for w in (
-        layer.attn.qkv_weight, layer.attn.o_weight, layer.mlp.gate_up_weight, layer.mlp.down_weight)]
-    return sum(m.numel() for m in mats) * per
+    mats = [(t.lm_head_weight, t.packed_lm_head)]
+    for layer in t.layers:
+        a, m = layer.attn, layer.mlp
+        mats += [(a.qkv_weight, a.packed.get("qkv")), (a.o_weight, a.packed.get("o")),
+                 (m.gate_up_weight, m.packed.get("gate_up")), (m.down_weight, m.packed.get("down"))]
+    total = 0.0
+    for w, packed in mats:
+        if isinstance(packed, Int4Linear):
+            total += w.numel() * (0.5 + 4 / Int4Linear.GROUP)
+        elif isinstance(packed, PackedLinear):
+            total += w.numel() * 2
+        else:
+            total += w.numel() * w.element_size()
+    return int(total)
 
 
 def main(argv: list[str] | None = None) -> int:

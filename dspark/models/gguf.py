@@ -35,7 +35,10 @@ import torch
 from dspark.errors import CheckpointError
 
 # Bump when the directory layout or the conversion changes, so stale cache entries are not reused.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# 4-bit codes of Q4_0 / Q4_1 matrices, beside model.safetensors, for the CPU int4 weight GEMM.
+QUANT_FILE = "quant.safetensors"
+Q4_GROUP = 32
 GGUF_MAGIC = b"GGUF"
 CACHE_ENV = "DSPARK_CACHE_DIR"
 
@@ -334,6 +337,30 @@ def _dequantize(path: Path, t: Any) -> np.ndarray:
     return np.array(arr.reshape(shape), dtype=np.float32, order="C")  # a writable copy
 
 
+def q4_codes(path: Path, t: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(codes uint8 [N, K] in 0..15, scale float32 [N, K/32], zero float32 [N, K/32]) of a Q4_0 or
+    Q4_1 matrix, such that its weights are exactly (codes - 8) * scale + zero (None for other types).
+
+    Block layout (ggml): Q4_0 = d (fp16), 16 bytes of nibbles, w = d * (q - 8); Q4_1 = d, m (fp16),
+    16 bytes, w = d * q + m. Byte j holds element j in its low nibble and element j + 16 in its high
+    one. Checked against `gguf.quants.dequantize` in the tests."""
+    kind = getattr(t.tensor_type, "name", "")
+    if kind not in ("Q4_0", "Q4_1") or len(t.shape) != 2:
+        return None
+    n, k = int(t.shape[1]), int(t.shape[0])
+    blocks = np.asarray(t.data, dtype=np.uint8).reshape(n, k // Q4_GROUP, -1)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    if kind == "Q4_1":
+        m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+        qs = blocks[..., 4:20]
+        zero = m + 8 * d  # d * q + m == d * (q - 8) + (m + 8 d)
+    else:
+        qs = blocks[..., 2:18]
+        zero = np.zeros_like(d)
+    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(n, k)
+    return np.ascontiguousarray(codes, dtype=np.uint8), d, zero
+
+
 def _convert(path: Path, out: Path, storage: str) -> None:
     from safetensors.torch import save_file
 
@@ -345,6 +372,7 @@ def _convert(path: Path, out: Path, storage: str) -> None:
     tok_json, tok_config, gen_config = build_tokenizer(path, meta)
     n_layers = config["num_hidden_layers"]
     weights: dict[str, torch.Tensor] = {}
+    quant: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
         hf = _hf_name(t.name, n_layers)
         if hf is None:
@@ -357,8 +385,20 @@ def _convert(path: Path, out: Path, storage: str) -> None:
         tensor = torch.from_numpy(arr)
         keep_f32 = tensor.dim() == 1 and getattr(t.tensor_type, "name", "") == "F32"
         weights[hf] = tensor if keep_f32 else tensor.to(_STORAGE[storage])
+        q4 = q4_codes(path, t)
+        if q4 is not None:
+            codes, scale, zero = q4
+            if arch.permuted_qk and hf.endswith("q_proj.weight"):
+                codes, scale, zero = (_unpermute_rows(a, config["num_attention_heads"]) for a in q4)
+            elif arch.permuted_qk and hf.endswith("k_proj.weight"):
+                codes, scale, zero = (_unpermute_rows(a, config["num_key_value_heads"]) for a in q4)
+            quant[hf + ".q4"] = torch.from_numpy(np.ascontiguousarray(codes))
+            quant[hf + ".q4_scale"] = torch.from_numpy(np.ascontiguousarray(scale))
+            quant[hf + ".q4_zero"] = torch.from_numpy(np.ascontiguousarray(zero))
     config["torch_dtype"] = storage
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    if quant:
+        save_file(quant, str(out / QUANT_FILE), metadata={"format": "pt", "group_size": str(Q4_GROUP)})
     (out / "tokenizer.json").write_text(tok_json, encoding="utf-8")
     _write_json(out / "tokenizer_config.json", tok_config)
     _write_json(out / "generation_config.json", gen_config)

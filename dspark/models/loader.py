@@ -21,7 +21,7 @@ from torch import Tensor
 from dspark.errors import CheckpointError
 from dspark.kv_cache import KVCache
 from dspark.models.config import ModelConfig
-from dspark.models.gguf import gguf_to_hf_dir, is_gguf
+from dspark.models.gguf import QUANT_FILE, gguf_to_hf_dir, is_gguf
 from dspark.models.transformer import Transformer, interleave_rope_rows
 from dspark.tokenizer import Tokenizer, read_json
 
@@ -102,8 +102,12 @@ class TargetModel:
 
     @property
     def cpu_gemm(self) -> str:
-        """"fp16-weights" when projections run through the packed fp16-weight GEMM, else "fp32"."""
-        return "fp16-weights" if self.transformer.packed_lm_head is not None else "fp32"
+        """Which GEMM the projections use: "int4+fp16-weights" (4-bit codes of the checkpoint, the rest
+        on the packed fp16-weight GEMM), "int4", "fp16-weights" or "fp32"."""
+        fp16 = self.transformer.packed_lm_head is not None
+        if getattr(self.transformer, "int4_packed", 0):
+            return "int4+fp16-weights" if fp16 else "int4"
+        return "fp16-weights" if fp16 else "fp32"
 
     @property
     def max_position_embeddings(self) -> int:
@@ -380,5 +384,12 @@ def load_target(
     model.build_rope(min(cfg.max_position_embeddings, DEFAULT_CACHE_LEN))
     stored = next(iter(weights.matrix_dtypes)) if len(weights.matrix_dtypes) == 1 else None
     model.pack_fp16_weights(cpu_gemm, stored=stored)
+    quant_file = path / QUANT_FILE
+    # 4-bit checkpoints (GGUF Q4_0 / Q4_1) run their codes on the int4 GEMM, unless a dtype was asked
+    # for explicitly (dtype="float32": the exactly dequantized model) or cpu_gemm says otherwise.
+    if cpu_gemm == "auto" and dtype is None and quant_file.is_file() and torch_dtype == torch.float32:
+        from safetensors.torch import load_file
+
+        model.pack_int4_weights(load_file(str(quant_file)))
     return TargetModel(cfg, model, tokenizer, generation_config, path, source=source)
 
