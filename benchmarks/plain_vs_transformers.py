@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
     p.add_argument("--repeats", type=int, default=3,
                    help="interleaved repeats; the best time of each is kept (default: 3)")
+    p.add_argument("--cpu-gemm", default="auto", choices=["auto", "fp16", "off"],
+                    help="CPU projections, as dspark generate --cpu-gemm (default: auto)")
     p.add_argument("--out", default="runs/bench_plain.json", help="results JSON (default: runs/bench_plain.json)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     from dspark.bundled import default_model_path
 
     path = Path(args.model) if args.model else default_model_path()
-    llm = LLM(model=path, max_num_seqs=8)
+    llm = LLM(model=path, max_num_seqs=8, cpu_gemm=args.cpu_gemm)
     # transformers reads the directory our runtime read (a GGUF's converted cache): the same weights.
     hf = AutoModelForCausalLM.from_pretrained(str(llm.target.path), dtype=torch.float32).eval()
     tok = llm.tokenizer

@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=None, help="model directory or .gguf (default: the default model)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
     ap.add_argument("--steps", type=int, default=40, help="timed decode steps (default: 40)")
+    ap.add_argument("--cpu-gemm", default="auto", choices=["auto", "fp16", "off"],
+                    help="CPU projections, as dspark generate --cpu-gemm (default: auto)")
     ap.add_argument("--out", default="runs/step_profile.json", help="results JSON (default: runs/step_profile.json)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     from dspark.bundled import default_model_path
     from dspark.models import load_target
 
-    target = load_target(args.model or default_model_path())
+    target = load_target(args.model or default_model_path(), cpu_gemm=args.cpu_gemm)
     cache = target.new_cache(1, 1024)
     slot = cache.allocate()
     target.forward(cache, [slot], [list(range(100, 164))], all_logits=False)

@@ -60,6 +60,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-text")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16", "auto"],
                    help="weights dtype (default: float32 compute on CPU; a GGUF's weights are stored as float16)")
+    p.add_argument("--cpu-gemm", default="auto", choices=["auto", "fp16", "off"],
+                   help="CPU projections: auto = a 4-bit GGUF's codes on the int4 GEMM and fp16-exact weights on "
+                        "the packed fp16 GEMM; fp16 = no int4; off = plain float GEMMs (default: auto)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--max-num-seqs", type=int, default=8, help="prompts decoded together (default: 8)")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
@@ -79,7 +82,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.num_speculative_tokens is not None and not named and args.drafter is not None:
         raise ValueError("-g/--num-speculative-tokens needs a drafter (--drafter DIR or ngram)")
     llm = LLM(model=args.model, drafter="auto" if args.drafter is None else args.drafter, dtype=args.dtype,
-              num_threads=args.threads, max_num_seqs=args.max_num_seqs, scheduler=args.scheduler)
+              num_threads=args.threads, max_num_seqs=args.max_num_seqs, scheduler=args.scheduler,
+              cpu_gemm=args.cpu_gemm)
     if llm.model_note:
         print(f"note: {llm.model_note}", file=sys.stderr)
     if llm.drafter is None and args.num_speculative_tokens is not None:

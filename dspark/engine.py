@@ -444,6 +444,8 @@ class LLM:
     ``"dflash"``, ... = the bundled drafter of that kind for this model), ``"auto"`` (the bundled DSpark
     drafter trained for this model when there is one, else plain decoding), or a ready Drafter object. ``num_speculative_tokens``: default γ (default: the drafter's block).
     ``max_num_seqs``: how many requests are decoded together in one batched forward.
+    ``cpu_gemm``: "auto" (the fastest exact CPU path for the checkpoint: int4 codes of a 4-bit GGUF,
+    the packed fp16-weight GEMM for fp16-exact weights), "fp16" (no int4) or "off" (see `load_target`).
     ``scheduler``: ``"static"`` verifies every drafted token; ``"confidence"`` lets the drafter's
     confidence head and a step-cost table (profiled at start-up unless ``step_cost`` is given) choose
     how many drafts each request verifies per round (the paper's Algorithm 1; lossless either way).
@@ -453,13 +455,13 @@ class LLM:
                  dtype: str | None = None, max_num_seqs: int = 8, max_model_len: int | None = None,
                  num_threads: int | None = None, device: str = "cpu",
                  num_speculative_tokens: int | None = None, scheduler: str = "static",
-                 step_cost: StepCostTable | None = None) -> None:
+                 step_cost: StepCostTable | None = None, cpu_gemm: str = "auto") -> None:
         if num_threads is not None:
             torch.set_num_threads(num_threads)
         choice = default_model() if model is None else None
         self.model_path = Path(model) if model is not None else choice.path
         self.model_note = choice.note if choice is not None else None  # e.g. how to get the real default
-        self.target = load_target(self.model_path, dtype=dtype, device=device)
+        self.target = load_target(self.model_path, dtype=dtype, device=device, cpu_gemm=cpu_gemm)
         self.tokenizer = self.target.tokenizer
         max_len = max_model_len or self.target.context_length
         self.model_label = target_label(self.target)

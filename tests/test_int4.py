@@ -147,3 +147,10 @@ def test_sampled_output_follows_the_int4_target(q4_file):
     assert llm.target.cpu_gemm.startswith("int4")
     p, accepted = sampled_pairs_pvalue(llm, _OwnLogits(llm.target), n=800)
     assert accepted > 0 and p > 1e-3, p
+
+
+def test_cpu_gemm_modes(q4_file):
+    assert load_target(q4_file, cpu_gemm="fp16").cpu_gemm in ("fp16-weights", "fp32")
+    assert load_target(q4_file, cpu_gemm="off").cpu_gemm == "fp32"
+    with pytest.raises(ValueError, match="cpu_gemm must be one of auto, fp16, off"):
+        load_target(q4_file, cpu_gemm="int8")
