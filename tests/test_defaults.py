@@ -209,3 +209,19 @@ def test_datagen_templates_instruction_prompts(qwen3_ckpt, tmp_path):
     assert datagen_main([*args, "--raw", "--out", str(tmp_path / "r.jsonl")]) == 0
     raw = json.loads((tmp_path / "r.jsonl").read_text().splitlines()[0])
     assert raw["chat_template"] is False and raw["prompt_ids"] == tok.encode("Say hi")
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    import os
+    import stat
+
+    from dspark.train.checkpoint import atomic_torch_save, atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "x.json", "{}")
+        atomic_torch_save({"a": 1}, tmp_path / "c.pt")
+    finally:
+        os.umask(old)
+    for name in ("x.json", "c.pt"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
