@@ -393,7 +393,6 @@ def load_target(
     model.eval()
     model.build_rope(min(cfg.max_position_embeddings, DEFAULT_CACHE_LEN))
     stored = next(iter(weights.matrix_dtypes)) if len(weights.matrix_dtypes) == 1 else None
-    model.pack_fp16_weights("auto" if cpu_gemm == "fp16" else cpu_gemm, stored=stored)
     quant_file = path / QUANT_FILE
     # 4-bit checkpoints (GGUF Q4_0 / Q4_1) run their codes on the int4 GEMM, unless a dtype was asked
     # for explicitly (dtype="float32": the exactly dequantized model) or cpu_gemm says otherwise.
@@ -401,5 +400,6 @@ def load_target(
         from safetensors.torch import load_file
 
         model.pack_int4_weights(load_file(str(quant_file)))
+    model.pack_fp16_weights("auto" if cpu_gemm == "fp16" else cpu_gemm, stored=stored)
     return TargetModel(cfg, model, tokenizer, generation_config, path, source=source)
 

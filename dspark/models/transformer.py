@@ -139,7 +139,9 @@ class Int4Linear:
     def dequantized(self, codes: Tensor) -> Tensor:
         """W as this kernel sees it (float32 [N, K]): the model's weight values."""
         s, z = self.scales_zeros[..., 0].float().t(), self.scales_zeros[..., 1].float().t()  # [N, K/G]
-        return (codes.float() - 8) * s.repeat_interleave(self.GROUP, 1) + z.repeat_interleave(self.GROUP, 1)
+        n, k = codes.shape
+        groups = codes.view(n, k // self.GROUP, self.GROUP).float().sub_(8)
+        return groups.mul_(s.unsqueeze(-1)).add_(z.unsqueeze(-1)).view(n, k)
 
     def __call__(self, x: Tensor) -> Tensor:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
@@ -267,7 +269,7 @@ class Transformer(nn.Module):
         """Run every fused projection whose parts all have 4-bit codes in `quant` (HF names + ".q4",
         ".q4_scale", ".q4_zero", as `dspark.models.gguf` writes them) on the int4 GEMM, and set its
         float32 weight to the values that kernel uses (so the F.linear path is the same model).
-        Call after pack_fp16_weights. Returns the number of projections packed."""
+        Call before pack_fp16_weights (which then packs only the rest). Returns the number packed."""
         if self.embed_weight.device.type != "cpu" or self.embed_weight.dtype != torch.float32 or \
                 not quant or not int4_available():
             return 0
@@ -309,26 +311,34 @@ class Transformer(nn.Module):
         return n
 
     def pack_fp16_weights(self, mode: str = "auto", stored: torch.dtype | None = None) -> bool:
-        """Use the fp16-weight GEMM for every projection and the LM head ("auto": when this is a
-        float32 CPU model, fbgemm is available and every such weight is fp16-exact; "off": never).
+        """Use the fp16-weight GEMM for every projection not already on the int4 GEMM, and the LM head
+        ("auto": when this is a float32 CPU model, fbgemm is available and every such weight is
+        fp16-exact; "off": never, and int4 projections go back to F.linear too).
         Returns whether the weights are now packed."""
         if mode not in ("auto", "off"):
             raise ValueError(f"cpu_gemm must be 'auto' or 'off', got {mode!r}")
         for layer in self.layers:
-            layer.attn.packed.clear()
-            layer.mlp.packed.clear()
+            for packed in (layer.attn.packed, layer.mlp.packed):
+                for key in [k for k, v in packed.items() if mode == "off" or not isinstance(v, Int4Linear)]:
+                    del packed[key]
+        if mode == "off":
+            self.int4_packed = 0
         self.packed_lm_head = None
         if mode == "off" or self.embed_weight.device.type != "cpu" or not fp16_gemm_available():
             return False
-        mats = [self.lm_head_weight] + [w for layer in self.layers for w in (
-            layer.attn.qkv_weight, layer.attn.o_weight, layer.mlp.gate_up_weight, layer.mlp.down_weight)]
-        if not all(fp16_exact(w.data, stored) for w in mats):
-            return False
+        todo = []  # (packed dict, key, weight, bias) of every projection without an int4 packing
         for layer in self.layers:
             a, m = layer.attn, layer.mlp
-            a.packed.update(qkv=PackedLinear(a.qkv_weight, a.qkv_bias), o=PackedLinear(a.o_weight, a.o_bias))
-            m.packed.update(gate_up=PackedLinear(m.gate_up_weight, m.gate_up_bias),
-                            down=PackedLinear(m.down_weight, m.down_bias))
+            for packed, key, w, b in ((a.packed, "qkv", a.qkv_weight, a.qkv_bias), (a.packed, "o", a.o_weight, a.o_bias),
+                                      (m.packed, "gate_up", m.gate_up_weight, m.gate_up_bias),
+                                      (m.packed, "down", m.down_weight, m.down_bias)):
+                if key not in packed:
+                    todo.append((packed, key, w, b))
+        if not fp16_exact(self.lm_head_weight.data, stored) or \
+                not all(fp16_exact(w.data, stored) for _, _, w, _ in todo):
+            return False
+        for packed, key, w, b in todo:
+            packed[key] = PackedLinear(w, b)
         self.packed_lm_head = PackedLinear(self.lm_head_weight, None)
         return True
 
