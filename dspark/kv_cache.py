@@ -51,6 +51,25 @@ class CacheBatch:
     is_causal: bool  # no mask needed: plain causal (all slots empty before) or, if False, attend to all
 
 
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.zeros, but on CPU from a private anonymous mapping: the OS hands out zeroed 4 KiB pages
+    only when they are first written, so a cache sized for the whole context costs nothing until it is
+    used. (torch.zeros writes every page up front, seconds for a few GB; numpy's calloc'd arrays ask
+    for 2 MiB huge pages, each zeroed whole on first touch, which costs the same once every slot runs.)"""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    import math
+    import mmap
+
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    nbytes = max(1, math.prod(shape) * itemsize)
+    try:
+        buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except (AttributeError, OSError, ValueError):  # no anonymous private mappings here (non-POSIX)
+        return torch.zeros(shape, dtype=dtype)
+    return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).view(shape)  # the tensor keeps `buf` alive
+
+
 class KVCache:
     """Key/value tensors of shape `[num_layers, max_seqs, num_kv_heads, max_len, head_dim]`.
 
@@ -79,8 +98,8 @@ class KVCache:
         self.device = torch.device(device)
         shape = (num_layers, max_seqs, num_kv_heads, max_len, head_dim)
         # Zeros, not empty: padded query rows may read never-written positions, and those must be finite.
-        self.k = torch.zeros(shape, dtype=dtype, device=self.device)
-        self.v = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.k = _zeros(shape, dtype, self.device)
+        self.v = _zeros(shape, dtype, self.device)
         # Per-layer views, taken once: indexing self.k[layer] on every call is a measurable cost when decoding.
         self._k_layers = list(self.k.unbind(0))
         self._v_layers = list(self.v.unbind(0))

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from dspark.errors import DSparkError
+
 from dspark.eval import acceptance
 from dspark.eval.acceptance import EvalConfig, EvalError, evaluate, pool_metrics
 from dspark.eval.prompts import PromptSetError, load_prompt_set, prepare_prompts
@@ -112,11 +114,12 @@ def test_errors_name_the_culprit(tmp_path, target):
     assert rc == 2
 
 
-def test_missing_bundled_checkpoint_names_path_and_command(monkeypatch, tmp_path):
-    monkeypatch.setattr(acceptance, "_MODELS", tmp_path / "models")
-    monkeypatch.setattr(acceptance, "_REPO_ROOT", tmp_path)
-    with pytest.raises(EvalError, match=r"models/dspark-demo-dflash.*dspark train-drafter --drafter dflash"):
-        acceptance.resolve_drafter_arg("dflash")
+def test_bundled_name_for_another_target_names_drafter_and_target(target):
+    # The bundled dflash checkpoint was trained for the demo target, not for this tiny one.
+    label, spec = acceptance.resolve_drafter_arg("dflash")
+    assert (label, spec) == ("dflash", "dflash")
+    with pytest.raises(DSparkError, match=r"drafter 'dflash': no bundled dflash drafter for"):
+        acceptance.build_drafter(spec, target, 1, 64)
 
 
 def test_cli_main_runs(tmp_path, qwen3_ckpt, capsys):

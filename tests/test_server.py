@@ -244,7 +244,9 @@ def test_disconnect_mid_stream_frees_the_slot(small_srv, slow_steps):
     eng = small_srv.serving.engine
     with httpx.Client(timeout=60) as c:
         with c.stream("POST", f"{small_srv.url}/v1/completions", json=LONG) as r:
-            next(r.iter_lines())  # generation has started
+            # Keep the line iterator referenced: a dropped one closes the connection (a disconnect).
+            lines = r.iter_lines()
+            next(lines)  # generation has started
             assert eng.cache.num_free == 0
     end = time.monotonic() + 5
     while (eng.cache.num_free != eng.max_num_seqs or small_srv.serving.num_in_flight) and time.monotonic() < end:

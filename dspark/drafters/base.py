@@ -218,6 +218,8 @@ def load_drafter(path_or_name: str | Path, target: "TargetModel", max_seqs: int,
         if not isinstance(raw, dict):
             raise CheckpointError(f"{cfg_file}: expected a JSON object")
         cls = DRAFTERS[drafter_type_of(raw, str(cfg_file))]
+        from dspark.bundled import check_drafter_target
+        check_drafter_target(raw, str(cfg_file), target)
         return cls.from_pretrained(path, target, max_seqs, max_len)
     name = str(path_or_name)
     if name in DRAFTERS:

@@ -654,8 +654,12 @@ class FeatureDrafterModel(nn.Module):
 
     def attach(self, target: "TargetModel", dtype: torch.dtype | None = None) -> None:
         """Share `target`'s embedding and LM head (cast to `dtype` if it differs; no copy otherwise)."""
+        from dspark.bundled import fingerprint_fields
+
         t = target.transformer
         dtype = dtype or t.embed_weight.dtype
+        # Written into config.json on save, so the drafter is only picked for the target it was made for.
+        self.target_fields = fingerprint_fields(target)
         self.shared = SharedWeights(embed=t.embed_weight.detach().to(dtype),
                                     lm_head=t.lm_head_weight.detach().to(dtype),
                                     packed_lm_head=t.packed_lm_head if dtype == t.lm_head_weight.dtype else None)
@@ -739,7 +743,8 @@ class FeatureDrafterModel(nn.Module):
         tmp = out / (WEIGHTS_FILE + ".tmp")
         save_file(tensors, str(tmp), metadata={"format": "pt"})
         tmp.replace(out / WEIGHTS_FILE)
-        atomic_write_text(out / "config.json", json.dumps(self.config.to_json_dict(dtype), indent=2) + "\n")
+        raw = {**self.config.to_json_dict(dtype), **getattr(self, "target_fields", {})}
+        atomic_write_text(out / "config.json", json.dumps(raw, indent=2) + "\n")
         return out
 
     @classmethod

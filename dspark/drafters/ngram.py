@@ -24,6 +24,7 @@ from dspark.sampling import SamplingTensors
 @register_drafter("ngram", architectures=("NgramDrafter",))
 class NgramDrafter(CommitOne):
     name = "ngram"
+    weightless = True  # selectable by bare name: prompt lookup needs no checkpoint
     target_layer_ids: list[int] = []
     has_confidence = False
 

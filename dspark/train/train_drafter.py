@@ -494,7 +494,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output drafter directory (its .work/ holds checkpoints)")
     p.add_argument("--drafter", default=d.drafter, choices=list(TRAINABLE_DRAFTERS),
                    help="dspark (sequential + confidence heads), dflash (parallel backbone only) or "
-                        "eagle3 (autoregressive, training-time test over --block-size steps)")
+                        f"eagle3 (autoregressive, training-time test over --block-size steps) (default: {d.drafter})")
     p.add_argument("--markov-head-type", default=d.markov_head_type, choices=sorted(HEAD_ALIASES),
                    help=f"sequential head (default: {d.markov_head_type})")
     p.add_argument("--target-layer-ids", type=_int_list, default=None,

