@@ -228,3 +228,43 @@ def test_closing_one_stream_leaves_the_others_running(qwen3_ckpt):
     text = "".join(d.text for d in deltas)
     assert deltas[-1].finished and deltas[-1].output.token_ids == want.token_ids
     assert want.text.endswith(text) and llm.engine.cache.num_free == 4
+
+
+@pytest.mark.parametrize("kind", ["ngram", "dspark"])
+def test_drafters_follow_the_protocol_and_draw_only_their_own_ell(plain, kind):
+    """Per-request ℓ (0 allowed) in one call: row r draws exactly ℓ_r uniforms from its generator."""
+    from dspark.drafters import Drafter
+    from dspark.sampling import SamplingTensors
+
+    target = plain.target
+    if kind == "ngram":
+        d = NgramDrafter(target.vocab_size, block_size=8)
+    else:
+        d = untrained_dspark(target, 3)
+    assert isinstance(d, Drafter) and isinstance(d.has_confidence, bool)
+    for slot in range(3):
+        ids = target.tokenizer.encode(PROMPTS[slot])
+        cache = target.new_cache(1, 64)
+        s = cache.allocate()
+        hidden = target.forward(cache, [s], [ids], hidden_layer_ids=d.target_layer_ids).hidden
+        d.add_sequence(slot, ids, None if hidden is None else hidden[0])
+    params = [SamplingParams(temperature=1.0, seed=10 + i) for i in range(3)]
+    gens = [make_generator(p.seed) for p in params]
+    ells = [0, 3, 5]
+    prop = d.propose([0, 1, 2], [5, 6, 7], ells, SamplingTensors.from_params(params), gens)
+    assert prop.token_ids.shape == (3, 5) and prop.lengths(ells) == ells
+    for ell, gen, p in zip(ells, gens, params):
+        ref = make_generator(p.seed)
+        drawn = ell if kind != "ngram" else 0  # prompt lookup samples nothing
+        for _ in range(drawn):
+            torch.rand(1, generator=ref, dtype=torch.float64)
+        assert torch.equal(gen.get_state(), ref.get_state()), (ell, kind)
+    # One batched commit for every sequence of the round.
+    from dspark.drafters import DraftCommit
+    hidden = None if not d.target_layer_ids else torch.zeros(3, 4, len(d.target_layer_ids), target.config.hidden_size)
+    d.commit_batch(DraftCommit([0, 1, 2], [[5], [6, int(prop.token_ids[1, 0])], [7, 1, 2, 3]], hidden))
+    if kind != "ngram":
+        assert [d.context_length(s) for s in range(3)] == [len(target.tokenizer.encode(PROMPTS[s])) + n
+                                                          for s, n in zip(range(3), (1, 2, 4))]
+    for slot in range(3):
+        d.free(slot)

@@ -234,7 +234,7 @@ def benchmark(cfg: BenchConfig, drafters: Mapping[str, DrafterSpec] | None = Non
             g = d.block_size
         methods.append(EngineMethod(label, Engine(target, max_num_seqs=1, max_model_len=max_len, drafter=d), g))
         if cfg.scheduler == SchedulerKind.CONFIDENCE:
-            if getattr(d, "has_confidence", False):
+            if d.has_confidence:
                 d2 = build_drafter(spec, target, 1, max_len)  # its own caches: engines never share a drafter
                 methods.append(EngineMethod(f"{label}+confidence", Engine(
                     target, max_num_seqs=1, max_model_len=max_len, drafter=d2, scheduler=SchedulerKind.CONFIDENCE), g))
