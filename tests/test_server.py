@@ -258,6 +258,29 @@ def test_disconnect_mid_stream_frees_the_slot(small_srv, slow_steps):
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
 
 
+def test_disconnect_of_a_non_streaming_request_frees_the_slot(small_srv, slow_steps):
+    eng = small_srv.serving.engine
+    body = {k: v for k, v in LONG.items() if k != "stream"}
+
+    def finished(status: str) -> float:
+        for line in httpx.get(f"{small_srv.url}/metrics").text.splitlines():
+            if line.startswith(f'dspark_requests_total{{status="{status}"}}'):
+                return float(line.split()[1])
+        return 0.0
+
+    before = finished("length"), finished("abort")
+    t0 = time.monotonic()
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up (and closes the connection) mid-generation
+        httpx.post(f"{small_srv.url}/v1/completions", json=body, timeout=httpx.Timeout(5, read=0.3))
+    end = time.monotonic() + 5
+    while (eng.cache.num_free != eng.max_num_seqs or small_srv.serving.num_in_flight) and time.monotonic() < end:
+        time.sleep(0.005)
+    assert eng.cache.num_free == eng.max_num_seqs and small_srv.serving.num_in_flight == 0
+    # Freed before the 240 tokens (>= 1.2 s at 5 ms a step) could have finished: it was aborted.
+    assert time.monotonic() - t0 < 1.1
+    assert (finished("length"), finished("abort")) == (before[0], before[1] + 1)
+
+
 def test_a_failing_request_does_not_take_the_loop_down(plain_srv, monkeypatch):
     eng = plain_srv.serving.engine
     real = eng._prefill

@@ -159,19 +159,33 @@ def build_app(serving: ServingEngine, model_name: str, drafter_name: str | None 
                         prompt_len: int, chat: bool) -> dict:
         choices = [_Choice() for _ in rids]
         left = len(rids)
+        # The body has been read, so the next ASGI message is the client hanging up: abort then.
+        gone = asyncio.Event()
+
+        async def watch() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+            for rid in rids:
+                serving.abort(rid)
+
+        watcher = asyncio.create_task(watch())
         try:
             while left:
-                try:
-                    idx, o = await asyncio.wait_for(queue.get(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        raise asyncio.CancelledError from None
-                    continue
+                got = asyncio.ensure_future(queue.get())
+                waiter = asyncio.ensure_future(gone.wait())
+                done, _ = await asyncio.wait({got, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                if got not in done:
+                    got.cancel()
+                    raise asyncio.CancelledError  # nobody is listening any more
+                waiter.cancel()
+                idx, o = got.result()
                 if o.finish_reason == "error":
                     raise APIError(500, f"generation failed: {o.error}", type_="server_error")
                 _absorb(choices[idx], o)
                 left -= o.finished
         finally:
+            watcher.cancel()
             if left:
                 for rid in rids:
                     serving.abort(rid)
