@@ -225,3 +225,57 @@ def test_written_files_follow_the_umask(tmp_path):
         os.umask(old)
     for name in ("x.json", "c.pt"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
+
+
+def test_config_values_must_be_numbers(qwen3_ckpt, tmp_path):
+    import shutil
+
+    from dspark.models import load_target
+
+    d = tmp_path / "m"
+    shutil.copytree(qwen3_ckpt.path, d)
+    raw = json.loads((d / "config.json").read_text())
+    for key, value in (("hidden_size", "320"), ("num_hidden_layers", 2.5), ("rms_norm_eps", "x")):
+        bad = dict(raw, **{key: value})
+        (d / "config.json").write_text(json.dumps(bad))
+        with pytest.raises(CheckpointError, match=rf"config\.json: key '{key}' must be"):
+            load_target(d)
+
+
+def test_nan_weights_are_refused_at_load(qwen3_ckpt, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from dspark.models import load_target
+
+    d = tmp_path / "nan"
+    shutil.copytree(qwen3_ckpt.path, d)
+    f = next(d.glob("*.safetensors"))
+    tensors = load_file(str(f))
+    key = "model.layers.1.mlp.down_proj.weight"
+    tensors[key][3, 5] = float("nan")
+    save_file(tensors, str(f))
+    with pytest.raises(CheckpointError, match=r"weight layers\.1\.mlp\.down_weight holds 1 NaN/inf"):
+        load_target(d)
+    tensors[key][3, 5] = float("inf")
+    save_file(tensors, str(f))
+    with pytest.raises(CheckpointError, match="NaN/inf"):
+        load_target(d)
+
+
+def test_declared_torch_floor_holds():
+    import re
+    import tomllib
+
+    import torch.nn.functional as F
+
+    deps = tomllib.loads((REPO_MODELS.parent / "pyproject.toml").read_text())["project"]["dependencies"]
+    floor = next(re.match(r"torch>=([\d.]+)", d).group(1) for d in deps if d.startswith("torch"))
+    as_tuple = lambda v: tuple(int(x) for x in re.findall(r"\d+", v)[:2])  # noqa: E731
+    # The attention code passes enable_gqa, which torch has from 2.5 on: the floor may not be lower.
+    assert as_tuple(floor) >= (2, 5)
+    assert as_tuple(torch.__version__) >= as_tuple(floor)
+    q = torch.randn(1, 4, 2, 8)
+    kv = torch.randn(1, 2, 2, 8)
+    F.scaled_dot_product_attention(q, kv, kv, enable_gqa=True)
