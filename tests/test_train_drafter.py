@@ -142,3 +142,44 @@ def test_bad_inputs_give_clear_errors(qwen3_ckpt, data_file, tmp_path, capsys) -
     (nomask / "tokenizer_config.json").write_text(json.dumps(tc))
     msg = err(["--target", str(nomask), "--data", str(data_file), "--out", str(tmp_path / "o2"), "--steps", "1"])
     assert "mask token" in msg
+
+
+def test_resume_with_changed_settings_is_refused(qwen3_ckpt, data_file, tmp_path) -> None:
+    from dspark.errors import CheckpointError
+
+    cfg = tiny(qwen3_ckpt, data_file, tmp_path / "run", steps=8)
+    train(cfg)
+    other = tmp_path / "other.jsonl"
+    shutil.copy(data_file, other)
+    for change, flag in (({"lr": 1e-2}, "--lr"), ({"num_layers": 2}, "--num-layers"), ({"data": str(other)}, "--data")):
+        with pytest.raises(CheckpointError, match=rf"other settings: {flag} .*delete .*\.work to start fresh"):
+            train(replace(cfg, **change))
+    with pytest.raises(CheckpointError, match="already trained 8 steps, more than --steps 4"):
+        train(replace(cfg, steps=4))
+    # Raising --steps on purpose continues the finished run.
+    more = losses(train(replace(cfg, steps=12)))
+    assert len(more) == 12 and more[:8] == losses_of(tmp_path / "run", 8)
+
+
+def losses_of(out: Path, n: int) -> list[float]:
+    return json.loads((out / "training_log.json").read_text())["train_losses"][:n]
+
+
+def test_damaged_checkpoint_falls_back_or_says_what_to_delete(qwen3_ckpt, data_file, tmp_path, capsys) -> None:
+    from dspark.errors import CheckpointError
+
+    cfg = tiny(qwen3_ckpt, data_file, tmp_path / "run")
+    train(replace(cfg, stop_after=9))  # checkpoints at steps 4 and 8
+    work = tmp_path / "run" / ".work"
+    ckpt, prev = work / "checkpoint.pt", work / "checkpoint.prev.pt"
+    assert prev.exists()
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(data[: len(data) // 2])  # truncated
+    out = train(cfg)
+    err = capsys.readouterr().err
+    assert "is damaged" in err and "resuming from" in err and str(prev) in err
+    assert len(losses(out)) == 12
+    ckpt.write_bytes(b"garbage")
+    prev.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match=rf"is damaged .* delete {work}"):
+        train(replace(cfg, steps=16))

@@ -386,7 +386,7 @@ def _train(cfg: TrainDrafterConfig, rank: int, world: int, load_target) -> Path:
            "world_size": world, "threads": torch.get_num_threads(),
            "num_params": sum(p.numel() for p in model.parameters()),
            "drafter": dcfg.to_json_dict(), "train_seqs": len(data.train), "val_seqs": len(data.val)}
-    log = resume(ckpt_path, model, opt, log, rank, world)
+    log = resume(ckpt_path, model, opt, log, rank, world, cfg)
     ddp_model = data_parallel(model, world)
 
     local_bs = cfg.batch_size // world
