@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import untrained_dspark
+from helpers import untrained_dspark, write_sets
 
 from dspark import LLM, SamplingParams
 from dspark import bundled
@@ -279,3 +279,26 @@ def test_declared_torch_floor_holds():
     q = torch.randn(1, 4, 2, 8)
     kv = torch.randn(1, 2, 2, 8)
     F.scaled_dot_product_attention(q, kv, kv, enable_gqa=True)
+
+
+def test_unwritable_out_fails_before_any_work(qwen3_ckpt, tmp_path, capsys, monkeypatch):
+    """--out under a regular file cannot be created (root included): one line, before training or decoding."""
+    from dspark.train import train_drafter
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    bad = blocker / "sub"
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt_ids": [5, 6], "output_ids": [7, 8, 9]}) + "\n")
+    monkeypatch.setattr(train_drafter, "load_data", lambda *a, **k: pytest.fail("work started"))
+    cases = [
+        ["train-drafter", "--target", str(qwen3_ckpt.path), "--data", str(data), "--out", str(bad)],
+        ["eval", "--model", str(qwen3_ckpt.path), "--drafters", "ngram", "--data-dir",
+         str(write_sets(tmp_path / "sets")), "--sets", "humaneval", "--out", str(bad / "e.json")],
+        ["datagen", "--model", str(qwen3_ckpt.path), "--out", str(bad / "d.jsonl")],
+        ["bench", "--model", str(qwen3_ckpt.path), "--drafters", "ngram", "--out", str(bad / "b.json")],
+    ]
+    for argv in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "cannot write there" in err[0] and str(blocker) in err[0], (argv, err)

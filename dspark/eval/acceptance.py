@@ -422,8 +422,10 @@ def evaluate(cfg: EvalConfig, drafters: Mapping[str, DrafterSpec] | None = None,
 
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    # Validate the prompt sets before any model is loaded: a typo should cost nothing.
+    # Validate the prompt sets and the output location before any model is loaded: a typo should cost nothing.
     texts = {s: load_prompt_set(cfg.data_dir, s, cfg.num_prompts) for s in cfg.sets}
+    from dspark.train.checkpoint import check_writable
+    check_writable(cfg.out, "--out")
     specs: dict[str, DrafterSpec] = dict(drafters) if drafters is not None else \
         dict(resolve_drafter_arg(a) for a in cfg.drafters)
     if not specs:

@@ -161,6 +161,8 @@ def run(args: argparse.Namespace) -> Path:
     if not prompts:
         raise DatagenError("no prompts: give --prompts FILE or a corpus split with --num-prompts > 0")
     out = Path(args.out)
+    from dspark.train.checkpoint import check_writable
+    check_writable(out, "--out")
     done: set[int] = set()
     if out.exists():
         for line in out.read_text(encoding="utf-8").splitlines():

@@ -296,6 +296,8 @@ def model_card(cfg: PretrainConfig, meta: dict, log: dict, samples: list[dict], 
 
 def train(cfg: PretrainConfig) -> Path:
     cfg.validate()
+    from dspark.train.checkpoint import check_writable
+    check_writable(cfg.out, "--out", is_dir=True)
     rank, world = dist_info()
     if world > 1:
         torch.distributed.init_process_group("gloo")

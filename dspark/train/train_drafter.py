@@ -356,6 +356,8 @@ def _all_reduce(values: list[torch.Tensor], world: int) -> list[torch.Tensor]:
 
 def train(cfg: TrainDrafterConfig) -> Path:
     cfg.validate()
+    from dspark.train.checkpoint import check_writable
+    check_writable(cfg.out, "--out", is_dir=True)
     from dspark.models import load_target
 
     rank, world = dist_info()
