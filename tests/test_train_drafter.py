@@ -183,3 +183,30 @@ def test_damaged_checkpoint_falls_back_or_says_what_to_delete(qwen3_ckpt, data_f
     prev.write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match=rf"is damaged .* delete {work}"):
         train(replace(cfg, steps=16))
+
+
+def test_ctrl_c_checkpoints_and_exits_130(qwen3_ckpt, data_file, tmp_path, monkeypatch, capsys) -> None:
+    """Ctrl-C mid-run: one line, status 130, and a checkpoint the next run resumes from exactly."""
+    from dspark.train import train_drafter as td
+
+    full = losses(train(tiny(qwen3_ckpt, data_file, tmp_path / "full")))
+    real = td.batch_indices
+
+    def interrupt_at_step_6(seed, step, n, bs):
+        if step == 6:
+            raise KeyboardInterrupt
+        return real(seed, step, n, bs)
+
+    monkeypatch.setattr(td, "batch_indices", interrupt_at_step_6)
+    out = tmp_path / "run"
+    argv = ["--target", str(qwen3_ckpt.path), "--data", str(data_file), "--out", str(out), "--block-size", "4",
+            "--num-layers", "1", "--markov-rank", "16", "--anchors-per-seq", "4", "--steps", "12",
+            "--batch-size", "4", "--lr", "3e-3", "--warmup-steps", "3", "--eval-every", "6", "--ckpt-every", "4",
+            "--threads", "1", "--val-percent", "20"]
+    assert main(argv) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("dspark train-drafter: interrupted at step 6 of 12; checkpoint saved")
+    assert "Traceback" not in "\n".join(err)
+    monkeypatch.setattr(td, "batch_indices", real)
+    assert main(argv) == 0
+    assert losses(out) == pytest.approx(full, abs=1e-6)
