@@ -179,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
         # Bad input is reported in one line that names what is wrong, never as a traceback.
         print(f"dspark {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        # Ctrl-C: one line (what was saved, how to go on, when the command says), status 130 as shells use.
+        print(f"dspark {args.command}: {e or 'interrupted'}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

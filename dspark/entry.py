@@ -41,3 +41,6 @@ def module_main(
     except errors as e:
         print(f"{label}: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        print(f"{prog}: {e or 'interrupted'}", file=sys.stderr)
+        return 130

@@ -61,3 +61,20 @@ def test_prompt_files_and_errors(qwen3_ckpt, tmp_path, capsys):
     assert "missing.jsonl" in capsys.readouterr().err
     assert main([*base, "--out", str(tmp_path / "z.jsonl")]) == 2
     assert "no prompts" in capsys.readouterr().err
+
+
+def test_resume_with_other_settings_is_refused(qwen3_ckpt, tmp_path, capsys):
+    import json as _json
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(_json.dumps({"prompt": f"hello {i}"}) + "\n" for i in range(3)))
+    out = tmp_path / "d.jsonl"
+    base = ["datagen", "--model", str(qwen3_ckpt.path), "--prompts", str(prompts), "--corpus-split", "none",
+            "--max-tokens", "3", "--batch-size", "2"]
+    assert main([*base, "--out", str(out)]) == 0
+    assert (tmp_path / "d.jsonl.settings.json").is_file()
+    assert main([*base, "--out", str(out), "--batch-size", "1"]) == 0  # how fast, not what: fine
+    capsys.readouterr()
+    assert main([*base, "--out", str(out), "--temperature", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "other settings: --temperature 0.5 (earlier: 1.0)" in err and "pick another --out" in err

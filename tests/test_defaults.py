@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import untrained_dspark
+from helpers import untrained_dspark, write_sets
 
 from dspark import LLM, SamplingParams
 from dspark import bundled
@@ -225,3 +225,80 @@ def test_written_files_follow_the_umask(tmp_path):
         os.umask(old)
     for name in ("x.json", "c.pt"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
+
+
+def test_config_values_must_be_numbers(qwen3_ckpt, tmp_path):
+    import shutil
+
+    from dspark.models import load_target
+
+    d = tmp_path / "m"
+    shutil.copytree(qwen3_ckpt.path, d)
+    raw = json.loads((d / "config.json").read_text())
+    for key, value in (("hidden_size", "320"), ("num_hidden_layers", 2.5), ("rms_norm_eps", "x")):
+        bad = dict(raw, **{key: value})
+        (d / "config.json").write_text(json.dumps(bad))
+        with pytest.raises(CheckpointError, match=rf"config\.json: key '{key}' must be"):
+            load_target(d)
+
+
+def test_nan_weights_are_refused_at_load(qwen3_ckpt, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from dspark.models import load_target
+
+    d = tmp_path / "nan"
+    shutil.copytree(qwen3_ckpt.path, d)
+    f = next(d.glob("*.safetensors"))
+    tensors = load_file(str(f))
+    key = "model.layers.1.mlp.down_proj.weight"
+    tensors[key][3, 5] = float("nan")
+    save_file(tensors, str(f))
+    with pytest.raises(CheckpointError, match=r"weight layers\.1\.mlp\.down_weight holds 1 NaN/inf"):
+        load_target(d)
+    tensors[key][3, 5] = float("inf")
+    save_file(tensors, str(f))
+    with pytest.raises(CheckpointError, match="NaN/inf"):
+        load_target(d)
+
+
+def test_declared_torch_floor_holds():
+    import re
+    import tomllib
+
+    import torch.nn.functional as F
+
+    deps = tomllib.loads((REPO_MODELS.parent / "pyproject.toml").read_text())["project"]["dependencies"]
+    floor = next(re.match(r"torch>=([\d.]+)", d).group(1) for d in deps if d.startswith("torch"))
+    as_tuple = lambda v: tuple(int(x) for x in re.findall(r"\d+", v)[:2])  # noqa: E731
+    # The attention code passes enable_gqa, which torch has from 2.5 on: the floor may not be lower.
+    assert as_tuple(floor) >= (2, 5)
+    assert as_tuple(torch.__version__) >= as_tuple(floor)
+    q = torch.randn(1, 4, 2, 8)
+    kv = torch.randn(1, 2, 2, 8)
+    F.scaled_dot_product_attention(q, kv, kv, enable_gqa=True)
+
+
+def test_unwritable_out_fails_before_any_work(qwen3_ckpt, tmp_path, capsys, monkeypatch):
+    """--out under a regular file cannot be created (root included): one line, before training or decoding."""
+    from dspark.train import train_drafter
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    bad = blocker / "sub"
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt_ids": [5, 6], "output_ids": [7, 8, 9]}) + "\n")
+    monkeypatch.setattr(train_drafter, "load_data", lambda *a, **k: pytest.fail("work started"))
+    cases = [
+        ["train-drafter", "--target", str(qwen3_ckpt.path), "--data", str(data), "--out", str(bad)],
+        ["eval", "--model", str(qwen3_ckpt.path), "--drafters", "ngram", "--data-dir",
+         str(write_sets(tmp_path / "sets")), "--sets", "humaneval", "--out", str(bad / "e.json")],
+        ["datagen", "--model", str(qwen3_ckpt.path), "--out", str(bad / "d.jsonl")],
+        ["bench", "--model", str(qwen3_ckpt.path), "--drafters", "ngram", "--out", str(bad / "b.json")],
+    ]
+    for argv in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "cannot write there" in err[0] and str(blocker) in err[0], (argv, err)

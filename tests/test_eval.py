@@ -161,3 +161,22 @@ def test_training_curves_plot(tmp_path):
     r = subprocess.run([sys.executable, str(script), "--out", str(out), f"C={tmp_path / 'missing'}"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "missing/training_log.json" in r.stderr
+
+
+def test_resume_is_keyed_by_what_the_label_points_to(tmp_path, target):
+    """Rerunning with `dspark=OTHER_DIR` recomputes: stored cells are tied to the drafter's files."""
+    from helpers import untrained_dspark
+
+    dirs = []
+    for seed in (0, 1):
+        d = untrained_dspark(target, 2, seed=seed, block_size=6)
+        dirs.append(d.model.save_pretrained(tmp_path / f"d{seed}"))
+    cfg = make_cfg(tmp_path, drafters=[f"dspark={dirs[0]}"], gammas=[], sets=["humaneval"])
+    first = evaluate(cfg, target=target, progress=False, plots=False)
+    assert len(first.computed) == 1
+    again = evaluate(cfg, target=target, progress=False, plots=False)
+    assert again.computed == [] and len(again.skipped) == 1
+    other = evaluate(make_cfg(tmp_path, drafters=[f"dspark={dirs[1]}"], gammas=[], sets=["humaneval"]),
+                     target=target, progress=False, plots=False)
+    assert len(other.computed) == 1 and not other.skipped
+    assert any("recomputed" in n for n in other.notes)

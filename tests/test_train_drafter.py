@@ -142,3 +142,71 @@ def test_bad_inputs_give_clear_errors(qwen3_ckpt, data_file, tmp_path, capsys) -
     (nomask / "tokenizer_config.json").write_text(json.dumps(tc))
     msg = err(["--target", str(nomask), "--data", str(data_file), "--out", str(tmp_path / "o2"), "--steps", "1"])
     assert "mask token" in msg
+
+
+def test_resume_with_changed_settings_is_refused(qwen3_ckpt, data_file, tmp_path) -> None:
+    from dspark.errors import CheckpointError
+
+    cfg = tiny(qwen3_ckpt, data_file, tmp_path / "run", steps=8)
+    train(cfg)
+    other = tmp_path / "other.jsonl"
+    shutil.copy(data_file, other)
+    for change, flag in (({"lr": 1e-2}, "--lr"), ({"num_layers": 2}, "--num-layers"), ({"data": str(other)}, "--data")):
+        with pytest.raises(CheckpointError, match=rf"other settings: {flag} .*delete .*\.work to start fresh"):
+            train(replace(cfg, **change))
+    with pytest.raises(CheckpointError, match="already trained 8 steps, more than --steps 4"):
+        train(replace(cfg, steps=4))
+    # Raising --steps on purpose continues the finished run.
+    more = losses(train(replace(cfg, steps=12)))
+    assert len(more) == 12 and more[:8] == losses_of(tmp_path / "run", 8)
+
+
+def losses_of(out: Path, n: int) -> list[float]:
+    return json.loads((out / "training_log.json").read_text())["train_losses"][:n]
+
+
+def test_damaged_checkpoint_falls_back_or_says_what_to_delete(qwen3_ckpt, data_file, tmp_path, capsys) -> None:
+    from dspark.errors import CheckpointError
+
+    cfg = tiny(qwen3_ckpt, data_file, tmp_path / "run")
+    train(replace(cfg, stop_after=9))  # checkpoints at steps 4 and 8
+    work = tmp_path / "run" / ".work"
+    ckpt, prev = work / "checkpoint.pt", work / "checkpoint.prev.pt"
+    assert prev.exists()
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(data[: len(data) // 2])  # truncated
+    out = train(cfg)
+    err = capsys.readouterr().err
+    assert "is damaged" in err and "resuming from" in err and str(prev) in err
+    assert len(losses(out)) == 12
+    ckpt.write_bytes(b"garbage")
+    prev.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match=rf"is damaged .* delete {work}"):
+        train(replace(cfg, steps=16))
+
+
+def test_ctrl_c_checkpoints_and_exits_130(qwen3_ckpt, data_file, tmp_path, monkeypatch, capsys) -> None:
+    """Ctrl-C mid-run: one line, status 130, and a checkpoint the next run resumes from exactly."""
+    from dspark.train import train_drafter as td
+
+    full = losses(train(tiny(qwen3_ckpt, data_file, tmp_path / "full")))
+    real = td.batch_indices
+
+    def interrupt_at_step_6(seed, step, n, bs):
+        if step == 6:
+            raise KeyboardInterrupt
+        return real(seed, step, n, bs)
+
+    monkeypatch.setattr(td, "batch_indices", interrupt_at_step_6)
+    out = tmp_path / "run"
+    argv = ["--target", str(qwen3_ckpt.path), "--data", str(data_file), "--out", str(out), "--block-size", "4",
+            "--num-layers", "1", "--markov-rank", "16", "--anchors-per-seq", "4", "--steps", "12",
+            "--batch-size", "4", "--lr", "3e-3", "--warmup-steps", "3", "--eval-every", "6", "--ckpt-every", "4",
+            "--threads", "1", "--val-percent", "20"]
+    assert main(argv) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("dspark train-drafter: interrupted at step 6 of 12; checkpoint saved")
+    assert "Traceback" not in "\n".join(err)
+    monkeypatch.setattr(td, "batch_indices", real)
+    assert main(argv) == 0
+    assert losses(out) == pytest.approx(full, abs=1e-6)

@@ -102,7 +102,42 @@ def build_drafter(spec: DrafterSpec, target: "TargetModel", max_seqs: int, max_l
     source = resolve_drafter(spec, target) if isinstance(spec, str) else spec
     if source is None:
         raise EvalError(f"drafter {spec!r} means plain decoding; it has no acceptance to measure")
-    return load_drafter(source, target, max_seqs=max_seqs, max_len=max_len)
+    drafter = load_drafter(source, target, max_seqs=max_seqs, max_len=max_len)
+    if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
+        drafter.source_path = Path(source)  # what `dspark eval` keys stored results by
+    return drafter
+
+
+def _digest(obj: Any) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def files_identity(path: Path) -> list[tuple[str, int, int]]:
+    """(name, size, mtime_ns) of the files in a model or drafter directory (or of one file)."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(f for f in path.iterdir() if f.is_file())
+    out = []
+    for f in files:
+        st = f.stat()
+        out.append((str(f.resolve()), st.st_size, st.st_mtime_ns))
+    return out
+
+
+def target_identity(target: "TargetModel") -> dict[str, Any]:
+    src = target.source if target.source is not None else target.path
+    return {"files": files_identity(src) if src is not None and Path(src).exists() else str(src),
+            "dtype": str(target.dtype), "cpu_gemm": target.cpu_gemm}
+
+
+def drafter_identity(spec: Any, drafter: Any) -> Any:
+    """The files a drafter was loaded from, or (weightless drafters, objects, factories) what it is."""
+    source = getattr(drafter, "source_path", None)
+    if source is not None and Path(source).exists():
+        return {"files": files_identity(Path(source))}
+    return {"kind": type(drafter).__name__, "name": getattr(drafter, "name", None),
+            "block_size": getattr(drafter, "block_size", None), "spec": spec if isinstance(spec, str) else None}
 
 
 def run_engine(engine: "Engine", prompts: Sequence[Sequence[int]], params: Sequence["SamplingParams"],
@@ -387,8 +422,10 @@ def evaluate(cfg: EvalConfig, drafters: Mapping[str, DrafterSpec] | None = None,
 
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    # Validate the prompt sets before any model is loaded: a typo should cost nothing.
+    # Validate the prompt sets and the output location before any model is loaded: a typo should cost nothing.
     texts = {s: load_prompt_set(cfg.data_dir, s, cfg.num_prompts) for s in cfg.sets}
+    from dspark.train.checkpoint import check_writable
+    check_writable(cfg.out, "--out")
     specs: dict[str, DrafterSpec] = dict(drafters) if drafters is not None else \
         dict(resolve_drafter_arg(a) for a in cfg.drafters)
     if not specs:
@@ -448,20 +485,30 @@ def evaluate(cfg: EvalConfig, drafters: Mapping[str, DrafterSpec] | None = None,
                 "truncated_prompts": {s: p.truncated for s, p in prepared.items()}, "notes": notes,
                 "cells": cells}
 
+    # What a cell's result depends on beyond its key: the drafter's and the target's files (and the
+    # target's numerics), and the prompts themselves. A stored cell is reused only when they match.
+    target_id = target_identity(target)
+    prompt_ids = {s: _digest(p.token_ids) for s, p in prepared.items()}
+    identity = {(label, s): _digest({"drafter": drafter_identity(specs[label], loaded[label]), "target": target_id,
+                                     "prompts": prompt_ids[s]}) for label in labels for s in cfg.sets}
     computed, skipped = [], []
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
     engines: dict[str, Engine] = {}
     with tqdm(total=len(plan), desc="eval cells", unit="cell", disable=not progress) as bar:
         for label, key in plan:
-            if key.id in cells:
+            ident = identity[(label, key.set)]
+            if key.id in cells and cells[key.id].get("identity") == ident:
                 skipped.append(key.id)
                 bar.update(1)
                 continue
+            if key.id in cells:
+                notes.append(f"{key.id}: recomputed (the drafter, the target or the prompts changed since "
+                             "the stored result was made)")
             if label not in engines:
                 engines = {label: Engine(target, max_num_seqs=cfg.batch_size, max_model_len=max_len,
                                          drafter=loaded[label])}  # one engine (KV cache) alive at a time
             res = run_cell(engines[label], key, loaded[label].name, prepared[key.set], progress)
-            cells[key.id] = res.to_json()
+            cells[key.id] = {**res.to_json(), "identity": ident}
             computed.append(key.id)
             atomic_write_text(cfg.out, json.dumps(snapshot(), indent=1) + "\n")
             bar.update(1)

@@ -215,6 +215,8 @@ def benchmark(cfg: BenchConfig, drafters: Mapping[str, DrafterSpec] | None = Non
         torch.set_num_threads(cfg.threads)
     if cfg.data_dir is not None:
         load_prompt_set(cfg.data_dir, cfg.set, 1)  # fail on a bad set before loading any model
+    from dspark.train.checkpoint import check_writable
+    check_writable(cfg.out, "--out")
     specs: dict[str, DrafterSpec] = dict(drafters) if drafters is not None else \
         dict(resolve_drafter_arg(a) for a in cfg.drafters if a != VANILLA)
     model_path = Path(cfg.model) if cfg.model else (target.path if target is not None and target.path

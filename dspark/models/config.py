@@ -116,6 +116,27 @@ def _req(raw: Mapping[str, Any], key: str, source: str) -> Any:
     return raw[key]
 
 
+def _int(raw: Mapping[str, Any], key: str, source: str, default: Any = None, minimum: int = 1) -> int:
+    """A positive integer config value: a JSON number, never a string ("320") or a bool."""
+    value = raw.get(key)
+    if value is None:
+        if default is None:
+            raise CheckpointError(f"{source}: missing required key {key!r}")
+        return int(default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        raise CheckpointError(f"{source}: key {key!r} must be an integer, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise CheckpointError(f"{source}: key {key!r} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _float(raw: Mapping[str, Any], key: str, source: str, default: float) -> float:
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise CheckpointError(f"{source}: key {key!r} must be a finite number, got {value!r}")
+    return float(value)
+
+
 def _eos_list(value: Any) -> list[int] | None:
     if value is None:
         return None
@@ -160,23 +181,23 @@ class Family:
         act = raw.get("hidden_act", "silu")
         if act != "silu":
             raise CheckpointError(f"{source}: hidden_act {act!r} is not supported (only 'silu')")
-        hidden = int(_req(raw, "hidden_size", source))
-        heads = int(_req(raw, "num_attention_heads", source))
+        hidden = _int(raw, "hidden_size", source)
+        heads = _int(raw, "num_attention_heads", source)
         theta, scaling = _rope(raw, source)
         qkv_bias, o_bias, mlp_bias = self.biases(raw)
         return ModelConfig(
             architecture=arch,
             model_type=str(raw.get("model_type", self.name)),
-            vocab_size=int(_req(raw, "vocab_size", source)),
+            vocab_size=_int(raw, "vocab_size", source),
             hidden_size=hidden,
-            intermediate_size=int(_req(raw, "intermediate_size", source)),
-            num_layers=int(_req(raw, "num_hidden_layers", source)),
+            intermediate_size=_int(raw, "intermediate_size", source),
+            num_layers=_int(raw, "num_hidden_layers", source),
             num_heads=heads,
-            num_kv_heads=int(raw.get("num_key_value_heads") or heads),
-            head_dim=int(raw.get("head_dim") or hidden // heads),
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            num_kv_heads=_int(raw, "num_key_value_heads", source, default=heads),
+            head_dim=_int(raw, "head_dim", source, default=hidden // heads),
+            rms_norm_eps=_float(raw, "rms_norm_eps", source, 1e-6),
             rope_theta=theta,
-            max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
+            max_position_embeddings=_int(raw, "max_position_embeddings", source, default=4096),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             qk_norm=self.qk_norm,
             qkv_bias=qkv_bias,

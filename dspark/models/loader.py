@@ -334,6 +334,18 @@ def _load_weights(model: Transformer, w: _Weights, dtype: torch.dtype, device: t
             m.down_bias.data = get(p + "mlp.down_proj.bias", hid)
 
 
+def check_finite(model: torch.nn.Module, path: Path) -> None:
+    """Raise when a weight holds NaN or inf (greedy decoding would stop after one token and sampling
+    loop). One sum per tensor: a NaN or inf anywhere makes it non-finite; only then is the tensor
+    scanned, so an overflowing sum of finite values is never reported."""
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not bool(torch.isfinite(p.detach().sum(dtype=torch.float32))):
+            bad = ~torch.isfinite(p.detach())
+            if bool(bad.any()):
+                raise CheckpointError(f"{path}: weight {name} holds {int(bad.sum())} NaN/inf value(s) "
+                                      "(a damaged or badly converted checkpoint)")
+
+
 def load_config(path: str | Path) -> ModelConfig:
     """Parse `config.json` of a model directory."""
     path = Path(path)
@@ -391,6 +403,7 @@ def load_target(
     finally:
         weights.close()
     model.eval()
+    check_finite(model, path)
     model.build_rope(min(cfg.max_position_embeddings, DEFAULT_CACHE_LEN))
     stored = next(iter(weights.matrix_dtypes)) if len(weights.matrix_dtypes) == 1 else None
     quant_file = path / QUANT_FILE

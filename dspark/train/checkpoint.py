@@ -40,3 +40,21 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
     _atomic(Path(path), write)
+
+
+def check_writable(path: str | os.PathLike, flag: str, is_dir: bool = False) -> None:
+    """Fail before any work when `path` (a directory with is_dir, else a file) cannot be written:
+    one line naming the flag and the path, not a traceback after the first hour of training."""
+    from dspark.errors import DSparkError
+
+    path = Path(path)
+    folder = path if is_dir else path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise DSparkError(f"{flag} {path}: cannot write there ({e.strerror or type(e).__name__}: "
+                          f"{e.filename or folder})") from None
+

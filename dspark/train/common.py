@@ -89,25 +89,108 @@ def adamw(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float) 
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
 
 
+# Settings that may differ between a run and its resumption: they change how it is run, not what
+# it trains. `steps` may be changed too (raised to train on), as long as it is not below the step the
+# checkpoint has reached.
+RESUMABLE_CHANGES = frozenset({"out", "threads", "eval_every", "ckpt_every", "stop_after", "command",
+                               "save_dtype", "eval_seqs"})
+_PATH_SETTINGS = frozenset({"target", "data", "corpus", "tokenizer"})
+
+
+def previous_checkpoint(ckpt_path: Path) -> Path:
+    """The checkpoint kept from the save before the last one (a fallback when the last is damaged)."""
+    return ckpt_path.with_name(ckpt_path.stem + ".prev" + ckpt_path.suffix)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _norm(name: str, value: Any) -> Any:
+    if name in _PATH_SETTINGS and isinstance(value, str) and value:
+        return str(Path(value).expanduser().resolve())
+    return list(value) if isinstance(value, tuple) else value
+
+
+def check_settings(saved: dict, current: dict, ckpt_path: Path, step: int) -> None:
+    """Raise CheckpointError naming every setting that differs from the checkpoint's run."""
+    from dspark.errors import CheckpointError
+
+    work = ckpt_path.parent
+    diffs = [f"{_flag(k)} {current.get(k)!r} (checkpoint: {saved.get(k)!r})"
+             for k in sorted(set(saved) | set(current))
+             if k not in RESUMABLE_CHANGES and k != "steps" and _norm(k, saved.get(k)) != _norm(k, current.get(k))]
+    if diffs:
+        raise CheckpointError(
+            f"{ckpt_path} was made with other settings: {'; '.join(diffs)}. Rerun with the checkpoint's "
+            f"settings to resume, or delete {work} to start fresh (changing --steps, --threads or the "
+            "evaluation/checkpoint intervals is allowed)")
+    if current.get("steps") is not None and current["steps"] < step:
+        raise CheckpointError(f"{ckpt_path} has already trained {step} steps, more than --steps "
+                              f"{current['steps']}; raise --steps, or delete {work} to start fresh")
+
+
+def _load_state(ckpt_path: Path) -> tuple[dict, Path]:
+    """The last good checkpoint: `ckpt_path`, else the previous one; a clear error when neither loads."""
+    from dspark.errors import CheckpointError
+
+    errors = []
+    for path in (ckpt_path, previous_checkpoint(ckpt_path)):
+        if not path.exists():
+            continue
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+            if not isinstance(state, dict) or not {"model", "optimizer", "log"} <= set(state):
+                raise ValueError("not a training checkpoint (no model/optimizer/log)")
+            if path != ckpt_path:
+                print(f"warning: {ckpt_path} is damaged ({errors[-1]}); resuming from the previous checkpoint "
+                      f"{path}", file=sys.stderr)
+            return state, path
+        except Exception as e:  # a truncated file raises from deep inside torch.load / pickle
+            errors.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    raise CheckpointError(f"{ckpt_path} is damaged ({errors[0] if errors else 'unreadable'}) and there is no good "
+                          f"previous checkpoint; delete {ckpt_path.parent} to start fresh")
+
+
 def resume(ckpt_path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, log: dict, rank: int,
-           world: int) -> dict:
-    """Load model and optimiser state from `ckpt_path` when it exists and return its log (with this
-    run's world size and threads); otherwise return `log` unchanged."""
-    if not ckpt_path.exists():
+           world: int, cfg: Any = None) -> dict:
+    """Load model and optimiser state from `ckpt_path` (or the previous checkpoint when it is damaged)
+    and return its log (with this run's world size and threads); `log` unchanged when there is none.
+    With `cfg`, the run's settings must match the checkpoint's (see `check_settings`)."""
+    from dspark.errors import CheckpointError
+
+    if not ckpt_path.exists() and not previous_checkpoint(ckpt_path).exists():
         return log
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    model.load_state_dict(state["model"])
-    opt.load_state_dict(state["optimizer"])
+    state, path = _load_state(ckpt_path)
+    if cfg is not None and isinstance(state.get("config"), dict):
+        check_settings(state["config"], asdict(cfg), path, int(state["log"].get("step", 0)))
+    try:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path} does not fit this model ({str(e).splitlines()[0]}); delete "
+                              f"{ckpt_path.parent} to start fresh") from None
     log = state["log"]
     log["world_size"], log["threads"] = world, torch.get_num_threads()
     if rank == 0:
-        print(f"resuming from {ckpt_path} at step {log['step']}", file=sys.stderr)
+        print(f"resuming from {path} at step {log['step']}", file=sys.stderr)
     return log
 
 
 def save_checkpoint(ckpt_path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, log: dict,
                     cfg: Any) -> None:
-    """Write what `resume` reads (plus the run's config, for the record), atomically."""
+    """Write what `resume` reads (plus the run's config, checked on resume), atomically; the one
+    before is kept as the fallback."""
+    if ckpt_path.exists():
+        # A hard link, then a rename: the last checkpoint never disappears, even for a moment.
+        prev, tmp = previous_checkpoint(ckpt_path), ckpt_path.with_suffix(".link.tmp")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(ckpt_path, tmp)
+        except OSError:
+            import shutil
+            shutil.copyfile(ckpt_path, tmp)
+        os.replace(tmp, prev)
     atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "log": log,
                        "config": asdict(cfg)}, ckpt_path)
 

@@ -21,6 +21,7 @@ import json
 import random
 import sys
 from pathlib import Path
+from typing import Any
 
 from dspark.entry import module_main
 from dspark.errors import DSparkError
@@ -77,6 +78,39 @@ def file_prompts(path: Path) -> list[str]:
     return [b.strip("\n") + "\n" for b in text.split("\n\n") if b.strip()]
 
 
+# Settings that decide what a response is; batch size and threads only decide how fast it comes.
+_SETTINGS = ("temperature", "top_p", "top_k", "max_tokens", "seed", "raw", "corpus", "corpus_split",
+             "num_prompts", "prompts")  # not --shard: it splits the work, each id's response is the same
+
+
+def settings_path(out: Path) -> Path:
+    return out.with_name(out.name + ".settings.json")
+
+
+def check_resume_settings(out: Path, args: argparse.Namespace, llm: Any, resuming: bool) -> None:
+    """Record the settings beside the output; when appending to an earlier run, refuse other settings
+    (a file of mixed responses would be silently wrong training data)."""
+    from dspark.bundled import target_fingerprint
+    from dspark.train.checkpoint import atomic_write_text
+
+    now = {k: getattr(args, k, None) for k in _SETTINGS}
+    now["prompts"] = [str(Path(p).resolve()) for p in now["prompts"] or []]
+    now["model"] = target_fingerprint(llm.target)
+    now["model_path"] = str(llm.target.source)
+    side = settings_path(out)
+    if resuming and side.is_file():
+        try:
+            before = json.loads(side.read_text(encoding="utf-8"))
+        except ValueError:
+            before = {}
+        diffs = [f"--{k.replace('_', '-')} {now.get(k)!r} (earlier: {before.get(k)!r})"
+                 for k in list(_SETTINGS) + ["model"] if k in before and before.get(k) != now.get(k)]
+        if diffs:
+            raise DatagenError(f"{out} was generated with other settings: {'; '.join(diffs)}. Rerun with the earlier "
+                               f"settings to resume, or pick another --out (or delete {out} and {side.name})")
+    atomic_write_text(side, json.dumps(now, indent=1) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     return module_main(argv, prog="dspark datagen", description=__doc__, add_arguments=add_arguments,
                        run=lambda args: run(args) and 0, label="dspark datagen: error")
@@ -127,6 +161,8 @@ def run(args: argparse.Namespace) -> Path:
     if not prompts:
         raise DatagenError("no prompts: give --prompts FILE or a corpus split with --num-prompts > 0")
     out = Path(args.out)
+    from dspark.train.checkpoint import check_writable
+    check_writable(out, "--out")
     done: set[int] = set()
     if out.exists():
         for line in out.read_text(encoding="utf-8").splitlines():
@@ -140,6 +176,7 @@ def run(args: argparse.Namespace) -> Path:
             out.write_text(text[:text.rfind("\n") + 1], encoding="utf-8")
     out.parent.mkdir(parents=True, exist_ok=True)
     llm = LLM(model=args.model, max_num_seqs=args.batch_size, num_threads=args.threads)
+    check_resume_settings(out, args, llm, bool(done))
     try:
         k, n_shards = (int(x) for x in args.shard.split("/"))
         assert 0 <= k < n_shards

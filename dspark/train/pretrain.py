@@ -296,6 +296,8 @@ def model_card(cfg: PretrainConfig, meta: dict, log: dict, samples: list[dict], 
 
 def train(cfg: PretrainConfig) -> Path:
     cfg.validate()
+    from dspark.train.checkpoint import check_writable
+    check_writable(cfg.out, "--out", is_dir=True)
     rank, world = dist_info()
     if world > 1:
         torch.distributed.init_process_group("gloo")
@@ -318,7 +320,7 @@ def train(cfg: PretrainConfig) -> Path:
     ckpt_path = work / "checkpoint.pt"
     log = {"evals": [], "step": 0, "tokens_seen": 0, "wall_seconds": 0.0, "world_size": world,
            "threads": torch.get_num_threads(), "num_params": sum(p.numel() for p in model.parameters())}
-    log = resume(ckpt_path, model, opt, log, rank, world)
+    log = resume(ckpt_path, model, opt, log, rank, world, cfg)
     ddp_model = data_parallel(model, world)
     model.train()
     bar = progress_bar(cfg.steps, log["step"], "pretrain", rank)

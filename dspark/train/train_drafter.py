@@ -55,6 +55,10 @@ _VAL_SPLIT_SEED = 20240611
 _VAL_STREAM = 2**31 - 1
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training, after the checkpoint was saved; the message says how to resume."""
+
+
 class DataError(DSparkError, ValueError):
     """The training data file is missing, malformed or has nothing to train on."""
 
@@ -356,6 +360,8 @@ def _all_reduce(values: list[torch.Tensor], world: int) -> list[torch.Tensor]:
 
 def train(cfg: TrainDrafterConfig) -> Path:
     cfg.validate()
+    from dspark.train.checkpoint import check_writable
+    check_writable(cfg.out, "--out", is_dir=True)
     from dspark.models import load_target
 
     rank, world = dist_info()
@@ -386,7 +392,7 @@ def _train(cfg: TrainDrafterConfig, rank: int, world: int, load_target) -> Path:
            "world_size": world, "threads": torch.get_num_threads(),
            "num_params": sum(p.numel() for p in model.parameters()),
            "drafter": dcfg.to_json_dict(), "train_seqs": len(data.train), "val_seqs": len(data.val)}
-    log = resume(ckpt_path, model, opt, log, rank, world)
+    log = resume(ckpt_path, model, opt, log, rank, world, cfg)
     ddp_model = data_parallel(model, world)
 
     local_bs = cfg.batch_size // world
@@ -394,6 +400,24 @@ def _train(cfg: TrainDrafterConfig, rank: int, world: int, load_target) -> Path:
     weights = cfg.loss_weights
     bar = progress_bar(cfg.steps, log["step"], f"train-drafter ({cfg.drafter})", rank)
     t_start, wall_before = time.time(), log["wall_seconds"]
+    try:
+        return _train_loop(cfg, rank, world, target, data, dcfg, model, ddp_model, opt, ckpt_path, log, cache, weights,
+                           bar, t_start, wall_before, out, local_bs)
+    except KeyboardInterrupt:
+        bar.close()
+        # Ctrl-C: keep what was trained. The state is saved only between updates (weights, optimiser
+        # and step counter agree), so the resumed run is the uninterrupted one.
+        if rank == 0 and log.get("_consistent", True) and log["step"] > 0:
+            log.pop("_consistent", None)
+            save_checkpoint(ckpt_path, model, opt, log, cfg)
+            raise TrainingInterrupted(f"interrupted at step {log['step']} of {cfg.steps}; checkpoint saved to "
+                                      f"{ckpt_path}; rerun the same command to resume") from None
+        raise TrainingInterrupted(f"interrupted during step {log['step'] + 1}; rerun the same command to resume "
+                                  "from the last checkpoint") from None
+
+
+def _train_loop(cfg, rank, world, target, data, dcfg, model, ddp_model, opt, ckpt_path, log, cache, weights,
+                bar, t_start, wall_before, out, local_bs) -> Path:
     while log["step"] < cfg.steps:
         step = log["step"]
         idx = batch_indices(cfg.seed, step, len(data.train), cfg.batch_size)
@@ -406,10 +430,12 @@ def _train(cfg: TrainDrafterConfig, rank: int, world: int, load_target) -> Path:
         # makes the update exactly that of one process on the whole global batch.
         (den,) = _all_reduce([terms.weight_sum], world)
         loss = total_loss(terms, weights, den)
+        log["_consistent"] = False  # from the update until the step counter moves, state is mid-step
         optimizer_step(opt, loss * world, model, cfg, step)
         loss_v, tau_sum, blocks = _all_reduce([loss, terms.tau_sum, terms.num_blocks], world)
         tau = float(tau_sum) / max(float(blocks), 1.0)
         log["step"] = step + 1
+        log["_consistent"] = True
         log["train_losses"].append(round(float(loss_v), 6))
         log["train_tau"].append(round(tau, 4))
         log["wall_seconds"] = wall_before + time.time() - t_start
@@ -424,11 +450,13 @@ def _train(cfg: TrainDrafterConfig, rank: int, world: int, load_target) -> Path:
             bar.write(f"step {log['step']}: train loss {np.mean(recent):.4f}, val loss {ev['val_loss']:.4f}, "
                       f"val tau {ev['val_tau']:.3f}")
         if rank == 0 and due(log["step"], cfg.ckpt_every, done):
+            log.pop("_consistent", None)
             save_checkpoint(ckpt_path, model, opt, log, cfg)
         if stop_requested(cfg, log["step"], done):
             bar.close()
             return out
     bar.close()
+    log.pop("_consistent", None)
     if rank == 0:
         model.save_pretrained(out, dtype=getattr(torch, cfg.save_dtype))
         log["command"] = cfg.command
