@@ -4,8 +4,8 @@ another, over loopback; reports throughput and TTFT / inter-token latency percen
     python -m dspark.server.loadtest --url http://127.0.0.1:8000 --clients 32 --requests 4 --max-tokens 32
 
 TTFT: request sent -> first SSE chunk with text. Inter-token latency: time between consecutive text
-chunks of one stream, divided by the tokens the later chunk carried (a speculative round emits
-several tokens at once). Every request is greedy, so its text can be checked against a reference.
+chunks of one stream (one chunk per engine step; a speculative round may carry several tokens in one
+chunk). Every request is greedy, so its text can be checked against a reference.
 """
 
 from __future__ import annotations
