@@ -102,8 +102,16 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         warm = SamplingParams(temperature=0, max_tokens=2)
         llm.generate(prompts[:1], warm)
         llm.generate(prompts[:1], warm, speculative=False)
-    outs = llm.generate(prompts, params)
-    plain = llm.generate(prompts, params, speculative=False) if args.compare else [None] * len(outs)
+    from dspark.engine import GenerationInterrupted
+
+    try:
+        outs = llm.generate(prompts, params)
+        plain = llm.generate(prompts, params, speculative=False) if args.compare else [None] * len(outs)
+    except GenerationInterrupted as e:
+        # Ctrl-C: what was generated is the user's; print it, then one line and status 130 (cli.main).
+        for p, text in zip(args.prompts, e.texts):
+            print(text if chat else p + text, flush=True)
+        raise KeyboardInterrupt(f"interrupted; printed what {len(e.texts)} prompt(s) had generated so far") from None
     method = f"{llm.drafter.name} drafter" if llm.drafter is not None else llm.drafter_note
     for o, po in zip(outs, plain):
         m = o.metrics

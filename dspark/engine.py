@@ -71,6 +71,14 @@ RequestId = int | str
 _REQUEST_COUNTER = itertools.count()
 
 
+class GenerationInterrupted(KeyboardInterrupt):
+    """Ctrl-C during `LLM.generate`: `texts` holds what each prompt had generated so far, in order."""
+
+    def __init__(self, texts: list[str]) -> None:
+        super().__init__("interrupted")
+        self.texts = texts
+
+
 class RequestError(DSparkError, ValueError):
     """A request cannot be served as given (empty prompt, prompt longer than the context, ...)."""
 
@@ -276,9 +284,18 @@ class Engine:
         if isinstance(prompt, str):
             if not prompt:
                 raise RequestError("prompt is empty: give at least one character of text")
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise RequestError(f"prompt is not valid Unicode text: an unpaired surrogate {prompt[e.start]!r} at "
+                                   f"character {e.start}") from None
             ids = self.tokenizer.encode(prompt)
             text = prompt
         else:
+            if not isinstance(prompt, Sequence) or isinstance(prompt, (bytes, bytearray)) or \
+                    not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+                raise RequestError(f"prompt must be a string or a list of token ids (ints), got "
+                                   f"{type(prompt).__name__}")
             ids = [int(t) for t in prompt]
             bad = [t for t in ids if not 0 <= t < self.target.vocab_size]
             if bad:
@@ -289,6 +306,9 @@ class Engine:
         if len(ids) >= self.max_model_len:
             raise RequestError(f"prompt has {len(ids)} tokens; the model's context is {self.max_model_len} tokens, "
                                "which must also leave room for at least one generated token")
+        bad_stop = [t for t in params.stop_token_ids if not 0 <= t < self.target.vocab_size]
+        if bad_stop:
+            raise RequestError(f"stop_token_ids: {bad_stop[0]} is outside the vocabulary [0, {self.target.vocab_size})")
         gamma = 0
         if self.drafter is not None:
             gamma = params.num_speculative_tokens or self.default_gamma
@@ -779,8 +799,11 @@ class LLM:
         ``speculative=False`` decodes plainly even when the LLM has a drafter (same target weights).
         """
         engine = self.engine if speculative else self.plain_engine()
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
+        if not isinstance(prompts, Sequence) or isinstance(prompts, (bytes, bytearray)):
+            raise RequestError(f"prompts must be a string, a list of strings or a list of token-id lists, "
+                               f"got {type(prompts).__name__}")
         prompts = list(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
@@ -793,6 +816,7 @@ class LLM:
             bar = tqdm(total=len(prompts), desc="generate", unit="req")
         ids: list[RequestId] = []
         done: dict[RequestId, RequestOutput] = {}
+        partial: dict[RequestId, list[str]] = {}  # text so far, handed back on Ctrl-C
         try:
             with self._threads():
                 for p, sp in zip(prompts, params):
@@ -800,6 +824,7 @@ class LLM:
                 pending = set(ids)
                 while pending:
                     for o in self._next_outputs(engine, pending):
+                        partial.setdefault(o.request_id, []).append(o.text_delta)
                         if not o.finished:
                             continue
                         if o.finish_reason == "error":
@@ -808,6 +833,9 @@ class LLM:
                         pending.discard(o.request_id)
                         if bar is not None:
                             bar.update(1)
+        except KeyboardInterrupt:
+            texts = [done[i].text if i in done else "".join(partial.get(i, [])) for i in ids]
+            raise GenerationInterrupted(texts) from None
         finally:
             if len(done) < len(ids):
                 self._forget(engine, [i for i in ids if i not in done])

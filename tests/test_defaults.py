@@ -302,3 +302,38 @@ def test_unwritable_out_fails_before_any_work(qwen3_ckpt, tmp_path, capsys, monk
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "cannot write there" in err[0] and str(blocker) in err[0], (argv, err)
+
+
+def test_hostile_prompts_get_clear_errors(plain):
+    params = SamplingParams(temperature=0, max_tokens=3)
+    cases = [("a\ud800b", r"unpaired surrogate '\\ud800' at character 1"), (None, "got NoneType"), (5, "got int"),
+             ([[1, "x"]], "list of token ids"), (b"bytes", "got bytes")]
+    for prompt, message in cases:
+        with pytest.raises(DSparkError, match=message):
+            plain.generate(prompt, params)
+    with pytest.raises(DSparkError, match=r"stop_token_ids: 1000000 is outside the vocabulary"):
+        plain.generate("hello", SamplingParams(max_tokens=3, stop_token_ids=[10 ** 6]))
+    assert len(plain.generate("hello", SamplingParams(max_tokens=3, ignore_eos=True))[0].token_ids) == 3  # still serves
+
+
+def test_ctrl_c_in_generate_prints_the_text_so_far(qwen3_ckpt, capsys, monkeypatch):
+    from dspark.engine import Engine
+
+    real = Engine.step
+    calls = {"n": 0}
+
+    def step(self):
+        calls["n"] += 1
+        if calls["n"] == 8:
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(Engine, "step", step)
+    rc = main(["generate", "--model", str(qwen3_ckpt.path), "--drafter", "none", "--raw", "--ignore-eos",
+               "--max-tokens", "50", "Hello"])
+    out = capsys.readouterr()
+    assert rc == 130
+    assert out.out.startswith("Hello") and len(out.out.strip()) > len("Hello")
+    err = out.err.strip().splitlines()
+    assert err[-1].startswith("dspark generate: interrupted; printed what 1 prompt(s) had generated")
+    assert "Traceback" not in out.err
