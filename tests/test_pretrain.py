@@ -164,3 +164,25 @@ def test_bad_input(tmp_path, corpus):
 
     r = run_cli(["pretrain", "--corpus", str(corpus), "--out", str(tmp_path / "o3"), *TINY, "--num-heads", "3", "--num-kv-heads", "2"])
     assert r.returncode == 2 and "--num-heads (3) must be a multiple of --num-kv-heads" in r.stderr
+
+
+def test_resume_with_changed_settings_is_refused(tmp_path, corpus, trained):
+    """Issue 14 item 3 for pretrain: a finished run started again with another --lr or model shape
+    stops with one line naming the setting (no traceback); raising --steps on purpose continues."""
+    import shutil
+
+    out = tmp_path / "model"
+    shutil.copytree(trained, out)
+    base = ["pretrain", "--corpus", str(corpus), "--out", str(out), "--ckpt-every", "10", *TINY]
+    for flag, value in (("--lr", "1e-2"), ("--hidden-size", "48")):
+        args = [*base, "--steps", "30"]
+        args[args.index(flag) + 1] = value
+        r = run_cli(args)
+        assert r.returncode == 2, r.stderr
+        assert "Traceback" not in r.stderr
+        assert f"other settings: {flag} " in r.stderr and "to start fresh" in r.stderr
+    r = run_cli([*base, "--steps", "32"])
+    assert r.returncode == 0, r.stderr
+    log = json.loads((out / "training_log.json").read_text())
+    assert log["step"] == 32
+    assert log["train_losses"][:30] == json.loads((trained / "training_log.json").read_text())["train_losses"]
