@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
     p.add_argument("--repeats", type=int, default=3,
                    help="interleaved repeats; the best time of each is kept (default: 3)")
-    p.add_argument("--cpu-gemm", default="auto", choices=["auto", "fp16", "off"],
+    p.add_argument("--cpu-gemm", default="auto", choices=["auto", "fp16", "int4", "off"],
                     help="CPU projections, as dspark generate --cpu-gemm (default: auto)")
     p.add_argument("--out", default="runs/bench_plain.json", help="results JSON (default: runs/bench_plain.json)")
     args = p.parse_args(argv)

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=None, help="model directory or .gguf (default: the default model)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
     ap.add_argument("--steps", type=int, default=40, help="timed decode steps (default: 40)")
-    ap.add_argument("--cpu-gemm", default="auto", choices=["auto", "fp16", "off"],
+    ap.add_argument("--cpu-gemm", default="auto", choices=["auto", "fp16", "int4", "off"],
                     help="CPU projections, as dspark generate --cpu-gemm (default: auto)")
     ap.add_argument("--out", default="runs/step_profile.json", help="results JSON (default: runs/step_profile.json)")
     args = ap.parse_args(argv)

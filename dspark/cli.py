@@ -62,9 +62,10 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-text")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16", "auto"],
                    help="weights dtype (default: float32 compute on CPU; a GGUF's weights are stored as float16)")
-    p.add_argument("--cpu-gemm", default="auto", choices=["auto", "fp16", "off"],
-                   help="CPU projections: auto = a 4-bit GGUF's codes on the int4 GEMM and fp16-exact weights on "
-                        "the packed fp16 GEMM; fp16 = no int4; off = plain float GEMMs (default: auto)")
+    p.add_argument("--cpu-gemm", default="auto", choices=["auto", "fp16", "int4", "off"],
+                   help="CPU projections: auto = fp16-exact weights on the packed fp16 GEMM; int4 = also a 4-bit "
+                        "GGUF's codes on the int4 GEMM (faster; outputs then depend on batching); off = plain "
+                        "float GEMMs (default: auto)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--max-num-seqs", type=int, default=8, help="prompts decoded together (default: 8)")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")

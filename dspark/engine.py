@@ -693,8 +693,8 @@ class LLM:
     drafter trained for this model when there is one, else plain decoding), or a ready Drafter object.
     ``num_speculative_tokens``: default γ (default: the drafter's block).
     ``max_num_seqs``: how many requests are decoded together in one batched forward.
-    ``cpu_gemm``: "auto" (the fastest exact CPU path for the checkpoint: int4 codes of a 4-bit GGUF,
-    the packed fp16-weight GEMM for fp16-exact weights), "fp16" (no int4) or "off" (see `load_target`).
+    ``cpu_gemm``: "auto" (the packed fp16-weight GEMM for fp16-exact weights), "int4" (also a 4-bit
+    GGUF's codes on the int4 GEMM: faster, but its outputs depend on batching) or "off" (see `load_target`).
     ``scheduler``: ``"static"`` verifies every drafted token; ``"confidence"`` lets the drafter's
     confidence head and a step-cost table (profiled at start-up unless ``step_cost`` is given) choose
     how many drafts each request verifies per round (the paper's Algorithm 1; lossless either way).

@@ -37,7 +37,7 @@ def q4_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def int4_target(q4_file):
-    return load_target(q4_file)
+    return load_target(q4_file, cpu_gemm="int4")
 
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
@@ -111,7 +111,7 @@ def _dspark(target, max_seqs: int) -> DSparkDrafter:
 
 @pytest.fixture(scope="module")
 def int4_plain_greedy(q4_file):
-    plain = LLM(model=q4_file, max_num_seqs=4)
+    plain = LLM(model=q4_file, max_num_seqs=4, cpu_gemm="int4")
     assert plain.target.cpu_gemm.startswith("int4")
     outs = plain.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
     return [o.token_ids for o in outs]
@@ -121,10 +121,10 @@ def int4_plain_greedy(q4_file):
 @pytest.mark.parametrize("gamma,batch", [(1, 1), (4, 4), (7, 1), (7, 4)])
 def test_greedy_identity_on_int4(q4_file, int4_plain_greedy, kind, gamma, batch):
     llm = LLM(model=q4_file, max_num_seqs=batch, num_speculative_tokens=gamma,
-              drafter="ngram" if kind == "ngram" else None)
+              drafter="ngram" if kind == "ngram" else None, cpu_gemm="int4")
     if kind == "dspark":
         llm = LLM(model=q4_file, max_num_seqs=batch, num_speculative_tokens=gamma,
-                  drafter=_dspark(llm.target, batch))
+                  drafter=_dspark(llm.target, batch), cpu_gemm="int4")
     outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
     assert [o.token_ids for o in outs] == int4_plain_greedy
 
@@ -142,15 +142,17 @@ class _OwnLogits:
 
 
 def test_sampled_output_follows_the_int4_target(q4_file):
-    llm = LLM(model=q4_file, max_num_seqs=64, num_speculative_tokens=3)
-    llm = LLM(model=q4_file, max_num_seqs=64, num_speculative_tokens=3, drafter=_dspark(llm.target, 64))
+    llm = LLM(model=q4_file, max_num_seqs=64, num_speculative_tokens=3, cpu_gemm="int4")
+    llm = LLM(model=q4_file, max_num_seqs=64, num_speculative_tokens=3, drafter=_dspark(llm.target, 64),
+              cpu_gemm="int4")
     assert llm.target.cpu_gemm.startswith("int4")
     p, accepted = sampled_pairs_pvalue(llm, _OwnLogits(llm.target), n=800)
     assert accepted > 0 and p > 1e-3, p
 
 
 def test_cpu_gemm_modes(q4_file):
+    assert load_target(q4_file).cpu_gemm == "fp16-weights"  # int4 is opt-in
     assert load_target(q4_file, cpu_gemm="fp16").cpu_gemm in ("fp16-weights", "fp32")
     assert load_target(q4_file, cpu_gemm="off").cpu_gemm == "fp32"
-    with pytest.raises(ValueError, match="cpu_gemm must be one of auto, fp16, off"):
+    with pytest.raises(ValueError, match="cpu_gemm must be one of auto, fp16, int4, off"):
         load_target(q4_file, cpu_gemm="int8")

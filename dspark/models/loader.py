@@ -25,10 +25,10 @@ from dspark.models.gguf import QUANT_FILE, gguf_to_hf_dir, is_gguf
 from dspark.models.transformer import Transformer, interleave_rope_rows
 from dspark.tokenizer import Tokenizer, read_json
 
-# "auto": 4-bit codes on the int4 GEMM where the checkpoint has them (GGUF Q4_0/Q4_1, dtype unset),
-# other projections on the packed fp16-weight GEMM when their weights are fp16-exact, else F.linear;
-# "fp16": the same without int4; "off": F.linear everywhere.
-CPU_GEMM_MODES = ("auto", "fp16", "off")
+# "auto" (= "fp16"): projections on the packed fp16-weight GEMM when their weights are fp16-exact,
+# else F.linear; "int4": also the 4-bit codes of a GGUF's Q4_0/Q4_1 matrices on the int4 GEMM (opt-in:
+# see dspark.models.transformer for why its outputs depend on batching); "off": F.linear everywhere.
+CPU_GEMM_MODES = ("auto", "fp16", "int4", "off")
 
 # The KV cache is preallocated, so `new_cache` without `max_len` must not reserve the full
 # (often 32k-128k) context for every slot.
@@ -365,13 +365,13 @@ def load_target(
     GGUF file (converted once into a cached directory of that form, see `dspark.models.gguf`; `dtype`
     then also picks the dtype the dequantized weights are stored in: float16 unless given).
 
-    cpu_gemm: "auto" runs inference projections through fbgemm's fp16-weight GEMM when the model is
-    float32 on CPU and its weights are exactly fp16 values (true of bf16 checkpoints, such as the
-    demo target): half the bytes read per step, the same weight values and fp32 accumulation; and a
-    4-bit GGUF's Q4_0/Q4_1 matrices (when `dtype` is not given) on the int4 GEMM, which runs the model
-    described in `dspark.models.transformer` (bf16 activations, scales and outputs at those matrices).
-    "fp16" leaves out the int4 GEMM, "off" always uses F.linear. `TargetModel.cpu_gemm` says which
-    one is in use."""
+    cpu_gemm: "auto" (or "fp16") runs inference projections through fbgemm's fp16-weight GEMM when the
+    model is float32 on CPU and its weights are exactly fp16 values (true of bf16 checkpoints such as
+    the demo target, and of GGUF files converted with the default dtype): half the bytes read per
+    step, the same weight values and fp32 accumulation. "int4" also runs a 4-bit GGUF's Q4_0/Q4_1
+    matrices on the int4 GEMM, the model described in `dspark.models.transformer` (bf16 activations,
+    scales and outputs at those matrices); opt-in, because that rounding makes outputs depend on
+    batching. "off" always uses F.linear. `TargetModel.cpu_gemm` says which one is in use."""
     if cpu_gemm not in CPU_GEMM_MODES:
         raise ValueError(f"cpu_gemm must be one of {', '.join(CPU_GEMM_MODES)}, got {cpu_gemm!r}")
     path = Path(path)
@@ -407,12 +407,11 @@ def load_target(
     model.build_rope(min(cfg.max_position_embeddings, DEFAULT_CACHE_LEN))
     stored = next(iter(weights.matrix_dtypes)) if len(weights.matrix_dtypes) == 1 else None
     quant_file = path / QUANT_FILE
-    # 4-bit checkpoints (GGUF Q4_0 / Q4_1) run their codes on the int4 GEMM, unless a dtype was asked
-    # for explicitly (dtype="float32": the exactly dequantized model) or cpu_gemm says otherwise.
-    if cpu_gemm == "auto" and dtype is None and quant_file.is_file() and torch_dtype == torch.float32:
+    # cpu_gemm="int4": a 4-bit checkpoint's codes (GGUF Q4_0 / Q4_1) on the int4 GEMM.
+    if cpu_gemm == "int4" and quant_file.is_file() and torch_dtype == torch.float32:
         from safetensors.torch import load_file
 
         model.pack_int4_weights(load_file(str(quant_file)))
-    model.pack_fp16_weights("auto" if cpu_gemm == "fp16" else cpu_gemm, stored=stored)
+    model.pack_fp16_weights("off" if cpu_gemm == "off" else "auto", stored=stored)
     return TargetModel(cfg, model, tokenizer, generation_config, path, source=source)
 

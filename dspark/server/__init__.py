@@ -42,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", default=None, help="model id in the API (default: the directory name)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16", "auto"],
                    help="weights dtype (default: float32 compute on CPU)")
-    p.add_argument("--cpu-gemm", default="auto", choices=["auto", "fp16", "off"],
+    p.add_argument("--cpu-gemm", default="auto", choices=["auto", "fp16", "int4", "off"],
                    help="CPU projections, as in `dspark generate --cpu-gemm` (default: auto)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
