@@ -18,7 +18,6 @@ from dspark import LLM, SamplingParams
 from dspark.drafters import load_drafter
 from dspark.drafters.draft_model import DraftModelDrafter
 from dspark.errors import CheckpointError
-from dspark.models import load_target
 from dspark.sampling import SamplingTensors, draw_uniforms, logits_to_probs, make_generator, sample_inverse_cdf
 from helpers import PROMPTS, check_greedy_lossless, sampled_pairs_pvalue
 

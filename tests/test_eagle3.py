@@ -18,7 +18,7 @@ from dspark.drafters import load_drafter
 from dspark.drafters.eagle3 import Eagle3Config, Eagle3Drafter, Eagle3Model
 from dspark.models import load_target
 from dspark.sampling import SamplingTensors, draw_uniforms, logits_to_probs, make_generator, sample_inverse_cdf
-from dspark.train.train_drafter import TrainDrafterConfig, main, train
+from dspark.train.train_drafter import main
 from helpers import PROMPTS, check_greedy_lossless, sampled_pairs_pvalue
 
 G = 7

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from dspark.train import pretrain
 from dspark.train.corpus import CorpusError, discover
 from dspark.train.tokenizer_train import MASK_TOKEN, SPECIAL_TOKENS, train_tokenizer
 

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dspark.drafters.base import DraftCommit, register_drafter
