@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         outputs: dict[str, object] = {}
         methods = [(name, lambda s=s, b=1: llamacpp_run(s, chat, args.max_tokens, b)) for name, s in servers.items()]
         methods += [(name, lambda m=m: dspark_run(m, chat, args.max_tokens, 1)) for name, m in llms.items()]
-        methods += [("llama.cpp x4", lambda: llamacpp_run(conc, chat, args.max_tokens, 4)),
+        methods += [("llama.cpp x4", lambda c=conc: llamacpp_run(c, chat, args.max_tokens, 4)),
                     ("dspark x4", lambda: dspark_run(llms["dspark"], chat, args.max_tokens, 4)),
                     ("dspark-int4 x4", lambda: dspark_run(llms["dspark-int4"], chat, args.max_tokens, 4))]
         for _, fn in methods:  # warm-up: llama.cpp's first call repacks weights, ours allocates

@@ -77,7 +77,10 @@ def smollm2_path() -> Path | None:
         dist = metadata.distribution(SMOLLM2_DIST)
     except metadata.PackageNotFoundError:
         return None
-    for f in dist.files or ():
+    exact = Path(str(dist.locate_file(SMOLLM2_FILE)))
+    if exact.is_file():
+        return exact
+    for f in dist.files or ():  # a later wheel may rename the file
         if str(f).replace("\\", "/").endswith(".gguf"):
             path = Path(str(dist.locate_file(f)))
             if path.is_file():
@@ -203,22 +206,27 @@ def resolve_drafter(arg: str | os.PathLike | None, target: "TargetModel") -> str
                 f"drafter {text!r}: no bundled {text} drafter for {target_label(target)} (the bundled ones are "
                 f"for other models); pass a drafter directory trained for this model, or ngram / none")
         return d
-    from dspark.drafters import DRAFTERS
-
-    if text in DRAFTERS and not _needs_weights(text):
+    if is_weightless_name(text):
         return text
     p = Path(text).expanduser()
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise CheckpointError(f"drafter {text!r}: directory {p} has no config.json (not a drafter checkpoint)")
         return p
-    known = sorted(set(BUNDLED_DRAFTERS) | {n for n in DRAFTERS if not _needs_weights(n)})
+    known = known_drafter_names()
     raise CheckpointError(f"drafter {text!r} is neither a drafter directory nor a known name "
                           f"({', '.join(known)}, none)")
 
 
-def _needs_weights(name: str) -> bool:
+def is_weightless_name(name: str) -> bool:
+    """A registered drafter selectable by bare name because it needs no checkpoint (ngram)."""
     from dspark.drafters import DRAFTERS
 
-    cls = DRAFTERS.get(name)
-    return not getattr(cls, "weightless", False)
+    return getattr(DRAFTERS.get(name), "weightless", False)
+
+
+def known_drafter_names() -> list[str]:
+    """Every bare drafter name: the bundled kinds and the weightless registered drafters."""
+    from dspark.drafters import DRAFTERS
+
+    return sorted(set(BUNDLED_DRAFTERS) | {n for n in DRAFTERS if is_weightless_name(n)})

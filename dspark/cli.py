@@ -78,8 +78,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                             ignore_eos=args.ignore_eos, num_speculative_tokens=args.num_speculative_tokens)
     if args.raw and args.system is not None:
         raise ValueError("--system needs the chat template; drop --raw")
-    named = args.drafter is not None and args.drafter.lower() not in ("none", "vanilla", "plain")
-    if args.num_speculative_tokens is not None and not named and args.drafter is not None:
+    from dspark.bundled import NO_DRAFTER
+
+    if args.num_speculative_tokens is not None and args.drafter is not None and args.drafter.lower() in NO_DRAFTER:
         raise ValueError("-g/--num-speculative-tokens needs a drafter (--drafter DIR or ngram)")
     llm = LLM(model=args.model, drafter="auto" if args.drafter is None else args.drafter, dtype=args.dtype,
               num_threads=args.threads, max_num_seqs=args.max_num_seqs, scheduler=args.scheduler,

@@ -47,7 +47,7 @@ from typing import Any
 
 import torch
 
-from dspark.bundled import (MODEL_ENV, REPO_MODELS, default_drafter_for, default_model, default_model_path,
+from dspark.bundled import (MODEL_ENV, REPO_MODELS, default_drafter_for, default_model,
                             resolve_drafter, target_label)
 from dspark.config import EngineConfig, SchedulerKind
 from dspark.drafters.base import DraftCommit

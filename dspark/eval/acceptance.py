@@ -72,8 +72,7 @@ def resolve_drafter_arg(arg: str) -> tuple[str, str | Path]:
     `build_drafter` picks the bundled checkpoint of that kind trained for the loaded target, as
     `dspark generate` and `LLM(drafter=...)` do (`dspark.bundled.resolve_drafter`); names come first,
     so a directory that happens to share one never shadows it."""
-    from dspark.bundled import BUNDLED_DRAFTERS, NO_DRAFTER, is_bundled_name
-    from dspark.drafters import DRAFTERS
+    from dspark.bundled import NO_DRAFTER, is_bundled_name, is_weightless_name, known_drafter_names
 
     arg = arg.strip()
     if "=" in arg:
@@ -81,12 +80,11 @@ def resolve_drafter_arg(arg: str) -> tuple[str, str | Path]:
         if not label or not src:
             raise EvalError(f"drafter {arg!r}: expected LABEL=DIR")
         return label, Path(src)
-    if is_bundled_name(arg) or (arg in DRAFTERS and getattr(DRAFTERS[arg], "weightless", False)):
+    if is_bundled_name(arg) or is_weightless_name(arg):
         return arg, arg
     if Path(arg).is_dir():
         return Path(arg).name, Path(arg)
-    known = sorted({*BUNDLED_DRAFTERS,
-                    *(n for n, c in DRAFTERS.items() if getattr(c, "weightless", False))})
+    known = known_drafter_names()
     hint = "; `dspark bench` times plain decoding as `vanilla`" if arg.lower() in NO_DRAFTER else ""
     raise EvalError(f"drafter {arg!r} is neither a directory nor a known name ({', '.join(known)}){hint}")
 
@@ -116,13 +114,11 @@ def _digest(obj: Any) -> str:
 
 def files_identity(path: Path) -> list[tuple[str, int, int]]:
     """(name, size, mtime_ns) of the files in a model or drafter directory (or of one file)."""
+    from dspark.models.gguf import file_identity
+
     path = Path(path)
     files = [path] if path.is_file() else sorted(f for f in path.iterdir() if f.is_file())
-    out = []
-    for f in files:
-        st = f.stat()
-        out.append((str(f.resolve()), st.st_size, st.st_mtime_ns))
-    return out
+    return [tuple(file_identity(f).values()) for f in files]
 
 
 def target_identity(target: "TargetModel") -> dict[str, Any]:
@@ -434,7 +430,7 @@ def evaluate(cfg: EvalConfig, drafters: Mapping[str, DrafterSpec] | None = None,
         raise EvalError("`vanilla` has no acceptance to measure; use `dspark bench` to time plain decoding")
     labels = list(specs)
     if target is None:
-        from dspark.engine import default_model_path
+        from dspark.bundled import default_model_path
         from dspark.models import load_target
         target = load_target(Path(cfg.model) if cfg.model else default_model_path())
     ctx = target.context_length

@@ -207,7 +207,8 @@ def benchmark(cfg: BenchConfig, drafters: Mapping[str, DrafterSpec] | None = Non
     import torch
     from tqdm import tqdm
 
-    from dspark.engine import Engine, default_model_path
+    from dspark.bundled import default_model_path
+    from dspark.engine import Engine
     from dspark.models import load_target
     from dspark.train.checkpoint import atomic_write_text
 

@@ -176,9 +176,9 @@ def gguf_to_hf_dir(path: str | os.PathLike, dtype: str | torch.dtype | None = No
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the cache follows the user's umask
+    from dspark.train.checkpoint import current_umask
+
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700; the cache follows the user's umask
     try:
         _convert(path, tmp, storage)
         if out.exists():  # another process finished first, or a stale entry with cache=False

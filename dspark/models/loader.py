@@ -377,7 +377,7 @@ def load_target(
     path = Path(path)
     source = path
     if is_gguf(path):
-        path = gguf_to_hf_dir(path, dtype=dtype if dtype != "auto" else None)
+        path = gguf_to_hf_dir(path, dtype=dtype)  # "auto" / None: the default storage dtype
     elif not path.is_dir():
         if path.suffix.lower() == ".gguf" or path.is_file():
             raise CheckpointError(f"model file {path} does not exist or is not a GGUF file")

@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's umask (reading it means setting it, so it is set straight back)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -21,7 +22,7 @@ def _atomic(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
     # mkstemp makes the file 0600; files users keep get the permissions of any other tool's (umask).
-    os.chmod(tmp, 0o666 & ~_umask())
+    os.chmod(tmp, 0o666 & ~current_umask())
     try:
         write(tmp)
         os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
