@@ -4,6 +4,7 @@
     dspark generate --raw --max-tokens 32 "def fibonacci(n):"
     dspark generate --drafter ngram -g 5 --compare "Write a Python function that reverses a list."
     dspark generate --model models/dspark-demo-target --temperature 0.8 --seed 1 --json "import os"
+    dspark make-prompts --out runs/prompts.jsonl --exclude-dir ../shared/benchmarks   # training prompts
     dspark datagen --model models/dspark-demo-target --out runs/data.jsonl   # drafter training data
     dspark train-drafter --target models/dspark-demo-target --data runs/data.jsonl --out runs/my-drafter
     dspark eval --drafters ngram --data-dir ../shared/benchmarks --sets humaneval --num-prompts 8
@@ -150,10 +151,12 @@ def _add_module(sub: argparse._SubParsersAction, name: str, module, help_: str, 
 
 def _add_workflows(sub: argparse._SubParsersAction) -> None:
     from dspark.eval import acceptance, speed
-    from dspark.train import datagen, pretrain, train_drafter
+    from dspark.train import datagen, magpie, pretrain, train_drafter
 
     _add_module(sub, "pretrain", pretrain, "train a tokenizer and a small Qwen3 code model from scratch",
                 lambda a: pretrain.train(pretrain.config_from_args(a, a.raw_argv)) and 0)
+    _add_module(sub, "make-prompts", magpie, "training prompts written by the target itself (Magpie-style)",
+                lambda a: magpie.run(a) and 0)
     _add_module(sub, "datagen", datagen, "regenerate responses with the target (drafter training data)",
                 lambda a: datagen.run(a) and 0)
     _add_module(sub, "train-drafter", train_drafter,

@@ -78,3 +78,52 @@ def test_resume_with_other_settings_is_refused(qwen3_ckpt, tmp_path, capsys):
     assert main([*base, "--out", str(out), "--temperature", "0.5"]) == 2
     err = capsys.readouterr().err
     assert "other settings: --temperature 0.5 (earlier: 1.0)" in err and "pick another --out" in err
+
+
+def test_store_hidden_matches_the_target_and_trains_offline_like_online(qwen3_ckpt, corpus, tmp_path, capsys):
+    """--store-hidden writes each sequence's taps + last layer (float16) exactly as the target computes
+    them, and train-drafter on that file reproduces the online losses (fp16 storage rounding only)."""
+    import torch
+    from safetensors import safe_open
+
+    from dspark.models import load_target
+    from dspark.train.train_drafter import TrainDrafterConfig, train
+
+    out = tmp_path / "data.jsonl"
+    base = ["datagen", "--model", str(qwen3_ckpt.path), "--corpus", str(corpus), "--corpus-split", "all",
+            "--num-prompts", "6", "--max-tokens", "6", "--batch-size", "2", "--temperature", "0",
+            "--out", str(out)]
+    assert main([*base, "--store-hidden", "--hidden-layers", "0,1"]) == 0
+    rows = read(out)
+    assert {r["hidden_layers"] == [0, 1] for r in rows} == {True}
+    target = load_target(qwen3_ckpt.path)
+    L = target.config.num_layers
+    cache = target.new_cache(1, 256)
+    for r in rows[:3]:
+        ids = r["prompt_ids"] + r["output_ids"]
+        with safe_open(str(tmp_path / r["hidden_file"]), "pt") as f:
+            got = f.get_tensor(f"seq_{r['id']}")
+        assert got.dtype == torch.float16 and tuple(got.shape) == (len(ids), 3, target.config.hidden_size)
+        slot = cache.allocate()
+        want = target.forward(cache, [slot], [ids], hidden_layer_ids=[0, 1, L - 1], all_logits=False).hidden[0]
+        cache.free(slot)
+        assert torch.allclose(got.float(), want[:len(ids)].float(), atol=2e-2, rtol=2e-3)
+    # A settings change on resume is refused (stored layers are part of what a row is).
+    assert main([*base, "--store-hidden", "--hidden-layers", "1"]) == 2
+    assert "--hidden-layers" in capsys.readouterr().err
+    # Offline training (stored features) == online training (target run every step) on the same taps.
+    kw = dict(target=str(qwen3_ckpt.path), data=str(out), block_size=3, num_layers=1, markov_rank=8,
+              anchors_per_seq=3, steps=3, batch_size=2, eval_every=3, ckpt_every=3, threads=1, val_percent=20.0)
+    train(TrainDrafterConfig(out=str(tmp_path / "off"), **kw))
+    train(TrainDrafterConfig(out=str(tmp_path / "on"), online=True, target_layer_ids=[0, 1], **kw))
+    off, on = (json.loads((tmp_path / d / "training_log.json").read_text()) for d in ("off", "on"))
+    assert off["drafter"]["target_layer_ids"] == [0, 1]
+    assert off["train_losses"] == pytest.approx(on["train_losses"], rel=1e-3)
+    # Other taps than the stored ones: one line naming both.
+    with pytest.raises(ValueError, match="stores layers 0,1"):
+        train(TrainDrafterConfig(out=str(tmp_path / "bad"), target_layer_ids=[0], **kw))
+    # A data file whose .hidden folder is gone: the error names the file.
+    import shutil
+    shutil.rmtree(tmp_path / "data.jsonl.hidden")
+    with pytest.raises(ValueError, match="data.jsonl.hidden"):
+        train(TrainDrafterConfig(out=str(tmp_path / "gone"), **kw))

@@ -36,6 +36,13 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> None:
     _atomic(Path(path), lambda tmp: torch.save(obj, tmp))
 
 
+def atomic_save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save_file
+
+    _atomic(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    os.chmod(path, 0o666 & ~current_umask())  # safetensors writes a new file of its own (0600)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:

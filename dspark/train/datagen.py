@@ -12,6 +12,14 @@ separated by blank lines) given with --prompts; those are instructions, rendered
 template when it has one (--raw: as plain text). Output: one JSON object a line with `id`, `prompt`,
 `prompt_ids`, `output_ids`, `text`, `finish_reason` and the sampling parameters. Resumable: ids
 already in the output file are skipped, and each batch is appended and flushed as it finishes.
+
+--store-hidden (offline drafter training, as SpecForge's offline mode): each batch's prompt + output
+is scored once more by the target and, per sequence, the outputs of the tapped layers
+(--hidden-layers, default 5 evenly spaced) and of the last layer (before the final norm: the
+target's logits for the TV and confidence terms follow from it exactly) are stored as float16
+`[T, taps + 1, hidden]` in `OUT.hidden/batch_NNNNN.safetensors` (written atomically before the
+batch's lines, so a line always finds its tensors). `dspark train-drafter` then never runs the target
+body. Bytes per token: (taps + 1) x hidden x 2 (SmolLM2, 5 taps: 6 x 576 x 2 = 6,912).
 """
 
 from __future__ import annotations
@@ -61,7 +69,7 @@ def file_prompts(path: Path) -> list[str]:
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
         out = []
-        for i, line in enumerate(text.splitlines(), 1):
+        for i, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 inside strings
             if not line.strip():
                 continue
             try:
@@ -80,7 +88,7 @@ def file_prompts(path: Path) -> list[str]:
 
 # Settings that decide what a response is; batch size and threads only decide how fast it comes.
 _SETTINGS = ("temperature", "top_p", "top_k", "max_tokens", "seed", "raw", "corpus", "corpus_split",
-             "num_prompts", "prompts")  # not --shard: it splits the work, each id's response is the same
+             "num_prompts", "prompts", "store_hidden", "hidden_layers")  # not --shard: it splits the work, each id's response is the same
 
 
 def settings_path(out: Path) -> Path:
@@ -111,6 +119,48 @@ def check_resume_settings(out: Path, args: argparse.Namespace, llm: Any, resumin
     atomic_write_text(side, json.dumps(now, indent=1) + "\n")
 
 
+def hidden_layers(args: argparse.Namespace, target: Any) -> list[int]:
+    from dspark.drafters.dspark_drafter import default_target_layer_ids
+
+    L = target.config.num_layers
+    if args.hidden_layers is None:
+        return default_target_layer_ids(L, 5)
+    try:
+        got = [int(x) for x in str(args.hidden_layers).split(",") if x.strip()]
+    except ValueError:
+        raise DatagenError(f"--hidden-layers must be comma-separated layer ids like 1,8,14, "
+                           f"got {args.hidden_layers!r}") from None
+    bad = [i for i in got if not -1 <= i < L - 1]
+    if bad or not got:
+        raise DatagenError(f"--hidden-layers: layer {bad[0] if bad else '(none)'} is not in [-1, {L - 2}] "
+                           f"(the target has {L} layers; the last is stored anyway)")
+    return got
+
+
+def store_hidden(target: Any, path: Path, seqs: dict[int, list[int]], layers: list[int], batch: int) -> None:
+    """Score each token sequence with the target and write its taps + last layer as float16."""
+    import torch
+
+    from dspark.train.checkpoint import atomic_save_safetensors
+
+    taps = list(layers) + [target.config.num_layers - 1]
+    tensors = {}
+    items = list(seqs.items())
+    cache = target.new_cache(batch, max(len(v) for v in seqs.values()))
+    with torch.inference_mode():
+        for b in range(0, len(items), batch):
+            part = items[b:b + batch]
+            slots = [cache.allocate() for _ in part]
+            try:
+                res = target.forward(cache, slots, [ids for _, ids in part], hidden_layer_ids=taps, all_logits=False)
+            finally:
+                for s in slots:
+                    cache.free(s)
+            for j, (i, ids) in enumerate(part):
+                tensors[f"seq_{i}"] = res.hidden[j, :len(ids)].to(torch.float16).contiguous()
+    atomic_save_safetensors(tensors, path, metadata={"layers": json.dumps(layers), "last": str(taps[-1])})
+
+
 def main(argv: list[str] | None = None) -> int:
     return module_main(argv, prog="dspark datagen", description=__doc__, add_arguments=add_arguments,
                        run=lambda args: run(args) and 0, label="dspark datagen: error")
@@ -136,6 +186,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seeds prompt cutting and each request's sampler (default: 0)")
     p.add_argument("--batch-size", type=int, default=8, help="requests decoded together (default: 8)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--store-hidden", action="store_true",
+                   help="also store the target's hidden states for offline drafter training (see above)")
+    p.add_argument("--hidden-layers", default=None,
+                   help="comma-separated target layers to store with --store-hidden, 0-based "
+                        "(default: 5 evenly spaced, never the last; the last layer is always stored too)")
     p.add_argument("--shard", default="0/1", metavar="K/N",
                    help="generate only prompts whose id %% N == K, to run N processes side by side on "
                         "separate --out files (default: 0/1, all prompts)")
@@ -193,22 +248,34 @@ def run(args: argparse.Namespace) -> Path:
         # Instructions go through the chat template (as the target is served); code openings are continued.
         return llm.render_chat([{"role": "user", "content": prompt}]) if chat and instruction[i] else prompt
 
+    layers = hidden_layers(args, llm.target) if args.store_hidden else None
+    hidden_dir = out.with_name(out.name + ".hidden")
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="datagen", unit="prompt")
     n_tok = 0
+    # Several batches per generate call: continuous batching refills finished slots.
+    per_call = args.batch_size * 4
     with out.open("a", encoding="utf-8") as fh:
-        for b in range(0, len(todo), args.batch_size):
-            chunk = todo[b:b + args.batch_size]
+        for b in range(0, len(todo), per_call):
+            chunk = todo[b:b + per_call]
             # Keep the tail of over-long prompts so prompt + response fits the context.
             ids = [llm.tokenizer.encode(templated(i, p))[-(max_len - args.max_tokens):] for i, p in chunk]
             params = [SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                      max_tokens=args.max_tokens, seed=args.seed * 1_000_003 + i)
                       for i, _ in chunk]
             outs = llm.generate(ids, params)
+            stored = {}
+            if layers is not None:
+                name = f"batch_{chunk[0][0]:06d}.safetensors"
+                store_hidden(llm.target, hidden_dir / name,
+                             {i: pid + o.token_ids for (i, _), pid, o in zip(chunk, ids, outs)}, layers,
+                             args.batch_size)
+                stored = {"hidden_file": f"{hidden_dir.name}/{name}", "hidden_layers": layers}
             for (i, prompt), pid, o in zip(chunk, ids, outs):
                 fh.write(json.dumps({"id": i, "prompt": prompt, "prompt_ids": pid, "output_ids": o.token_ids,
                                      "text": o.text, "finish_reason": o.finish_reason,
                                      "chat_template": bool(chat and instruction[i]),
-                                     "sampling": dict(sampling, seed=args.seed * 1_000_003 + i)}) + "\n")
+                                     "sampling": dict(sampling, seed=args.seed * 1_000_003 + i),
+                                     **stored}) + "\n")
                 n_tok += len(o.token_ids)
             fh.flush()
             bar.update(len(chunk))
