@@ -21,7 +21,7 @@ import argparse
 import json
 import sys
 
-from dspark.config import SCHEDULERS, SchedulerKind
+from dspark.config import POLICY_HELP
 from dspark.errors import DSparkError
 
 
@@ -40,9 +40,10 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--drafter", default=None, help=DRAFTER_HELP)
     p.add_argument("-g", "--num-speculative-tokens", type=int, default=None,
                    help="γ, draft tokens per round (default: the drafter's block size)")
-    p.add_argument("--scheduler", default=SchedulerKind.STATIC.value, choices=SCHEDULERS,
-                   help="static: verify every draft; confidence: the drafter's confidence head and a step "
-                        "cost table profiled at start-up choose how many drafts to verify (default: static)")
+    p.add_argument("--policy", default="static", help=POLICY_HELP + " (default: static)")
+    p.add_argument("--scheduler", dest="policy", help=argparse.SUPPRESS)  # the old name of --policy
+    p.add_argument("--reprofile", action="store_true",
+                   help="measure the target's step-cost table again instead of reading the cached one")
     p.add_argument("--compare", action="store_true",
                    help="also decode plainly (same target, same prompts) and print the speedup")
     p.add_argument("--raw", action="store_true",
@@ -83,8 +84,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.num_speculative_tokens is not None and args.drafter is not None and args.drafter.lower() in NO_DRAFTER:
         raise ValueError("-g/--num-speculative-tokens needs a drafter (--drafter DIR or ngram)")
     llm = LLM(model=args.model, drafter="auto" if args.drafter is None else args.drafter, dtype=args.dtype,
-              num_threads=args.threads, max_num_seqs=args.max_num_seqs, scheduler=args.scheduler,
-              cpu_gemm=args.cpu_gemm)
+              num_threads=args.threads, max_num_seqs=args.max_num_seqs, policy=args.policy,
+              cpu_gemm=args.cpu_gemm, reprofile=args.reprofile)
     if llm.model_note:
         print(f"note: {llm.model_note}", file=sys.stderr)
     if llm.drafter is None and args.num_speculative_tokens is not None:
