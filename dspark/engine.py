@@ -274,7 +274,9 @@ class Engine:
         self.policy: VerifyPolicy = config.policy
         self.step_cost = step_cost
         self.step_cost_path: Path | None = None  # where the profiled table is cached
-        self._check_policy(drafter, largest_round, config.reprofile)
+        self.step_cost_cached = False  # read from that cache (not measured by this engine)
+        self.largest_round = largest_round
+        self._check_policy(drafter, config.reprofile)
         self.rule = policy_rule(self.policy, self.step_cost)
         # Called with a RoundRecord after every speculative round (from the stepping thread).
         self.round_observers: list[Any] = []
@@ -289,7 +291,7 @@ class Engine:
         self._step_lock = threading.Lock()
         self._early_outputs: list[StepOutput] = []  # aborts done outside a step
 
-    def _check_policy(self, drafter, largest_round: int, reprofile: bool) -> None:
+    def _check_policy(self, drafter, reprofile: bool) -> None:
         p = self.policy
         if drafter is None:
             if p.kind not in ("static", "plain"):
@@ -306,9 +308,16 @@ class Engine:
             raise ScheduleError(f"policy {p} needs a drafter with a confidence head; the {drafter.name} drafter "
                                 "has none (use static or fixed:K)")
         if p.kind == "confidence" and self.step_cost is None:
-            # B verified tokens per round: at most every running request's anchor + its γ drafts.
-            self.step_cost, self.step_cost_path, _ = StepCostTable.cached(
-                self.target, largest_round, hidden_layer_ids=drafter.target_layer_ids, reprofile=reprofile)
+            self.load_step_cost(reprofile)
+
+    def load_step_cost(self, reprofile: bool = False, max_tokens: int | None = None) -> StepCostTable:
+        """The target's step-cost table up to `max_tokens` verified tokens (default: the largest
+        round, every slot's anchor + γ drafts), read from the on-disk cache or profiled now
+        (`reprofile`: always profiled); sets `step_cost` and `step_cost_path`."""
+        taps = self.drafter.target_layer_ids if self.drafter is not None else ()
+        self.step_cost, self.step_cost_path, self.step_cost_cached = StepCostTable.cached(
+            self.target, max_tokens or self.largest_round, hidden_layer_ids=taps, reprofile=reprofile)
+        return self.step_cost
 
     # ---- requests (any thread) -------------------------------------------------------------------
 

@@ -173,8 +173,9 @@ def step_cost_key(target, hidden_layer_ids: Sequence[int] = ()) -> dict[str, Any
 
     dev = torch.device(target.device)
     device = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
-    return {"model": target_identity(target), "threads": torch.get_num_threads(),
-            "hidden_layer_ids": [int(i) for i in hidden_layer_ids], "device": device, "machine": _machine()}
+    key = {"model": target_identity(target), "threads": torch.get_num_threads(),
+           "hidden_layer_ids": [int(i) for i in hidden_layer_ids], "device": device, "machine": _machine()}
+    return json.loads(json.dumps(key, default=str))  # as it reads back from the cache file
 
 
 def step_cost_path(target, key: dict[str, Any]) -> Path:

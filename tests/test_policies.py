@@ -208,3 +208,56 @@ def test_sampled_output_follows_the_target_under_policy(qwen3_ckpt, plain, polic
               num_speculative_tokens=3, policy=policy)
     pvalue, _ = sampled_pairs_pvalue(llm, qwen3_ckpt.hf_model, n=1500, top_k=4, gammas=[1, 3])
     assert pvalue > 1e-3, pvalue
+
+
+# ---- the step-cost table: cached per model, threads and machine ---------------------------------------
+
+def test_step_cost_is_cached_per_threads_and_reprofiled_on_request(monkeypatch, tmp_path, plain):
+    monkeypatch.setenv("DSPARK_CACHE_DIR", str(tmp_path))
+    target = plain.target
+    t1, path, cached = StepCostTable.cached(target, 6)
+    assert not cached and path.is_file() and path.parent == tmp_path / "step-cost"
+    t2, path2, cached2 = StepCostTable.cached(target, 6)
+    assert cached2 and path2 == path and t2 == t1
+    assert StepCostTable.cached(target, 4)[2]            # a table covering more is reused
+    t3, _, cached3 = StepCostTable.cached(target, 9)      # one covering less is measured again
+    assert not cached3 and t3.tokens[-1] == 9
+    assert not StepCostTable.cached(target, 6, reprofile=True)[2]
+    assert StepCostTable.cached(target, 6, hidden_layer_ids=[1])[1] != path  # other taps, other entry
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(before + 1)
+        assert StepCostTable.cached(target, 6)[1] != path
+    finally:
+        torch.set_num_threads(before)
+    path.write_text("{damaged")
+    assert not StepCostTable.cached(target, 6)[2]        # a damaged entry is measured again
+    assert StepCostTable.cached(target, 6)[2]
+
+
+def test_confidence_engine_reads_the_cached_table(monkeypatch, tmp_path, plain):
+    monkeypatch.setenv("DSPARK_CACHE_DIR", str(tmp_path))
+    drafter = untrained_dspark(plain.target, 2)
+    e1 = Engine(plain.target, EngineConfig(max_num_seqs=2, policy="confidence"), drafter=drafter)
+    e2 = Engine(plain.target, EngineConfig(max_num_seqs=2, policy="confidence"), drafter=untrained_dspark(plain.target, 2))
+    assert not e1.step_cost_cached and e2.step_cost_cached and e2.step_cost == e1.step_cost
+    assert e1.step_cost.tokens[-1] == 2 * (1 + drafter.block_size)
+    e3 = Engine(plain.target, EngineConfig(max_num_seqs=2, policy="confidence", reprofile=True),
+                drafter=untrained_dspark(plain.target, 2))
+    assert not e3.step_cost_cached
+
+
+def test_profile_steps_prints_the_table(monkeypatch, tmp_path, qwen3_ckpt, capsys):
+    from dspark.cli import main
+
+    monkeypatch.setenv("DSPARK_CACHE_DIR", str(tmp_path))
+    argv = ["profile-steps", "--model", str(qwen3_ckpt.path), "--drafter", "ngram", "--max-tokens", "5"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "measured now" in out[0] and str(tmp_path / "step-cost") in out[0]
+    assert out[1].split() == ["B", "ms/step", "steps/s", "tokens/s"] and len(out) == 2 + 5
+    assert main(argv + ["--json"]) == 0
+    data = __import__("json").loads(capsys.readouterr().out)
+    assert data["cached"] and data["table"]["tokens"] == [1, 2, 3, 4, 5]
+    assert main(["profile-steps", "--model", str(qwen3_ckpt.path), "--max-tokens", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "dspark profile-steps: error: --max-tokens must be >= 1, got 0"
