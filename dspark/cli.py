@@ -9,6 +9,7 @@
     dspark eval --drafters ngram --data-dir ../shared/benchmarks --sets humaneval --num-prompts 8
     dspark bench --drafters ngram --data-dir ../shared/benchmarks --set humaneval --num-prompts 4
     dspark serve --port 8000                             # OpenAI-compatible server (see the README)
+    dspark loadtest --model models/dspark-demo-target --concurrency 1,2,4 --policies plain,fixed:1,confidence
     dspark profile-steps --model models/dspark-demo-target --threads 2
     dspark calibrate --model models/dspark-demo-target --drafter dspark --data-dir ../shared/benchmarks --sets humaneval
 
@@ -173,6 +174,9 @@ def _add_workflows(sub: argparse._SubParsersAction) -> None:
     from dspark import server
     _add_module(sub, "serve", server, "OpenAI-compatible HTTP server (chat, completions, streaming, metrics)",
                 server.run)
+    from dspark.server import loadtest
+    _add_module(sub, "loadtest", loadtest, "closed-loop concurrent clients per verification policy (Figures 7, 8)",
+                loadtest.run)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -245,8 +245,11 @@ def plot_load_budget(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Pat
     top.set_title("Load-adaptive throughput and verification budget", fontsize=10)
     bottom.set_ylabel("verified tokens per request per step")
     bottom.set_xlabel("concurrent clients")
+    levels = sorted({r["concurrency"] for r in rows})
     for ax in (top, bottom):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(levels, [str(c) for c in levels])
+        ax.minorticks_off()
         ax.grid(alpha=0.3)
     top.legend(fontsize=8)
     return _save(fig, plt, path)
