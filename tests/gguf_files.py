@@ -17,22 +17,12 @@ from typing import Any, Callable
 
 import numpy as np
 
+from dspark.export import GGUF_LAYER_NAMES
+
+# Hugging Face layer names -> llama.cpp's (the drafter exporter's table, plus the Q/K/V/O biases).
 LAYER_NAMES = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.o_proj.weight": "attn_output.weight",
-    "self_attn.q_proj.bias": "attn_q.bias",
-    "self_attn.k_proj.bias": "attn_k.bias",
-    "self_attn.v_proj.bias": "attn_v.bias",
-    "self_attn.o_proj.bias": "attn_output.bias",
-    "self_attn.q_norm.weight": "attn_q_norm.weight",
-    "self_attn.k_norm.weight": "attn_k_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
+    **GGUF_LAYER_NAMES,
+    **{f"self_attn.{p}_proj.bias": f"attn_{g}.bias" for p, g in (("q", "q"), ("k", "k"), ("v", "v"), ("o", "output"))},
 }
 
 
