@@ -114,8 +114,11 @@ def test_calibrate_writes_results_and_the_drafter_applies_them(tmp_path, drafter
     target = load_target(DEMO_TARGET)
     d = load_drafter(drafter_copy, target, max_seqs=1, max_len=64)
     assert d.confidence_temperatures.tolist() == pytest.approx(res["temperatures"], rel=1e-6)
-    raw = load_drafter(DEMO_DRAFTER, target, max_seqs=1, max_len=64)
-    assert raw.confidence_temperatures is None
+    (drafter_copy / "calibration.json").rename(tmp_path / "kept.json")
+    assert load_drafter(drafter_copy, target, max_seqs=1, max_len=64).confidence_temperatures is None  # raw head
+    (tmp_path / "kept.json").rename(drafter_copy / "calibration.json")
+    bundled = json.loads((DEMO_DRAFTER / "calibration.json").read_text())["temperatures"]  # committed, applied
+    assert load_drafter(DEMO_DRAFTER, target, 1, 64).confidence_temperatures.tolist() == pytest.approx(bundled)
     # The stored temperatures are what the proposal's confidences use: c_k = σ(z_k / T_k).
     from dspark.sampling import SamplingParams, SamplingTensors
 
