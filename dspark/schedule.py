@@ -1,7 +1,13 @@
 """Confidence-scheduled verification: how many draft tokens each request sends to the target.
 
-    cost = StepCostTable.profile(target, max_tokens=64)           # once, at engine start-up
-    ells = schedule_prefix(survival, caps, cost)                   # every round
+    cost, path, cached = StepCostTable.cached(target, max_tokens=64)   # once, at engine start-up (on disk)
+    ells = schedule_prefix(survival, caps, cost)                        # every round (Algorithm 1)
+    rule = policy_rule(VerifyPolicy.parse("threshold:0.3"), cost)       # any policy: rule.lengths(...)
+    temps = sequential_temperature_scaling(logits, accepted)            # STS, on held-out rounds
+
+Verification policies (`dspark.config.VerifyPolicy`): `static` verifies every draft, `plain` drafts
+nothing, `fixed:K` the first K, `threshold:P` while the survival stays above P, `confidence`
+Algorithm 1. Each is a `PolicyRule` in the `POLICY_RULES` registry.
 
 The drafter's confidence head estimates c_{r,k} = P(draft k of request r accepted | drafts < k
 accepted); the survival a_{r,j} = Π_{i≤j} c_{r,i} is then the chance that draft j is accepted, and
@@ -24,19 +30,22 @@ draft j (the paper's Appendix A gives such a counterexample).
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+import os
+import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 
-from dspark.config import SCHEDULERS, ScheduleError, SchedulerKind, scheduler_kind  # noqa: F401 (re-exported)
+from dspark.config import ScheduleError, VerifyPolicy  # noqa: F401 (ScheduleError re-exported)
 
-
-
-
+STEP_COST_DIR = "step-cost"  # under the DSpark cache directory ($DSPARK_CACHE_DIR)
 
 @dataclass
 class StepCostTable:
@@ -117,6 +126,65 @@ class StepCostTable:
             seconds[i] = max(seconds[i], seconds[i - 1])
         return cls(grid, seconds)
 
+    @classmethod
+    def cached(cls, target, max_tokens: int, hidden_layer_ids: Sequence[int] = (), reprofile: bool = False,
+               progress: bool = False) -> tuple["StepCostTable", Path, bool]:
+        """The table for this target on this machine, from the cache when one covers `max_tokens`
+        (else profiled and stored). Keyed by the model's files, dtype and CPU GEMM, the torch thread
+        count, the taps read and the machine (`step_cost_key`). Returns (table, cache file, from cache)."""
+        from dspark.train.checkpoint import atomic_write_text
+
+        key = step_cost_key(target, hidden_layer_ids)
+        path = step_cost_path(target, key)
+        if not reprofile and path.is_file():
+            try:
+                raw = json.loads(path.read_text(encoding="utf-8"))
+                table = cls.from_json(raw["table"], str(path))
+                if raw.get("key") == key and table.tokens[-1] >= max_tokens:
+                    return table, path, True
+            except (OSError, ValueError, KeyError, TypeError, ScheduleError):
+                pass  # a damaged or stale entry is measured again and replaced
+        if progress:
+            print(f"profiling target step cost up to {max_tokens} verified tokens (cached in {path})", flush=True)
+        table = cls.profile(target, max_tokens, hidden_layer_ids=hidden_layer_ids)
+        atomic_write_text(path, json.dumps({"key": key, "table": table.to_json()}, indent=1) + "\n")
+        return table, path, False
+
+    def rows(self) -> list[dict[str, float]]:
+        """One row per measured B: ms per step, steps/s and verified tokens/s (B · SPS(B))."""
+        return [{"tokens": b, "ms_per_step": 1e3 * s, "steps_per_s": 1.0 / s, "tokens_per_s": b / s}
+                for b, s in zip(self.tokens, self.seconds)]
+
+
+def _machine() -> dict[str, Any]:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"node": platform.node(), "arch": platform.machine(), "cpu": cpu, "cpus": os.cpu_count()}
+
+
+def step_cost_key(target, hidden_layer_ids: Sequence[int] = ()) -> dict[str, Any]:
+    """What a step-cost table depends on: the model (files, dtype, CPU GEMM), torch's thread count,
+    the hidden-state taps read, the device and the machine."""
+    from dspark.eval.acceptance import target_identity
+
+    dev = torch.device(target.device)
+    device = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
+    key = {"model": target_identity(target), "threads": torch.get_num_threads(),
+           "hidden_layer_ids": [int(i) for i in hidden_layer_ids], "device": device, "machine": _machine()}
+    return json.loads(json.dumps(key, default=str))  # as it reads back from the cache file
+
+
+def step_cost_path(target, key: dict[str, Any]) -> Path:
+    from dspark.bundled import target_label
+    from dspark.models.gguf import cache_root
+
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return cache_root() / STEP_COST_DIR / f"{target_label(target)}-{digest}.json"
+
 
 def survival_from_confidence(confidence: torch.Tensor) -> list[list[float]]:
     """confidence [num_reqs, gamma] (c_k in (0, 1)) -> survival a_{r,j} = Π_{i≤j} c_{r,i}, as lists."""
@@ -178,3 +246,185 @@ def _schedule(survival: Sequence[Sequence[float]], caps: Sequence[int],
         num_tokens += 1
         theta = new_theta
     return ells, None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Verification policies: one rule per `VerifyPolicy` kind
+
+
+class PolicyRule(Protocol):
+    """How a verification policy turns a round's caps (and survivals) into ℓ per request.
+
+    `draft_caps`: how many tokens the drafter is asked for. Policies that read confidences then cut
+    each row with `lengths`, and may let the drafter stop early through `settled` (None: not settled
+    yet; else the ℓ per request, which longer rows could not change)."""
+
+    needs_confidence: bool
+
+    def draft_caps(self, caps: list[int]) -> list[int]: ...
+
+    def lengths(self, survival: Sequence[Sequence[float]], caps: Sequence[int]) -> list[int]: ...
+
+    def settled(self, survival: Sequence[Sequence[float]], caps: Sequence[int]) -> list[int] | None: ...
+
+
+@dataclass
+class _CapRule:
+    """static / fixed:K / plain: ℓ fixed before drafting, no confidences read."""
+
+    most: int | None  # None: every draft (static)
+    needs_confidence = False
+
+    def draft_caps(self, caps: list[int]) -> list[int]:
+        return list(caps) if self.most is None else [min(self.most, c) for c in caps]
+
+    def lengths(self, survival: Sequence[Sequence[float]], caps: Sequence[int]) -> list[int]:
+        return self.draft_caps(list(caps))
+
+    def settled(self, survival: Sequence[Sequence[float]], caps: Sequence[int]) -> list[int] | None:
+        return self.lengths(survival, caps)
+
+
+@dataclass
+class ThresholdRule:
+    """threshold:P: ℓ_r = the number of leading drafts whose survival a_{r,j} exceeds P. Whether j is
+    verified depends on a_{r,1..j} only (drafts < j), as for Algorithm 1."""
+
+    p: float
+    needs_confidence = True
+
+    def draft_caps(self, caps: list[int]) -> list[int]:
+        return list(caps)
+
+    def lengths(self, survival: Sequence[Sequence[float]], caps: Sequence[int]) -> list[int]:
+        out = []
+        for row, cap in zip(survival, caps):
+            n, prev = 0, 1.0
+            for a in row[:cap]:
+                prev = min(prev, float(a))  # survival never rises along a row (float noise clipped)
+                if not prev > self.p:
+                    break
+                n += 1
+            out.append(n)
+        return out
+
+    def settled(self, survival: Sequence[Sequence[float]], caps: Sequence[int]) -> list[int] | None:
+        ells = self.lengths(survival, caps)
+        # A row is settled once it is complete or has dropped to P (later survivals are no higher).
+        if all(e < len(row) or len(row) >= cap for e, row, cap in zip(ells, survival, caps)):
+            return ells
+        return None
+
+
+@dataclass
+class ConfidenceRule:
+    """confidence: Algorithm 1 (`schedule_prefix`) over the step-cost table."""
+
+    cost: StepCostTable | Callable[[int], float]
+    needs_confidence = True
+
+    def draft_caps(self, caps: list[int]) -> list[int]:
+        return list(caps)
+
+    def lengths(self, survival: Sequence[Sequence[float]], caps: Sequence[int]) -> list[int]:
+        return schedule_prefix(survival, caps, self.cost)
+
+    def settled(self, survival: Sequence[Sequence[float]], caps: Sequence[int]) -> list[int] | None:
+        return settled_schedule(survival, caps, self.cost)
+
+
+POLICY_RULES: dict[str, Callable[[VerifyPolicy, Any], PolicyRule]] = {
+    "static": lambda p, cost: _CapRule(None),
+    "plain": lambda p, cost: _CapRule(0),
+    "fixed": lambda p, cost: _CapRule(int(p.value)),
+    "threshold": lambda p, cost: ThresholdRule(float(p.value)),
+    "confidence": lambda p, cost: ConfidenceRule(cost),
+}
+
+
+def policy_rule(policy: VerifyPolicy | str, cost: StepCostTable | Callable[[int], float] | None = None) -> PolicyRule:
+    """The rule of a policy; `cost` is needed by `confidence` only."""
+    policy = VerifyPolicy.parse(policy)
+    if policy.kind == "confidence" and cost is None:
+        raise ScheduleError("policy 'confidence' needs a step-cost table")
+    return POLICY_RULES[policy.kind](policy, cost)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sequential Temperature Scaling (paper §3.2.1)
+
+ECE_BINS = 15
+# Candidate temperatures: 0.05 .. 20, geometric, plus 1 (no change); searched nearest-to-1 first so
+# that ties keep the smallest correction.
+_GRID = sorted({1.0, *torch.logspace(math.log10(0.05), math.log10(20.0), 241, dtype=torch.float64).tolist()},
+               key=lambda t: abs(math.log(t)))
+
+
+def joint_outcomes(confidence_logits: torch.Tensor, accepted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, γ] raw confidence logits (NaN: not drafted) and [N, γ] outcomes (1 accepted, 0 rejected,
+    anything else: not verified; positions after a row's first rejection are ignored) ->
+    (valid [N, γ] bool, y [N, γ] float64): y_k = 1 iff drafts 1..k were all accepted.
+
+    Position k of a row counts when c_1..c_k exist and its joint outcome is known: drafts 1..k were
+    verified, or an earlier one was rejected (then y_k = 0 whether k was verified or not)."""
+    z = torch.as_tensor(confidence_logits, dtype=torch.float64)
+    a = torch.as_tensor(accepted, dtype=torch.float64)
+    if z.dim() != 2 or z.shape != a.shape:
+        raise ScheduleError(f"confidence_logits and accepted must both be [N, gamma], got "
+                            f"{tuple(z.shape)} and {tuple(a.shape)}")
+    ones, zeros = a == 1, a == 0
+    all_acc = torch.cumprod(ones.double(), dim=1).bool()                  # drafts 1..k all accepted
+    prior = torch.cat([torch.ones_like(all_acc[:, :1]), all_acc[:, :-1]], dim=1)  # drafts < k all accepted
+    rejected_by_k = torch.cumsum((zeros & prior).double(), dim=1) > 0     # first rejection at or before k
+    have_c = torch.cumprod(torch.isfinite(z).double(), dim=1).bool()
+    valid = have_c & (all_acc | rejected_by_k)
+    return valid, all_acc.double()
+
+
+def calibrated_survival(confidence_logits: torch.Tensor, temperatures: Sequence[float] | torch.Tensor | None
+                        ) -> torch.Tensor:
+    """a_k = Π_{i≤k} σ(z_i / T_i): [N, γ] float64 (NaN logits give NaN)."""
+    z = torch.as_tensor(confidence_logits, dtype=torch.float64)
+    t = torch.ones(z.shape[1], dtype=torch.float64) if temperatures is None else \
+        torch.as_tensor(temperatures, dtype=torch.float64)[:z.shape[1]]
+    return torch.cumprod(torch.sigmoid(z / t), dim=1)
+
+
+def expected_calibration_error(pred: torch.Tensor, outcome: torch.Tensor, num_bins: int = ECE_BINS) -> torch.Tensor:
+    """ECE over equal-width bins of [0, 1]: Σ_b (n_b / n) · |mean pred_b − mean outcome_b|.
+    pred: [..., n] (a batch of candidate predictions), outcome: [n]; returns [...] (NaN when n = 0)."""
+    pred = pred.double()
+    n = outcome.numel()
+    if n == 0:
+        return torch.full(pred.shape[:-1], float("nan"), dtype=torch.float64)
+    idx = (pred * num_bins).long().clamp(0, num_bins - 1)
+    flat = pred.reshape(-1, n)
+    fidx = idx.reshape(-1, n)
+    sum_p = torch.zeros(flat.shape[0], num_bins, dtype=torch.float64).scatter_add_(1, fidx, flat)
+    sum_y = torch.zeros_like(sum_p).scatter_add_(1, fidx, outcome.double().expand_as(flat))
+    return ((sum_p - sum_y).abs().sum(dim=1) / n).reshape(pred.shape[:-1])
+
+
+def sequential_temperature_scaling(confidence_logits: torch.Tensor, accepted: torch.Tensor,
+                                   num_bins: int = ECE_BINS) -> torch.Tensor:
+    """Sequential Temperature Scaling: [N, γ] raw confidence logits and [N, γ] 0/1 outcomes
+    (positions after a row's first rejection are masked; see `joint_outcomes`) -> [γ] temperatures.
+
+    Position by position, left to right, a 1-D grid search picks the T_k minimising the ECE of the
+    cumulative product Π_{i≤k} σ(z_i / T_i) against "drafts 1..k all accepted", with T_1..T_{k−1}
+    held at the values already chosen. Temperature scaling is monotone, so the ranking of drafts is
+    unchanged. A position with no usable sample keeps T = 1."""
+    z = torch.as_tensor(confidence_logits, dtype=torch.float64)
+    valid, y = joint_outcomes(z, accepted)
+    gamma = z.shape[1]
+    grid = torch.tensor(_GRID, dtype=torch.float64)  # [G]
+    temps = torch.ones(gamma, dtype=torch.float64)
+    prefix = torch.ones(z.shape[0], dtype=torch.float64)  # Π_{i<k} calibrated c_i, per row
+    for k in range(gamma):
+        rows = valid[:, k]
+        if rows.any():
+            zk = z[rows, k]
+            preds = prefix[rows][None, :] * torch.sigmoid(zk[None, :] / grid[:, None])  # [G, n]
+            temps[k] = grid[int(torch.argmin(expected_calibration_error(preds, y[rows, k], num_bins)))]
+        prefix = prefix * torch.sigmoid(torch.nan_to_num(z[:, k]) / temps[k])
+    return temps

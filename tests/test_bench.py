@@ -14,12 +14,12 @@ from helpers import eval_dspark, write_sets
 def test_bench_ours_only(tmp_path, target):
     cfg = BenchConfig(drafters=[], out=tmp_path / "b.json", num_prompts=2, max_tokens=8, gamma=4, repeats=1,
                       transformers=False, data_dir=write_sets(tmp_path / "data"), set="humaneval",
-                      scheduler="confidence")
+                      policies=["static", "confidence", "fixed:2"])
     rep = benchmark(cfg, {"ngram": "ngram", "dspark": eval_dspark}, target=target, progress=False)
     data = json.loads(cfg.out.read_text())
     methods = {m["method"]: m for m in data["methods"]}
     # The confidence scheduler runs where there is a confidence head, and is noted where there is not.
-    assert set(methods) == {"vanilla", "ngram", "dspark", "dspark+confidence"}
+    assert set(methods) == {"vanilla", "ngram", "dspark", "dspark+confidence", "ngram+fixed:2", "dspark+fixed:2"}
     assert any("ngram: no confidence head" in n for n in data["notes"])
     for name, m in methods.items():
         assert m["ours"] and m["same_tokens"], name

@@ -180,3 +180,25 @@ def test_resume_is_keyed_by_what_the_label_points_to(tmp_path, target):
                      target=target, progress=False, plots=False)
     assert len(other.computed) == 1 and not other.skipped
     assert any("recomputed" in n for n in other.notes)
+
+
+def test_threshold_sweep(tmp_path, target):
+    """Figure 5: threshold:P cells for drafters with a confidence head; a higher P verifies fewer drafts
+    per step and never lowers the acceptance rate much; P = 0 verifies every draft."""
+    cfg = make_cfg(tmp_path, gammas=[], thresholds=[0.0, 0.3, 0.6], max_tokens=16)
+    rep = evaluate(cfg, drafters(), target=target, progress=False)
+    data = json.loads(cfg.out.read_text())
+    assert any("ngram: no confidence head, so no threshold sweep" in n for n in data["notes"])
+    sweep = data["threshold_sweep"]
+    assert set(sweep) == {"dspark"} and set(sweep["dspark"]["humaneval"]) == {"0", "0.3", "0.6"}
+    for s in ("humaneval", "gsm8k"):
+        cells = sweep["dspark"][s]
+        v = [cells[p]["verified_per_step"] for p in ("0", "0.3", "0.6")]
+        assert v[0] >= v[1] >= v[2] and v[0] > v[2]
+        static = data["results"]["dspark"][s]
+        assert cells["0"]["verified_drafts"] == static["verified_drafts"]  # P = 0: every draft, as static
+    assert len(rep.computed) == 2 * 2 + 3 * 2  # static cells of both drafters + dspark's sweep
+    assert "Threshold sweep (policy threshold:P)" in rep.markdown and "| dspark | 0.3 |" in rep.markdown
+    assert cfg.out.with_suffix(".threshold_sweep.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(EvalError, match=r"--thresholds must all be in \[0, 1\), got \[1.5\]"):
+        make_cfg(tmp_path, thresholds=[1.5])

@@ -140,7 +140,7 @@ def test_greedy_with_confidence_scheduler_equals_plain(qwen3_ckpt, plain, plain_
     drafter = untrained_dspark(plain.target, batch)
     assert drafter.has_confidence
     spec = LLM(model=qwen3_ckpt.path, drafter=drafter, max_num_seqs=batch, num_speculative_tokens=7,
-               scheduler="confidence", step_cost=linear_cost(0.1))
+               policy="confidence", step_cost=linear_cost(0.1))
     short = []  # per propose call: were fewer tokens drafted than asked for?
     draft_block = drafter.draft_block
     drafter.draft_block = lambda *a, **k: (d := draft_block(*a, **k), short.append(d.token_ids.shape[1] < max(a[2])))[0]
@@ -156,14 +156,14 @@ def test_greedy_with_confidence_scheduler_equals_plain(qwen3_ckpt, plain, plain_
 
 def test_sampled_with_confidence_scheduler_follows_target(qwen3_ckpt, plain):
     llm = LLM(model=qwen3_ckpt.path, drafter=untrained_dspark(plain.target, 8), max_num_seqs=8,
-              num_speculative_tokens=3, scheduler="confidence", step_cost=linear_cost(0.1))
+              num_speculative_tokens=3, policy="confidence", step_cost=linear_cost(0.1))
     pvalue, _ = sampled_pairs_pvalue(llm, qwen3_ckpt.hf_model, n=2000, top_k=4)
     assert pvalue > 1e-3, pvalue
 
 
 def test_confidence_scheduler_needs_a_confidence_head(qwen3_ckpt, plain):
-    with pytest.raises(ScheduleError, match="ngram drafter has none"):
+    with pytest.raises(ScheduleError, match="policy confidence needs a drafter with a confidence head; the ngram"):
         LLM(model=qwen3_ckpt.path, drafter=NgramDrafter(plain.target.vocab_size, block_size=8),
-            scheduler="confidence")
-    with pytest.raises(ScheduleError, match="unknown scheduler 'fast'"):
-        LLM(model=qwen3_ckpt.path, drafter=untrained_dspark(plain.target, 8), scheduler="fast")
+            policy="confidence")
+    with pytest.raises(ScheduleError, match="unknown verification policy 'fast'"):
+        LLM(model=qwen3_ckpt.path, drafter=untrained_dspark(plain.target, 8), policy="fast")

@@ -180,8 +180,15 @@ def test_step_outputs_add_up(plain):
 
 
 def test_engine_config_is_validated(plain):
-    with pytest.raises(ValueError, match="unknown scheduler 'fast'"):
-        EngineConfig(scheduler="fast")
+    with pytest.raises(ValueError, match="unknown verification policy 'fast'"):
+        EngineConfig(policy="fast")
+    with pytest.raises(ValueError, match=r"policy fixed:9 verifies more drafts than γ = 8"):
+        Engine(plain.target, EngineConfig(policy="fixed:9"), drafter=NgramDrafter(plain.target.vocab_size, block_size=8))
+    with pytest.raises(ValueError, match=r"policy threshold:0.5 needs a drafter with a confidence head"):
+        Engine(plain.target, EngineConfig(policy="threshold:0.5"),
+               drafter=NgramDrafter(plain.target.vocab_size, block_size=8))
+    with pytest.raises(ValueError, match=r"policy fixed:2 needs a drafter"):
+        Engine(plain.target, EngineConfig(policy="fixed:2"))
     with pytest.raises(ValueError, match="max_num_batched_tokens=4 must exceed"):
         Engine(plain.target, EngineConfig(max_num_seqs=2, max_num_batched_tokens=4),
                drafter=NgramDrafter(plain.target.vocab_size, block_size=8))

@@ -57,6 +57,9 @@ class DraftProposal:
     # None when the drafter has no confidence head. c_k may depend on drafts < k but never on draft
     # k itself: the confidence scheduler (dspark.schedule) decides from it whether k is verified.
     confidence: Tensor | None
+    # [num_reqs, gamma]: the confidence head's raw logits z_k (before the drafter's calibration
+    # temperatures, c_k = σ(z_k / T_k)), what `dspark calibrate` fits; None without a head.
+    confidence_logits: Tensor | None = None
 
     def lengths(self, asked: Sequence[int]) -> list[int]:
         """Tokens proposed per sequence: what was asked, cut to the proposal's width (an early stop

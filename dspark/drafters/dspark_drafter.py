@@ -52,9 +52,33 @@ if TYPE_CHECKING:
 
 ARCHITECTURE = "Qwen3DSparkModel"
 WEIGHTS_FILE = "model.safetensors"
+# Sequential Temperature Scaling of the confidence head (`dspark calibrate` writes it next to the
+# weights): {"temperatures": [T_1, ..., T_G], ...}; loading applies c_k = σ(z_k / T_k).
+CALIBRATION_FILE = "calibration.json"
 # Tensors a DeepSpec checkpoint may carry that we take from the target instead.
 SHARED_KEYS = ("embed_tokens.weight", "lm_head.weight")
 INIT_STD = 0.02  # DeepSpec/transformers `initializer_range`
+
+
+def read_calibration(path: Path, block_size: int) -> list[float] | None:
+    """The confidence temperatures stored in drafter directory `path`, or None when it has none.
+    A file that is there but unusable is an error naming it and the key."""
+    f = Path(path) / CALIBRATION_FILE
+    if not f.is_file():
+        return None
+    try:
+        raw = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{f}: not valid JSON ({e})") from None
+    temps = raw.get("temperatures") if isinstance(raw, dict) else None
+    if not isinstance(temps, list) or not temps:
+        raise CheckpointError(f"{f}: missing key 'temperatures' (a list of one temperature per draft position)")
+    if len(temps) != block_size:
+        raise CheckpointError(f"{f}: key 'temperatures' has {len(temps)} values; the drafter's block_size is "
+                              f"{block_size}")
+    if not all(isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t < float("inf") for t in temps):
+        raise CheckpointError(f"{f}: key 'temperatures' must hold positive finite numbers, got {temps}")
+    return [float(t) for t in temps]
 
 
 def default_target_layer_ids(num_target_layers: int, num_taps: int = 3) -> list[int]:
@@ -570,9 +594,11 @@ class BlockDraft:
     base_logits: Tensor  # [n, gamma, V] float32
     probs: Tensor | None  # [n, gamma, V] float32 sampling distribution; None if all rows greedy
     confidence: Tensor | None  # [n, gamma]
+    confidence_logits: Tensor | None = None  # [n, gamma] raw, before calibration
 
     def proposal(self) -> DraftProposal:
-        return DraftProposal(token_ids=self.token_ids, probs=self.probs, confidence=self.confidence)
+        return DraftProposal(token_ids=self.token_ids, probs=self.probs, confidence=self.confidence,
+                             confidence_logits=self.confidence_logits)
 
 
 def block_label_positions(anchors: Tensor, block_size: int) -> Tensor:
@@ -1006,6 +1032,32 @@ class DSparkDrafter(FeatureDrafter):
         self.name = cfg.drafter_type if cfg.drafter_type in ("dspark", "dflash") else type(self).name
         # Proposals carry c_k, so the confidence scheduler can choose ℓ (see dspark.schedule).
         self.has_confidence = model.confidence_head is not None
+        # Calibration of c_k (Sequential Temperature Scaling): [G] float32 or None (raw sigmoid).
+        self.confidence_temperatures: Tensor | None = None
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path | None, target: "TargetModel", max_seqs: int, max_len: int) -> Any:
+        drafter = super().from_pretrained(path, target, max_seqs, max_len)
+        if drafter.has_confidence:
+            drafter.set_confidence_temperatures(read_calibration(Path(path), drafter.block_size))
+        return drafter
+
+    def set_confidence_temperatures(self, temperatures: "list[float] | Tensor | None") -> None:
+        """Calibrate c_k = σ(z_k / T_k) (None: the head's raw sigmoid)."""
+        if temperatures is None:
+            self.confidence_temperatures = None
+            return
+        t = torch.as_tensor(temperatures, dtype=torch.float32, device=self.model.device)
+        if t.shape != (self.block_size,) or not bool((t > 0).all()) or not bool(torch.isfinite(t).all()):
+            raise ValueError(f"confidence temperatures must be {self.block_size} positive finite numbers, "
+                             f"got {t.tolist()}")
+        self.confidence_temperatures = t
+
+    def _calibrated(self, logits: Tensor, first: int = 0) -> Tensor:
+        """c from raw logits [n, m] of positions first..first+m-1."""
+        if self.confidence_temperatures is None:
+            return torch.sigmoid(logits)
+        return torch.sigmoid(logits.float() / self.confidence_temperatures[first:first + logits.shape[-1]])
 
     # ---- Drafter protocol ---------------------------------------------------------------------------
 
@@ -1076,8 +1128,8 @@ class DSparkDrafter(FeatureDrafter):
             raise ValueError(f"the {self.name} drafter has no confidence head to stop drafting early with")
         for k in range(gamma):
             if stop is not None and need is None:
-                confs.append(torch.sigmoid(model.confidence_logits(h[:, k], prev)))
-                need = stop(torch.stack(confs, dim=1))
+                confs.append(model.confidence_logits(h[:, k], prev))
+                need = stop(self._calibrated(torch.stack(confs, dim=1)))
             if need is not None and k >= need:
                 break
             logits_k = base[:, k]  # [n, V]
@@ -1096,18 +1148,18 @@ class DSparkDrafter(FeatureDrafter):
             greedy = all(sampling.greedy)
             return BlockDraft(token_ids=torch.zeros(n, 0, dtype=torch.long, device=dev), logits=base[:, :0],
                               base_logits=base, probs=None if greedy else base.new_zeros(n, 0, V),
-                              confidence=base.new_zeros(n, 0))
+                              confidence=base.new_zeros(n, 0), confidence_logits=base.new_zeros(n, 0))
         if stop is not None:
-            confidence: Tensor | None = torch.stack(confs, dim=1)[:, :m]
+            conf: Tensor | None = torch.stack(confs, dim=1)[:, :m]
         else:
             conf = model.confidence_logits(h, torch.stack(prevs, dim=1))  # prevs: x_0..x_{gamma-1}
-            confidence = None if conf is None else torch.sigmoid(conf)
         return BlockDraft(
             token_ids=torch.stack(tokens, dim=1),
             logits=torch.stack(step_logits, dim=1),
             base_logits=base,
             probs=None if step_probs[0] is None else torch.stack(step_probs, dim=1),
-            confidence=confidence,
+            confidence=None if conf is None else self._calibrated(conf),
+            confidence_logits=conf,
         )
 
 

@@ -5,7 +5,7 @@ Usage:
 
     dspark eval --drafters dspark,dflash,eagle3 --data-dir ../shared/benchmarks \\
         --sets humaneval,mbpp,gsm8k,math500,mt-bench --num-prompts 20 --temperature 0 \\
-        --max-tokens 256 --out runs/eval.json [--gamma 16] [--gammas 4,8,12,16]
+        --max-tokens 256 --out runs/eval.json [--gamma 16] [--gammas 4,8,12,16] [--thresholds 0,0.2,0.4,0.6,0.8]
     python -m dspark.eval.acceptance ...           # the same, without the `dspark` entry point
 
 A drafter is a bare name (`dspark`, `dflash`, `eagle3`, `draft-model`, `dspark-5l`, `dflash-5l`: the
@@ -24,8 +24,12 @@ paper's tables do. Per-domain τ is the macro average over the sets given for th
 
 Every finished cell is written to --out at once (atomically), so an interrupted run picks up where it
 stopped: rerunning with the same arguments skips cells already there. Next to the JSON go a Markdown
-table (`.md`, also printed), `<out>.acceptance.png` (Figure 2) and, with --gammas,
-`<out>.tau_vs_gamma.png` (Figure 4).
+table (`.md`, also printed), `<out>.acceptance.png` (Figure 2), with --gammas
+`<out>.tau_vs_gamma.png` (Figure 4), and with --thresholds `<out>.threshold_sweep.png` (Figure 5):
+each drafter with a confidence head decodes every set again under the verification policy
+`threshold:P` for each P (verify draft j while its calibrated survival Π_{i≤j} c_i stays above P;
+P = 0 verifies every draft), and the sweep reports draft tokens verified and accepted per step and
+the acceptance rate (accepted / verified), pooled over each domain's sets.
 """
 
 from __future__ import annotations
@@ -154,6 +158,7 @@ class AcceptanceStats:
     num_tokens: int = 0       # tokens generated (the prefill's first token included)
     rounds: int = 0           # verification rounds
     accepted_drafts: int = 0
+    verified_drafts: int = 0  # drafts sent to the target (Σ ℓ)
     accepted_by_position: list[int] = field(default_factory=list)  # [gamma]
     tried_by_position: list[int] = field(default_factory=list)     # [gamma]
 
@@ -175,6 +180,7 @@ def pool_metrics(outputs: Sequence["RequestOutput"], gamma: int) -> AcceptanceSt
         s.num_tokens += m.num_tokens
         s.rounds += m.rounds
         s.accepted_drafts += m.accepted_drafts
+        s.verified_drafts += m.verified_drafts
         for k, (a, t) in enumerate(zip(m.accepted_by_position, m.tried_by_position)):
             s.accepted_by_position[k] += a
             s.tried_by_position[k] += t
@@ -196,6 +202,7 @@ class EvalConfig:
     gamma: int | None = None          # None: each drafter's block_size
     max_tokens: int = 256
     gammas: list[int] = field(default_factory=list)  # the τ-vs-γ sweep (Figure 4)
+    thresholds: list[float] = field(default_factory=list)  # the threshold:P sweep (Figure 5)
     model: str | None = None
     seed: int = 0
     batch_size: int = 8
@@ -211,6 +218,8 @@ class EvalConfig:
             raise EvalError(f"--gamma must be >= 1, got {self.gamma}")
         if any(g < 1 for g in self.gammas):
             raise EvalError(f"--gammas must all be >= 1, got {self.gammas}")
+        if any(not 0 <= p < 1 for p in self.thresholds):
+            raise EvalError(f"--thresholds must all be in [0, 1), got {self.thresholds}")
         if self.temperature < 0:
             raise EvalError(f"--temperature must be >= 0, got {self.temperature}")
         if not self.sets:
@@ -228,11 +237,13 @@ class CellKey:
     num_prompts: int
     max_tokens: int
     seed: int
+    policy: str = "static"
 
     @property
     def id(self) -> str:
         return (f"{self.drafter}|{self.set}|gamma={self.gamma}|T={self.temperature:g}|n={self.num_prompts}"
-                f"|max_tokens={self.max_tokens}|seed={self.seed}")
+                f"|max_tokens={self.max_tokens}|seed={self.seed}" + (f"|policy={self.policy}"
+                                                                    if self.policy != "static" else ""))
 
 
 @dataclass
@@ -252,6 +263,7 @@ class CellResult:
 
 def run_cell(engine: "Engine", key: CellKey, kind: str, prompts: PreparedPrompts,
              progress: bool = True) -> CellResult:
+    """(The engine runs the cell's verification policy, `key.policy`.)"""
     """Decode one set with one drafter at one γ (batched up to the engine's max_num_seqs), pooling
     the metrics."""
     from tqdm import tqdm
@@ -262,7 +274,8 @@ def run_cell(engine: "Engine", key: CellKey, kind: str, prompts: PreparedPrompts
                              seed=key.seed + i)  # one seed per prompt: reproducible, yet not all alike
               for i in range(len(prompts.token_ids))]
     t0 = time.perf_counter()
-    with tqdm(total=len(params), desc=f"{key.drafter}/{key.set}/γ={key.gamma}", unit="prompt", leave=False,
+    tag = "" if key.policy == "static" else f"/{key.policy}"
+    with tqdm(total=len(params), desc=f"{key.drafter}/{key.set}/γ={key.gamma}{tag}", unit="prompt", leave=False,
               disable=not progress) as bar:
         outs = run_engine(engine, prompts.token_ids, params, bar)
     return CellResult(key, kind, pool_metrics(outs, key.gamma), prompts.truncated, time.perf_counter() - t0)
@@ -298,8 +311,8 @@ def _sets_by_domain(sets: Sequence[str]) -> dict[str, list[str]]:
 def summarize(cfg: EvalConfig, cells: Mapping[str, dict[str, Any]], main_gamma: Mapping[str, int],
               sweep_gammas: Mapping[str, list[int]], labels: Sequence[str]) -> dict[str, Any]:
     """Tables of this run's configuration, from the cells done so far (missing cells are left out)."""
-    def cell(label: str, set_name: str, gamma: int) -> dict[str, Any] | None:
-        key = CellKey(label, set_name, gamma, cfg.temperature, cfg.num_prompts, cfg.max_tokens, cfg.seed)
+    def cell(label: str, set_name: str, gamma: int, policy: str = "static") -> dict[str, Any] | None:
+        key = CellKey(label, set_name, gamma, cfg.temperature, cfg.num_prompts, cfg.max_tokens, cfg.seed, policy)
         return cells.get(key.id)
 
     grouped = _sets_by_domain(cfg.sets)
@@ -316,7 +329,9 @@ def summarize(cfg: EvalConfig, cells: Mapping[str, dict[str, Any]], main_gamma: 
             kinds[label] = c["kind"]
             per_set[s] = {k: c[k] for k in ("domain", "gamma", "accepted_length", "conditional_acceptance",
                                              "accepted_by_position", "tried_by_position", "num_tokens",
-                                             "rounds", "num_requests", "truncated_prompts", "seconds")}
+                                             "rounds", "num_requests", "truncated_prompts", "seconds",
+                                             "accepted_drafts")}
+            per_set[s]["verified_drafts"] = c.get("verified_drafts")  # absent from results stored before
         results[label] = per_set
         # Macro average per domain only over complete domains, so a partial run never shows a
         # number that silently averages fewer sets than the header claims.
@@ -332,9 +347,24 @@ def summarize(cfg: EvalConfig, cells: Mapping[str, dict[str, Any]], main_gamma: 
                        if (c := cell(label, s, g)) is not None}
                 if row:
                     sweep[label][s] = row
+    thresholds: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
+    for label in labels:
+        for s in cfg.sets:
+            for p in cfg.thresholds:
+                c = cell(label, s, main_gamma[label], threshold_policy(p))
+                if c is None:
+                    continue
+                v, a, r = c["verified_drafts"], c["accepted_drafts"], c["rounds"]
+                thresholds.setdefault(label, {}).setdefault(s, {})[f"{p:g}"] = {
+                    "rounds": r, "accepted_drafts": a, "verified_drafts": v, "accepted_length": c["accepted_length"],
+                    "verified_per_step": v / r if r else 0.0, "acceptance_rate": a / v if v else None}
     ratios = tau_ratios(domains, kinds)
     return {"results": results, "domains": domains, "drafter_kinds": kinds, "gamma_sweep": sweep,
-            "ratios": ratios}
+            "threshold_sweep": thresholds, "ratios": ratios}
+
+
+def threshold_policy(p: float) -> str:
+    return f"threshold:{p:g}"
 
 
 def tau_ratios(domains: Mapping[str, Mapping[str, float | None]], kinds: Mapping[str, str]) -> dict[str, dict]:
@@ -378,6 +408,24 @@ def markdown_table(cfg: EvalConfig, summary: Mapping[str, Any], labels: Sequence
         vals = [fmt(per_set[n]["accepted_length"] if n in per_set else None) if k == "set" else fmt(dom.get(n))
                 for _, k, n in cols]
         lines.append(f"| {label} | {main_gamma[label]} | " + " | ".join(vals) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def threshold_table(sweep: Mapping[str, Mapping[str, Mapping[str, Mapping[str, Any]]]]) -> str:
+    """The threshold:P sweep pooled over every set: drafts verified and accepted per step, acceptance rate, τ."""
+    if not sweep:
+        return ""
+    lines = ["", "Threshold sweep (policy threshold:P), pooled over the sets", "",
+             "| drafter | P | verified / step | accepted / step | acceptance rate | τ |", "|---|---:|---:|---:|---:|---:|"]
+    for label, per_set in sweep.items():
+        for p in sorted({p for cells in per_set.values() for p in cells}, key=float):
+            cells = [c[p] for c in per_set.values() if p in c]
+            r = sum(c["rounds"] for c in cells)
+            v = sum(c["verified_drafts"] for c in cells)
+            a = sum(c["accepted_drafts"] for c in cells)
+            if r:
+                lines.append(f"| {label} | {p} | {v / r:.2f} | {a / r:.2f} | "
+                             f"{'–' if not v else f'{100 * a / v:.1f}%'} | {(a + r) / r:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -467,10 +515,19 @@ def evaluate(cfg: EvalConfig, drafters: Mapping[str, DrafterSpec] | None = None,
             for s in cfg.sets:
                 plan.append((label, CellKey(label, s, g, cfg.temperature, cfg.num_prompts, cfg.max_tokens,
                                             cfg.seed)))
+        if cfg.thresholds and not loaded[label].has_confidence:
+            notes.append(f"{label}: no confidence head, so no threshold sweep")
+            continue
+        for p in cfg.thresholds:
+            for s in cfg.sets:
+                plan.append((label, CellKey(label, s, main_gamma[label], cfg.temperature, cfg.num_prompts,
+                                            cfg.max_tokens, cfg.seed, threshold_policy(p))))
     out_paths = {"json": cfg.out, "markdown": cfg.out.with_suffix(".md"),
                  "acceptance_png": cfg.out.with_suffix(".acceptance.png")}
     if cfg.gammas:
         out_paths["tau_vs_gamma_png"] = cfg.out.with_suffix(".tau_vs_gamma.png")
+    if cfg.thresholds:
+        out_paths["threshold_sweep_png"] = cfg.out.with_suffix(".threshold_sweep.png")
     config_json = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
     config_json.update(drafters=labels, model=str(target.path) if target.path else cfg.model,
                        threads=torch.get_num_threads(), main_gamma=main_gamma, sweep_gammas=sweep_gammas)
@@ -500,17 +557,17 @@ def evaluate(cfg: EvalConfig, drafters: Mapping[str, DrafterSpec] | None = None,
             if key.id in cells:
                 notes.append(f"{key.id}: recomputed (the drafter, the target or the prompts changed since "
                              "the stored result was made)")
-            if label not in engines:
-                engines = {label: Engine(target, max_num_seqs=cfg.batch_size, max_model_len=max_len,
-                                         drafter=loaded[label])}  # one engine (KV cache) alive at a time
-            res = run_cell(engines[label], key, loaded[label].name, prepared[key.set], progress)
+            if (label, key.policy) not in engines:  # one engine (KV cache) alive at a time
+                engines = {(label, key.policy): Engine(target, max_num_seqs=cfg.batch_size, max_model_len=max_len,
+                                                       drafter=loaded[label], policy=key.policy)}
+            res = run_cell(engines[(label, key.policy)], key, loaded[label].name, prepared[key.set], progress)
             cells[key.id] = {**res.to_json(), "identity": ident}
             computed.append(key.id)
             atomic_write_text(cfg.out, json.dumps(snapshot(), indent=1) + "\n")
             bar.update(1)
     final = snapshot()
     atomic_write_text(cfg.out, json.dumps(final, indent=1) + "\n")
-    md = markdown_table(cfg, final, labels, main_gamma)
+    md = markdown_table(cfg, final, labels, main_gamma) + threshold_table(final["threshold_sweep"])
     extra = _ratio_lines(final["ratios"]) + [f"note: {n}" for n in notes]
     md_text = md + ("\n" + "\n".join(f"- {x}" for x in extra) + "\n" if extra else "")
     atomic_write_text(out_paths["markdown"], md_text)
@@ -519,6 +576,9 @@ def evaluate(cfg: EvalConfig, drafters: Mapping[str, DrafterSpec] | None = None,
         P.plot_conditional_acceptance(final["results"], _sets_by_domain(cfg.sets), out_paths["acceptance_png"])
         if cfg.gammas:
             P.plot_tau_vs_gamma(final["gamma_sweep"], _sets_by_domain(cfg.sets), out_paths["tau_vs_gamma_png"])
+        if cfg.thresholds:
+            P.plot_threshold_sweep(final["threshold_sweep"], _sets_by_domain(cfg.sets),
+                                   out_paths["threshold_sweep_png"])
     else:
         out_paths = {k: v for k, v in out_paths.items() if not k.endswith("_png")}
     return EvalReport(final, md_text, computed, skipped, notes, out_paths)
@@ -539,6 +599,13 @@ def _int_csv(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _float_csv(text: str) -> list[float]:
+    try:
+        return [float(x) for x in _csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drafters", type=_csv, required=True,
                    help="comma-separated drafters: names (dspark, dflash, eagle3, draft-model = bundled "
@@ -553,6 +620,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gammas", type=_int_csv, default=[],
                    help="comma-separated γ values for the τ-vs-γ sweep (Figure 4); values above a "
                         "drafter's block size are skipped with a note (default: no sweep)")
+    p.add_argument("--thresholds", type=_float_csv, default=[],
+                   help="comma-separated confidence thresholds P for the threshold:P sweep (Figure 5), run at "
+                        "each drafter's main γ by drafters with a confidence head (default: no sweep)")
     p.add_argument("--max-tokens", type=int, default=256, help="tokens generated per prompt (default: 256)")
     p.add_argument("--out", type=Path, default=Path("runs/eval.json"),
                    help="results JSON; .md and .png files go next to it (default: runs/eval.json)")
@@ -568,7 +638,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> EvalConfig:
     return EvalConfig(drafters=args.drafters, data_dir=args.data_dir, sets=args.sets, out=args.out,
                       num_prompts=args.num_prompts, temperature=args.temperature, gamma=args.gamma,
-                      max_tokens=args.max_tokens, gammas=args.gammas, model=args.model, seed=args.seed,
+                      max_tokens=args.max_tokens, gammas=args.gammas, thresholds=args.thresholds,
+                      model=args.model, seed=args.seed,
                       batch_size=args.batch_size, threads=args.threads)
 
 

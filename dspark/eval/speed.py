@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from dspark.config import SCHEDULERS, SchedulerKind
+from dspark.config import VerifyPolicy, parse_policies
 from dspark.entry import module_main
 from dspark.errors import DSparkError
 from dspark.eval.acceptance import VANILLA, DrafterSpec, EvalError, build_drafter, resolve_drafter_arg, run_engine
@@ -62,7 +62,9 @@ class BenchConfig:
     model: str | None = None
     draft_model: str | None = None    # None: the bundled draft-model baseline, when present
     transformers: bool = True
-    scheduler: str = SchedulerKind.STATIC.value        # "confidence": also run drafters that have a confidence head with it
+    # Verification policies each drafter runs with (method LABEL, or LABEL+POLICY for others than static).
+    policies: list[str] = field(default_factory=lambda: ["static"])
+    reprofile: bool = False  # measure the step-cost table again (policy confidence)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -75,8 +77,7 @@ class BenchConfig:
             raise EvalError(f"--gamma must be >= 1, got {self.gamma}")
         if self.threads is not None and self.threads < 1:
             raise EvalError(f"--threads must be >= 1, got {self.threads}")
-        if self.scheduler not in SCHEDULERS:
-            raise EvalError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
+        self.policies = [str(p) for p in parse_policies(",".join(map(str, self.policies)))]
 
 
 @dataclass
@@ -235,14 +236,22 @@ def benchmark(cfg: BenchConfig, drafters: Mapping[str, DrafterSpec] | None = Non
         if g > d.block_size:
             notes.append(f"{label}: --gamma {g} exceeds its block_size {d.block_size}; using {d.block_size}")
             g = d.block_size
-        methods.append(EngineMethod(label, Engine(target, max_num_seqs=1, max_model_len=max_len, drafter=d), g))
-        if cfg.scheduler == SchedulerKind.CONFIDENCE:
-            if d.has_confidence:
-                d2 = build_drafter(spec, target, 1, max_len)  # its own caches: engines never share a drafter
-                methods.append(EngineMethod(f"{label}+confidence", Engine(
-                    target, max_num_seqs=1, max_model_len=max_len, drafter=d2, scheduler=SchedulerKind.CONFIDENCE), g))
-            else:
-                notes.append(f"{label}: no confidence head, so no confidence-scheduled run")
+        for i, text in enumerate(cfg.policies):
+            policy = VerifyPolicy.parse(text)
+            if not policy.speculative:
+                notes.append(f"{label}+{policy}: skipped, that is `vanilla`")
+                continue
+            if policy.needs_confidence and not d.has_confidence:
+                notes.append(f"{label}: no confidence head, so no {policy} run")
+                continue
+            if policy.kind == "fixed" and policy.value > g:
+                notes.append(f"{label}+{policy}: skipped, γ is {g}")
+                continue
+            if i:  # its own caches: engines never share a drafter
+                d = build_drafter(spec, target, 1, max_len)
+            name = label if policy.kind == "static" else f"{label}+{policy}"
+            methods.append(EngineMethod(name, Engine(target, max_num_seqs=1, max_model_len=max_len, drafter=d,
+                                                     policy=policy, reprofile=cfg.reprofile), g))
     hf = None
     if cfg.transformers:
         try:
@@ -359,9 +368,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-model", default=None,
                    help="small LM directory for transformers assisted generation "
                         "(default: models/dspark-demo-draft-model when present)")
-    p.add_argument("--scheduler", default=SchedulerKind.STATIC.value, choices=SCHEDULERS,
-                   help="confidence: also run each drafter that has a confidence head with the confidence "
-                        "scheduler (method LABEL+confidence; γ is then the most it verifies) (default: static)")
+    p.add_argument("--policies", default="static",
+                   help="comma-separated verification policies each drafter runs with (static, fixed:K, "
+                        "threshold:P, confidence; method LABEL+POLICY; γ is then the most verified) (default: static)")
+    p.add_argument("--scheduler", dest="policies", type=lambda s: f"static,{s}" if s != "static" else s,
+                   help=argparse.SUPPRESS)  # the old flag: --scheduler confidence = --policies static,confidence
+    p.add_argument("--reprofile", action="store_true",
+                   help="measure the target's step-cost table again instead of reading the cached one")
     p.add_argument("--no-transformers", dest="transformers", action="store_false",
                    help="skip the Hugging Face transformers baselines")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -371,7 +384,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     return BenchConfig(drafters=args.drafters, out=args.out, data_dir=args.data_dir, set=args.set,
                        num_prompts=args.num_prompts, max_tokens=args.max_tokens, gamma=args.gamma,
                        threads=args.threads, repeats=args.repeats, model=args.model, draft_model=args.draft_model,
-                       transformers=args.transformers, scheduler=args.scheduler)
+                       transformers=args.transformers, policies=args.policies.split(","), reprofile=args.reprofile)
 
 
 def run(args: argparse.Namespace) -> int:

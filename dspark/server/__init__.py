@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 
-from dspark.config import SCHEDULERS, SchedulerKind
+from dspark.config import POLICY_HELP
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,9 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drafter", default=None, help=DRAFTER_HELP)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, loopback only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    p.add_argument("--policy", default=SchedulerKind.STATIC.value, choices=SCHEDULERS,
-                   help="verification policy: static verifies every draft, confidence runs Algorithm 1 "
-                        "(default: static)")
+    p.add_argument("--policy", default="static", help=POLICY_HELP + " (default: static)")
+    p.add_argument("--reprofile", action="store_true",
+                   help="measure the target's step-cost table again instead of reading the cached one")
     p.add_argument("-g", "--num-speculative-tokens", type=int, default=None, help="γ (default: the drafter's block)")
     p.add_argument("--max-num-seqs", type=int, default=8, help="requests decoded together (default: 8)")
     p.add_argument("--max-queue-len", type=int, default=64,
@@ -60,7 +60,8 @@ def build_from_args(args: argparse.Namespace):
     llm = LLM(model=args.model, drafter=drafter, dtype=args.dtype, cpu_gemm=getattr(args, "cpu_gemm", "auto"),
               max_num_seqs=args.max_num_seqs,
               max_model_len=args.max_model_len, num_speculative_tokens=args.num_speculative_tokens,
-              scheduler=args.policy, max_num_batched_tokens=args.max_num_batched_tokens)
+              policy=args.policy, reprofile=getattr(args, "reprofile", False),
+              max_num_batched_tokens=args.max_num_batched_tokens)
     if llm.model_note:
         print(f"note: {llm.model_note}", flush=True)
     name = args.served_model_name or llm.model_path.stem if llm.model_path.suffix == ".gguf" else \

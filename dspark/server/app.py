@@ -43,6 +43,7 @@ class _Choice:
     finish_reason: str | None = None
     rounds: int = 0
     accepted_drafts: int = 0
+    verified_drafts: int = 0
 
 
 def build_app(serving: ServingEngine, model_name: str, drafter_name: str | None = None,
@@ -147,6 +148,7 @@ def build_app(serving: ServingEngine, model_name: str, drafter_name: str | None 
         rounds = sum(c.rounds for c in choices)
         acc = sum(c.accepted_drafts for c in choices)
         return {"drafter": drafter_name, "rounds": rounds, "accepted_drafts": acc,
+                "verified_drafts": sum(c.verified_drafts for c in choices),
                 "accepted_length": (acc + rounds) / rounds if rounds else None}
 
     def _absorb(c: _Choice, o: StepOutput) -> None:
@@ -154,6 +156,7 @@ def build_app(serving: ServingEngine, model_name: str, drafter_name: str | None 
         c.token_ids += len(o.new_token_ids)
         c.finish_reason = o.finish_reason
         c.rounds, c.accepted_drafts = o.metrics.rounds, o.metrics.accepted_drafts
+        c.verified_drafts = o.metrics.verified_drafts
 
     async def _complete(request: Request, queue: asyncio.Queue, rids: list[str], base: str, created: int,
                         prompt_len: int, chat: bool) -> dict:

@@ -1,0 +1,73 @@
+"""`dspark loadtest`: every (policy, concurrency) row with its metrics, greedy outputs equal to plain
+decoding's under every policy, the HTTP mode, the plots, and bad input named in one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dspark.cli import main
+from helpers import write_sets
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_TARGET = REPO / "models" / "dspark-demo-target"
+
+KEYS = ("throughput_tokens_per_s", "per_user_tokens_per_s", "mean_verified_tokens_per_request", "ttft_p50_ms",
+        "ttft_p99_ms")
+
+
+def _argv(tmp_path, *extra):
+    return ["loadtest", "--model", str(DEMO_TARGET), "--drafter", "dspark", "--data-dir",
+            str(write_sets(tmp_path / "data")), "--set", "humaneval", "--requests-per-client", "2",
+            "--max-tokens", "12", "--no-progress", "--out", str(tmp_path / "load.json"), *extra]
+
+
+def test_loadtest_rows_for_every_policy_and_level(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DSPARK_CACHE_DIR", str(tmp_path / "cache"))
+    assert main(_argv(tmp_path, "--concurrency", "1,3", "--policies", "plain,fixed:1,threshold:0.5,confidence")) == 0
+    printed = capsys.readouterr().out
+    assert "| confidence | 3 |" in printed and "load.frontier.png" in printed
+    data = json.loads((tmp_path / "load.json").read_text())
+    rows = {(r["policy"], r["concurrency"]): r for r in data["results"]}
+    assert set(rows) == {(p, c) for p in ("plain", "fixed:1", "threshold:0.5", "confidence") for c in (1, 3)}
+    for key, r in rows.items():
+        assert all(r[k] > 0 for k in KEYS), key
+        assert r["requests"] == 2 * key[1] and r["completion_tokens"] == 12 * r["requests"]
+        assert r["ttft_p99_ms"] >= r["ttft_p50_ms"]
+        if key[0] != "plain":
+            assert r["mismatches_vs_plain"] == 0, key  # lossless: the same greedy text as plain decoding
+    assert rows[("plain", 1)]["mean_verified_tokens_per_request"] == 1.0
+    assert 1.0 < rows[("fixed:1", 3)]["mean_verified_tokens_per_request"] <= 2.0
+    assert rows[("confidence", 1)]["accepted_length"] >= 1.0
+    assert set(data["checks"]) >= {"confidence_never_below_plain", "per_user_confidence_over_fixed1_at_1_client"}
+    for suffix in (".frontier.png", ".budget.png"):
+        assert (tmp_path / "load.json").with_suffix(suffix).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_loadtest_through_http(tmp_path, monkeypatch):
+    pytest.importorskip("uvicorn")
+    monkeypatch.setenv("DSPARK_CACHE_DIR", str(tmp_path / "cache"))
+    assert main(_argv(tmp_path, "--concurrency", "2", "--policies", "plain,fixed:3", "--http")) == 0
+    data = json.loads((tmp_path / "load.json").read_text())
+    assert data["config"]["mode"] == "http"
+    plain, fixed = data["results"]
+    assert plain["statuses"] == {"200": 4} and fixed["statuses"] == {"200": 4}
+    assert fixed["mismatches_vs_plain"] == 0 and 2.0 < fixed["mean_verified_tokens_per_request"] <= 4.0
+    assert plain["mean_verified_tokens_per_request"] == 1.0
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--concurrency", "0,2"], r"--concurrency needs levels >= 1, got \[0, 2\]"),
+    (["--policies", "plain,fast"], "unknown verification policy 'fast'"),
+    (["--policies", "fixed:9"], r"policy fixed:9 verifies more drafts than γ = 7"),
+    (["--requests-per-client", "0"], "--requests-per-client must be >= 1"),
+    (["--set", "nosuchset"], "nosuchset"),
+])
+def test_loadtest_bad_input_is_one_line(tmp_path, capsys, extra, match):
+    import re
+
+    assert main(_argv(tmp_path, "--concurrency", "1", *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("dspark loadtest: error:") and re.search(match, err), err

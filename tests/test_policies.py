@@ -1,0 +1,263 @@
+"""Verification policies (static, plain, fixed:K, threshold:P, confidence): what each verifies, the
+stopping-time property that keeps them lossless, Algorithm 1 against a brute-force search, and
+lossless decoding with every policy in the batched engine (greedy identity with mixed ℓ and requests
+joining and leaving; chi-square on sampled output)."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from dspark import LLM, SamplingParams
+from dspark.config import EngineConfig, VerifyPolicy, parse_policies
+from dspark.engine import Engine
+from dspark.schedule import (ScheduleError, StepCostTable, ThresholdRule, policy_rule, schedule_prefix)
+from helpers import sampled_pairs_pvalue, untrained_dspark
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_TARGET = REPO / "models" / "dspark-demo-target"
+DEMO_DRAFTER = REPO / "models" / "dspark-demo-drafter"
+
+POLICIES = ["static", "plain", "fixed:1", "fixed:3", "threshold:0", "threshold:0.3", "threshold:0.7", "confidence"]
+
+
+def linear_cost(per_token: float, n: int = 128) -> StepCostTable:
+    return StepCostTable(list(range(1, n + 1)), [1.0 + per_token * (b - 1) for b in range(1, n + 1)])
+
+
+# ---- parsing ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, match", [
+    ("fast", "unknown verification policy 'fast'; choose one of static, plain, fixed:K"),
+    ("fixed", "needs a value: fixed:K"), ("fixed:0", "integer K >= 1"), ("fixed:2.5", "integer K >= 1"),
+    ("threshold:1", r"P in \[0, 1\)"), ("threshold:-0.1", r"P in \[0, 1\)"), ("threshold:x", "'x' is not a number"),
+    ("confidence:3", "takes no value"),
+])
+def test_bad_policies_are_named(text, match):
+    with pytest.raises(ScheduleError, match=match):
+        VerifyPolicy.parse(text)
+
+
+def test_policies_round_trip_and_lists():
+    assert [str(p) for p in parse_policies("plain, fixed:1,threshold:0.25,confidence")] == \
+        ["plain", "fixed:1", "threshold:0.25", "confidence"]
+    with pytest.raises(ScheduleError, match="lists fixed:3 twice"):
+        parse_policies("fixed:3,fixed:3.0")
+
+
+# ---- the rules ------------------------------------------------------------------------------------------
+
+def test_rules_cut_as_documented():
+    surv = [[0.9, 0.6, 0.3, 0.1], [0.5, 0.2], []]
+    caps = [4, 2, 0]
+    assert policy_rule("static").draft_caps(caps) == [4, 2, 0]
+    assert policy_rule("fixed:3").draft_caps(caps) == [3, 2, 0]
+    assert policy_rule("plain").draft_caps(caps) == [0, 0, 0]
+    assert policy_rule("threshold:0.25").lengths(surv, caps) == [3, 1, 0]
+    assert policy_rule("threshold:0").lengths(surv, caps) == [4, 2, 0]
+    with pytest.raises(ScheduleError, match="needs a step-cost table"):
+        policy_rule("confidence")
+
+
+rows = st.lists(st.lists(st.floats(0.05, 1.0), min_size=0, max_size=6), min_size=1, max_size=4)
+
+
+@settings(max_examples=300, deadline=None)
+@given(conf=rows, p=st.floats(0.0, 0.99), data=st.data())
+def test_threshold_never_looks_at_the_draft_it_decides_on(conf, p, data):
+    """[ℓ_r ≥ j] under threshold:P is a function of a_{r,1..j}: any other continuation after j
+    (survivals that depend on draft j and later) leaves it unchanged; a settled threshold schedule
+    equals the full one."""
+    surv = [torch.cumprod(torch.tensor(c, dtype=torch.float64), 0).tolist() if c else [] for c in conf]
+    caps = [len(r) for r in surv]
+    rule = ThresholdRule(p)
+    ells = rule.lengths(surv, caps)
+    r = data.draw(st.integers(0, len(surv) - 1))
+    if surv[r]:
+        j = data.draw(st.integers(1, len(surv[r])))
+        tail = data.draw(st.lists(st.floats(0.0, 1.0), min_size=len(surv[r]) - j, max_size=len(surv[r]) - j))
+        changed = [list(x) for x in surv]
+        level = surv[r][j - 1]
+        for i, f in enumerate(tail):
+            level *= f
+            changed[r][j + i] = level
+        assert (rule.lengths(changed, caps)[r] >= j) == (ells[r] >= j)
+    k = data.draw(st.integers(0, 6))
+    settled = rule.settled([row[:k] for row in surv], caps)
+    if settled is not None:
+        assert settled == ells
+
+
+def _theta(surv, ells, cost) -> float:
+    tau = sum(1 + sum(row[:e]) for row, e in zip(surv, ells))
+    return tau * cost.sps(sum(1 + e for e in ells))
+
+
+@settings(max_examples=300, deadline=None)
+@given(conf=st.lists(st.lists(st.floats(0.05, 1.0), min_size=1, max_size=4), min_size=1, max_size=3),
+       per_token=st.floats(0.0, 1.5), curve=st.floats(0.5, 2.0))
+def test_prefix_schedule_equals_brute_force_when_unimodal(conf, per_token, curve):
+    """Admitting candidates in decreasing survival gives, for every B, the largest τ any schedule of
+    B tokens can have; so when Θ is unimodal along that path, stopping at its first drop is the
+    global maximum over all (ℓ_1..ℓ_R)."""
+    surv = [torch.cumprod(torch.tensor(c, dtype=torch.float64), 0).tolist() for c in conf]
+    caps = [len(r) for r in surv]
+    n = sum(caps) + len(caps)
+    cost = StepCostTable(list(range(1, n + 1)), [1.0 + per_token * (b - 1) ** curve for b in range(1, n + 1)])
+    path = sorted(((-a, j, r) for r, row in enumerate(surv) for j, a in enumerate(row)))
+    thetas, ells = [_theta(surv, [0] * len(caps), cost)], [0] * len(caps)
+    for _, j, r in path:
+        ells[r] = j + 1
+        thetas.append(_theta(surv, ells, cost))
+    peak = max(range(len(thetas)), key=lambda i: (thetas[i], -i))
+    unimodal = all(b > a for a, b in zip(thetas[:peak], thetas[1:peak + 1])) and \
+        all(b <= a for a, b in zip(thetas[peak:], thetas[peak + 1:]))
+    assume(unimodal)
+    best = max(_theta(surv, list(e), cost) for e in itertools.product(*(range(c + 1) for c in caps)))
+    got = schedule_prefix(surv, caps, cost)
+    assert _theta(surv, got, cost) == pytest.approx(best, rel=1e-12)
+    assert sum(got) == peak
+
+
+@settings(max_examples=200, deadline=None)
+@given(conf=st.lists(st.lists(st.floats(0.05, 0.99), max_size=6), min_size=1, max_size=4),
+       per_token_s=st.floats(0.01, 10.0))
+def test_all_zeros_when_no_draft_pays(conf, per_token_s):
+    # Verified tokens per second constant in B (each token costs the same): a draft token adds less
+    # than a bonus token does (a < 1), so no candidate ever raises Θ.
+    surv = [torch.cumprod(torch.tensor(c, dtype=torch.float64), 0).tolist() if c else [] for c in conf]
+    cost = StepCostTable(list(range(1, 40)), [per_token_s * b for b in range(1, 40)])
+    assert schedule_prefix(surv, [len(r) for r in surv], cost) == [0] * len(surv)
+
+
+# ---- lossless decoding with every policy ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def demo_target():
+    from dspark.models import load_target
+
+    return load_target(DEMO_TARGET)
+
+
+DEMO_PROMPTS = ["def binary_search(items, target):", "class Stack:\n    def __init__(self):",
+                "import os\nimport sys\n\n\ndef main(argv):", "for key, value in sorted(d.items()):",
+                "def read_lines(path):\n    with open(path) as f:", "    raise ValueError(\""]
+MAX_TOKENS = [24, 9, 17, 30, 5, 21]   # requests leave at different steps
+GAMMAS = [7, 2, 5, None, 1, 4]        # mixed ℓ in one batch (None: the drafter's block)
+
+
+@pytest.fixture(scope="module")
+def demo_plain(demo_target):
+    eng = Engine(demo_target, max_num_seqs=6)
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in MAX_TOKENS]
+    return [o.token_ids for o in eng.run(DEMO_PROMPTS, params)]
+
+
+def _join_leave(engine: Engine) -> dict[int, list[int]]:
+    """Three requests start; the others join one per step while earlier ones finish (3 slots)."""
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True, num_speculative_tokens=g)
+              for m, g in zip(MAX_TOKENS, GAMMAS)]
+    ids = {engine.add_request(p, sp): i for i, (p, sp) in enumerate(zip(DEMO_PROMPTS[:3], params[:3]))}
+    pending = list(range(3, len(DEMO_PROMPTS)))
+    done: dict[int, list[int]] = {}
+    while engine.has_unfinished() or pending:
+        if pending:
+            i = pending.pop(0)
+            ids[engine.add_request(DEMO_PROMPTS[i], params[i])] = i
+        for o in engine.step():
+            if o.finished:
+                assert o.finish_reason == "length", o.error
+                done[ids[o.request_id]] = o.output.token_ids
+    return done
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_every_policy_is_greedy_exact_with_join_and_leave(demo_target, demo_plain, policy):
+    from dspark.drafters import load_drafter
+
+    drafter = load_drafter(DEMO_DRAFTER, demo_target, max_seqs=3, max_len=demo_target.context_length)
+    seen: list = []
+    engine = Engine(demo_target, EngineConfig(max_num_seqs=3, policy=policy), drafter=drafter,
+                    step_cost=linear_cost(0.15))
+    engine.round_observers.append(seen.append)
+    done = _join_leave(engine)
+    assert [done[i] for i in range(len(DEMO_PROMPTS))] == demo_plain
+    verified = [e for rec in seen for e in rec.num_verified]
+    if policy == "plain":
+        assert engine.drafter is None and not seen
+        return
+    assert seen and sum(rec.num_accepted[i] for rec in seen for i in range(len(rec.request_ids))) > 0
+    for rec in seen:  # never more verified than drafted, and never more accepted than verified
+        assert all(a <= v <= d for a, v, d in zip(rec.num_accepted, rec.num_verified, rec.num_drafted))
+    if policy.startswith("fixed:"):
+        assert max(verified) == int(policy.split(":")[1])
+    if policy in ("threshold:0.7", "confidence"):
+        assert min(verified) < max(verified)  # the policy chose different ℓ from round to round
+    if policy == "threshold:0":
+        assert max(verified) == 7  # survival is always > 0: verify everything drafted
+
+
+@pytest.mark.parametrize("policy", ["fixed:2", "threshold:0.2"])
+def test_sampled_output_follows_the_target_under_policy(qwen3_ckpt, plain, policy):
+    llm = LLM(model=qwen3_ckpt.path, drafter=untrained_dspark(plain.target, 8), max_num_seqs=8,
+              num_speculative_tokens=3, policy=policy)
+    pvalue, _ = sampled_pairs_pvalue(llm, qwen3_ckpt.hf_model, n=1500, top_k=4, gammas=[1, 3])
+    assert pvalue > 1e-3, pvalue
+
+
+# ---- the step-cost table: cached per model, threads and machine ---------------------------------------
+
+def test_step_cost_is_cached_per_threads_and_reprofiled_on_request(monkeypatch, tmp_path, plain):
+    monkeypatch.setenv("DSPARK_CACHE_DIR", str(tmp_path))
+    target = plain.target
+    t1, path, cached = StepCostTable.cached(target, 6)
+    assert not cached and path.is_file() and path.parent == tmp_path / "step-cost"
+    t2, path2, cached2 = StepCostTable.cached(target, 6)
+    assert cached2 and path2 == path and t2 == t1
+    assert StepCostTable.cached(target, 4)[2]            # a table covering more is reused
+    t3, _, cached3 = StepCostTable.cached(target, 9)      # one covering less is measured again
+    assert not cached3 and t3.tokens[-1] == 9
+    assert not StepCostTable.cached(target, 6, reprofile=True)[2]
+    assert StepCostTable.cached(target, 6, hidden_layer_ids=[1])[1] != path  # other taps, other entry
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(before + 1)
+        assert StepCostTable.cached(target, 6)[1] != path
+    finally:
+        torch.set_num_threads(before)
+    path.write_text("{damaged")
+    assert not StepCostTable.cached(target, 6)[2]        # a damaged entry is measured again
+    assert StepCostTable.cached(target, 6)[2]
+
+
+def test_confidence_engine_reads_the_cached_table(monkeypatch, tmp_path, plain):
+    monkeypatch.setenv("DSPARK_CACHE_DIR", str(tmp_path))
+    drafter = untrained_dspark(plain.target, 2)
+    e1 = Engine(plain.target, EngineConfig(max_num_seqs=2, policy="confidence"), drafter=drafter)
+    e2 = Engine(plain.target, EngineConfig(max_num_seqs=2, policy="confidence"), drafter=untrained_dspark(plain.target, 2))
+    assert not e1.step_cost_cached and e2.step_cost_cached and e2.step_cost == e1.step_cost
+    assert e1.step_cost.tokens[-1] == 2 * (1 + drafter.block_size)
+    e3 = Engine(plain.target, EngineConfig(max_num_seqs=2, policy="confidence", reprofile=True),
+                drafter=untrained_dspark(plain.target, 2))
+    assert not e3.step_cost_cached
+
+
+def test_profile_steps_prints_the_table(monkeypatch, tmp_path, qwen3_ckpt, capsys):
+    from dspark.cli import main
+
+    monkeypatch.setenv("DSPARK_CACHE_DIR", str(tmp_path))
+    argv = ["profile-steps", "--model", str(qwen3_ckpt.path), "--drafter", "ngram", "--max-tokens", "5"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "measured now" in out[0] and str(tmp_path / "step-cost") in out[0]
+    assert out[1].split() == ["B", "ms/step", "steps/s", "tokens/s"] and len(out) == 2 + 5
+    assert main(argv + ["--json"]) == 0
+    data = __import__("json").loads(capsys.readouterr().out)
+    assert data["cached"] and data["table"]["tokens"] == [1, 2, 3, 4, 5]
+    assert main(["profile-steps", "--model", str(qwen3_ckpt.path), "--max-tokens", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "dspark profile-steps: error: --max-tokens must be >= 1, got 0"
