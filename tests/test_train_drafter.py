@@ -210,3 +210,15 @@ def test_ctrl_c_checkpoints_and_exits_130(qwen3_ckpt, data_file, tmp_path, monke
     monkeypatch.setattr(td, "batch_indices", real)
     assert main(argv) == 0
     assert losses(out) == pytest.approx(full, abs=1e-6)
+
+
+def test_reuse_freed_memory_takes_effect_on_glibc() -> None:
+    """The trainers' malloc setting (big freed blocks kept for reuse) applies where glibc is the C
+    library, and a training step still runs after it."""
+    import platform
+
+    from dspark.train.common import reuse_freed_memory
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc-only setting")
+    assert reuse_freed_memory() is True

@@ -72,6 +72,25 @@ def dist_info() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def reuse_freed_memory() -> bool:
+    """Have glibc's malloc keep freed memory for reuse instead of handing big blocks back to the OS.
+
+    A training step allocates and frees the same vocabulary-sized temporaries ([positions, 49,152]
+    floats, ~100 MB each) every step. glibc serves blocks over 32 MB with a fresh mmap and unmaps them on
+    free, so every step page-faults (and zeroes) gigabytes again: measured on SmolLM2, 8.6 s a step of
+    which most was system time, against 2.9 s once freed memory is reused. Off-glibc this does nothing.
+    Returns whether it took effect."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_max = -1, -4
+        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+    except (OSError, AttributeError):
+        return False
+
+
 def lr_at(step: int, cfg: Schedule) -> float:
     """Linear warm-up, then cosine decay to min_lr_ratio * lr."""
     if step < cfg.warmup_steps:

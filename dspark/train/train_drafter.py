@@ -49,7 +49,8 @@ from dspark.errors import DSparkError
 from dspark.train.checkpoint import atomic_write_text
 from dspark.train.common import (OPTIMISER_OPTIONS, RUN_OPTIONS, RunConfig, adamw, add_config_options,
                                  add_output_options, card_header, command_line, data_parallel, dist_info, due,
-                                 lr_at, optimizer_step, progress_bar, resume, save_checkpoint, stop_requested)
+                                 lr_at, optimizer_step, progress_bar, resume, reuse_freed_memory, save_checkpoint,
+                                 stop_requested)
 from dspark.train.losses import LossTerms, LossWeights, loss_terms, total_loss
 
 # Held-out split: fixed, independent of --seed, so runs with different seeds validate on the same data.
@@ -448,6 +449,7 @@ def train(cfg: TrainDrafterConfig) -> Path:
 
 def _train(cfg: TrainDrafterConfig, rank: int, world: int, load_target) -> Path:
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // world))
+    reuse_freed_memory()
     target = load_target(cfg.target, dtype="float32")
     max_len = min(cfg.max_seq_len, target.context_length)
     data = load_data(cfg.data, target.vocab_size, max_len, cfg.val_percent)
