@@ -22,7 +22,7 @@ TARGET=$(python -c "from dspark.bundled import smollm2_path; p = smollm2_path();
 dspark make-prompts --out "$OUT/prompts.jsonl" --num-prompts "$NUM_PROMPTS" --exclude-dir "$BENCH" \
   --threads "$THREADS" --batch-size 32 --seed 1
 dspark datagen --prompts "$OUT/prompts.jsonl" --corpus-split none --out "$OUT/data.jsonl" --store-hidden \
-  --max-tokens 256 --temperature 0.7 --top-p 0.95 --batch-size 32 --threads "$THREADS" --seed 1
+  --max-tokens 192 --temperature 0.7 --top-p 0.95 --batch-size 32 --threads "$THREADS" --seed 1
 
 # Equal budget: the flags below are shared; only --drafter (and the heads it implies) differs.
 # SmolLM2 has no mask token: <empty_output> (id 16), a special token its chat replies never contain.

@@ -214,7 +214,7 @@ def test_ctrl_c_checkpoints_and_exits_130(qwen3_ckpt, data_file, tmp_path, monke
 
 def test_reuse_freed_memory_takes_effect_on_glibc() -> None:
     """The trainers' malloc setting (big freed blocks kept for reuse) applies where glibc is the C
-    library, and a training step still runs after it."""
+    library (training runs after it are covered by the tests above, which run in the same process)."""
     import platform
 
     from dspark.train.common import reuse_freed_memory
