@@ -9,6 +9,7 @@ Everything is created in pytest's tmp dirs; nothing comes from the Hugging Face 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,6 +184,23 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 # ---------------------------------------------------------------------------------------------------
 # Fixtures several test modules share (per module: each module gets its own instance)
+
+
+@pytest.fixture(scope="session")
+def _smollm2_cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("smollm2-cache")
+
+
+@pytest.fixture(scope="module")
+def smollm2_cache(_smollm2_cache_root):
+    """GGUF conversions go to one test cache for the session (converted once), never the user's."""
+    old = os.environ.get("DSPARK_CACHE_DIR")
+    os.environ["DSPARK_CACHE_DIR"] = str(_smollm2_cache_root)
+    yield _smollm2_cache_root
+    if old is None:
+        os.environ.pop("DSPARK_CACHE_DIR", None)
+    else:
+        os.environ["DSPARK_CACHE_DIR"] = old
 
 
 @pytest.fixture(scope="module")

@@ -93,6 +93,13 @@ def sampled_pairs_pvalue(llm: LLM, hf_model, n: int = 1000, top_k: int = 4, max_
     params = [SamplingParams(temperature=1.0, top_k=top_k, max_tokens=max_tokens, seed=s, ignore_eos=True,
                              num_speculative_tokens=gammas[s % len(gammas)] if gammas else None) for s in range(n)]
     outs = llm.generate([prompt] * n, params)
+    return pairs_pvalue(outs, exact), sum(o.metrics.accepted_drafts for o in outs)
+
+
+def pairs_pvalue(outs, exact: dict[tuple[int, int], float]) -> float:
+    """Chi-square p-value of the outputs' first two tokens against the exact joint distribution
+    (pairs of expected count < 5 merged into one bin, as the test requires)."""
+    n = len(outs)
     counts: dict[tuple[int, int], int] = {}
     for o in outs:
         key = (o.token_ids[0], o.token_ids[1])
@@ -101,9 +108,9 @@ def sampled_pairs_pvalue(llm: LLM, hf_model, n: int = 1000, top_k: int = 4, max_
     keys = sorted(exact)
     obs = [counts.get(k, 0) for k in keys]
     exp = [exact[k] * n for k in keys]
-    small = [i for i, e in enumerate(exp) if e < 5]  # merged into one bin, as chi-square requires
+    small = [i for i, e in enumerate(exp) if e < 5]
     big = [i for i in range(len(keys)) if i not in small]
     obs_b = [obs[i] for i in big] + ([sum(obs[i] for i in small)] if small else [])
     exp_b = [exp[i] for i in big] + ([sum(exp[i] for i in small)] if small else [])
     scale = sum(obs_b) / sum(exp_b)
-    return float(chisquare(obs_b, [e * scale for e in exp_b]).pvalue), sum(o.metrics.accepted_drafts for o in outs)
+    return float(chisquare(obs_b, [e * scale for e in exp_b]).pvalue)

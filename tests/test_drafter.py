@@ -317,7 +317,6 @@ def test_batched_propose_equals_each_alone(target) -> None:
     model = make_model(target)
     lengths = [5, 11, 8]
     params = [GREEDY, SamplingParams(temperature=0.8, top_k=50, seed=7), SamplingParams(temperature=1.0, top_p=0.9, seed=8)]
-    seeds = [None, 7, 8]
     hid = [taps(model, n, seed=i) for i, n in enumerate(lengths)]
     batched = DSparkDrafter(model, 4, 64)
     for slot, (n, h) in enumerate(zip(lengths, hid)):

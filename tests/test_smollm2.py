@@ -31,16 +31,7 @@ QUESTIONS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _cache(tmp_path_factory):
-    # The converted float32 weights go to a test cache, never the user's.
-    old = os.environ.get("DSPARK_CACHE_DIR")
-    os.environ["DSPARK_CACHE_DIR"] = str(tmp_path_factory.mktemp("smollm2-cache"))
-    yield
-    if old is None:
-        os.environ.pop("DSPARK_CACHE_DIR", None)
-    else:
-        os.environ["DSPARK_CACHE_DIR"] = old
+pytestmark = pytest.mark.usefixtures("smollm2_cache")  # conversions go to a test cache
 
 
 @pytest.fixture(scope="module")

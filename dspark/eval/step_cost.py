@@ -21,7 +21,6 @@ import json
 import sys
 
 from dspark.entry import module_main
-from dspark.errors import DSparkError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
