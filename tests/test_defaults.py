@@ -84,7 +84,10 @@ def test_saved_drafter_records_its_target(target, tmp_path):
     for name in bundled.BUNDLED_DRAFTERS.values():
         for dirname in name:
             cfg = json.loads((REPO_MODELS / dirname / "config.json").read_text())
-            assert cfg["target_model"] == "dspark-demo-target"
+            # Each bundled drafter names the target it was trained for: the demo target or SmolLM2.
+            assert cfg["target_model"] == ("SmolLM2-135M-Instruct.Q4_1" if dirname.startswith("smollm2-")
+                                           else "dspark-demo-target")
+            assert cfg["target_fingerprint"].startswith("sha256:")
 
 
 def test_fingerprint_independent_of_dtype(qwen3_ckpt):

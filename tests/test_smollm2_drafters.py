@@ -59,6 +59,13 @@ def test_bundled_drafter_is_lossless_greedy(name, plain):
     assert accepted > 0, f"the trained {name} drafter never had a draft accepted"
 
 
+def test_default_stays_plain_until_the_drafter_pays():
+    """The SmolLM2 DSpark drafter is bundled (selectable by name) but not the default yet: it does not
+    make decoding faster, and a default must."""
+    llm = LLM(model=GGUF, drafter="auto", max_num_seqs=1)  # what `dspark generate` asks for
+    assert llm.drafter is None and "not yet faster than plain decoding" in llm.drafter_note
+
+
 def test_dspark_sampled_output_matches_the_target_distribution():
     """x1, x2 sampled at T=1 (top-k 4) through speculative decoding with mixed γ follow the exact
     distribution of the target as loaded (computed from its own logits)."""
