@@ -26,7 +26,7 @@ def module_main(
     add_arguments: Callable[[argparse.ArgumentParser], None],
     run: Callable[[argparse.Namespace], int | None],
     label: str = "error",
-    errors: tuple[type[BaseException], ...] = (DSparkError, ValueError),
+    errors: tuple[type[BaseException], ...] = (DSparkError, ValueError, FileNotFoundError),
 ) -> int:
     """Parse `argv` (default sys.argv[1:]), call `run(args)` and return its status (None = 0).
 

@@ -654,7 +654,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     return module_main(argv, prog="python -m dspark.eval.acceptance", description=__doc__, add_arguments=add_arguments,
-                       run=run, label="dspark eval: error", errors=(DSparkError, ValueError, FileNotFoundError))
+                       run=run, label="dspark eval: error")
 
 
 if __name__ == "__main__":

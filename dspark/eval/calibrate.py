@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 from dspark.entry import module_main
-from dspark.errors import DSparkError
 from dspark.eval.acceptance import EvalError, build_drafter, resolve_drafter_arg, run_engine
 from dspark.eval.prompts import load_prompt_set, prepare_prompts
 
@@ -313,7 +312,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     return module_main(argv, prog="python -m dspark.eval.calibrate", description=__doc__, add_arguments=add_arguments,
-                       run=run, label="dspark calibrate: error", errors=(DSparkError, ValueError, FileNotFoundError))
+                       run=run, label="dspark calibrate: error")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from dspark.config import VerifyPolicy, parse_policies
 from dspark.entry import module_main
-from dspark.errors import DSparkError
 from dspark.eval.acceptance import VANILLA, DrafterSpec, EvalError, build_drafter, resolve_drafter_arg, run_engine
 from dspark.eval.prompts import BUILTIN_PROMPTS, load_prompt_set, prepare_prompts
 
@@ -403,7 +402,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     return module_main(argv, prog="python -m dspark.eval.speed", description=__doc__, add_arguments=add_arguments,
-                       run=run, label="dspark bench: error", errors=(DSparkError, ValueError, FileNotFoundError))
+                       run=run, label="dspark bench: error")
 
 
 if __name__ == "__main__":
