@@ -182,6 +182,8 @@ def read_drafter(path: str | Path) -> DrafterFiles:
         tensors.pop("lm_head.weight", None)  # the target's own head: engines take it from the target
     for key, shape in want.items():
         if key not in tensors:
+            if key == "lm_head.weight":  # our reduced-vocabulary drafters keep only d2t; see with_lm_head_rows
+                continue
             if key == "confidence_head.proj.bias":  # some exporters drop it; zero is its initial value
                 tensors[key] = torch.zeros(shape)
                 continue
@@ -377,6 +379,12 @@ def export(drafter_dir: str | Path, fmt: str, out: str | Path, target: str | Pat
     if fmt not in FORMATS:
         raise DSparkError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     drafter = read_drafter(drafter_dir)
+    if drafter.reduced_vocab and "lm_head.weight" not in drafter.tensors and fmt not in ("sglang", "gguf"):
+        if target is None:
+            raise DSparkError(f"--drafter {drafter.path}: a reduced draft vocabulary (draft_vocab_size="
+                              f"{drafter.draft_vocab_size}) whose LM head rows are the target's; pass --target (the "
+                              "target model) so the export carries lm_head.weight [draft_vocab_size, hidden]")
+        with_lm_head_rows(drafter, target)
     if fmt == "gguf":
         if target is None:
             raise DSparkError("--format gguf needs --target, the target's .gguf file")
@@ -391,6 +399,23 @@ def export(drafter_dir: str | Path, fmt: str, out: str | Path, target: str | Pat
     return write_hf(drafter, fmt, Path(out))
 
 
+def with_lm_head_rows(drafter: DrafterFiles, target: str | Path) -> None:
+    """Add `lm_head.weight` [Vd, H]: the target's LM head rows of the draft vocabulary (draft id d is
+    target id d + d2t[d]), in the dtype of the drafter's other weights."""
+    from dspark.models import load_target
+
+    t = load_target(str(target), dtype="float32")
+    head = t.transformer.lm_head_weight
+    if head.shape[0] != drafter.vocab_size or head.shape[1] != int(drafter.config["hidden_size"]):
+        raise DSparkError(f"--target {target}: LM head {list(head.shape)}, the drafter expects "
+                          f"[{drafter.vocab_size}, {drafter.config['hidden_size']}]: it was made for another target")
+    ids = torch.arange(drafter.draft_vocab_size) + drafter.tensors["d2t"].long()
+    if int(ids.min()) < 0 or int(ids.max()) >= drafter.vocab_size:
+        raise CheckpointError(f"{drafter.path}: d2t maps draft ids outside the vocabulary [0, {drafter.vocab_size})")
+    dtype = drafter.tensors["fc.weight"].dtype
+    drafter.tensors["lm_head.weight"] = head[ids].to(dtype).contiguous()
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drafter", required=True, metavar="DIR", help="the DSpark drafter directory to export")
     p.add_argument("--format", required=True, choices=FORMATS,
@@ -399,7 +424,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="PATH", help="directory (deepspec, vllm, sglang) or .gguf file")
     p.add_argument("--target", default=None, metavar="MODEL",
                    help="the target: its .gguf file (required for gguf: its vocabulary goes into the drafter); "
-                        "for the other formats a check that the drafter fits it (default: none)")
+                        "for the other formats a check that the drafter fits it, and the source of the LM head "
+                        "rows a reduced-vocabulary drafter exports with (default: none)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -119,6 +119,15 @@ def test_store_hidden_matches_the_target_and_trains_offline_like_online(qwen3_ck
     off, on = (json.loads((tmp_path / d / "training_log.json").read_text()) for d in ("off", "on"))
     assert off["drafter"]["target_layer_ids"] == [0, 1]
     assert off["train_losses"] == pytest.approx(on["train_losses"], rel=1e-3)
+    # The same with a reduced draft vocabulary: offline runs the LM head over the draft rows only,
+    # with cached log-normalisers, and must still give the full-vocabulary losses.
+    train(TrainDrafterConfig(out=str(tmp_path / "off-r"), draft_vocab_size=40, **kw))
+    train(TrainDrafterConfig(out=str(tmp_path / "on-r"), online=True, target_layer_ids=[0, 1], draft_vocab_size=40,
+                             **kw))
+    off_r, on_r = (json.loads((tmp_path / d / "training_log.json").read_text()) for d in ("off-r", "on-r"))
+    assert off_r["drafter"]["draft_vocab_size"] == 40
+    assert off_r["train_losses"] == pytest.approx(on_r["train_losses"], rel=1e-3)
+    assert off_r["train_losses"] != pytest.approx(off["train_losses"], rel=1e-3)  # the reduction did change them
     # Other taps than the stored ones: one line naming both.
     with pytest.raises(ValueError, match="stores layers 0,1"):
         train(TrainDrafterConfig(out=str(tmp_path / "bad"), target_layer_ids=[0], **kw))

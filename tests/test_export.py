@@ -137,6 +137,29 @@ def test_reduced_vocabulary(tmp_path, capsys):
     assert "missing tensor 'd2t'" in capsys.readouterr().err
 
 
+def test_our_reduced_vocab_drafter_exports_with_the_targets_rows(tmp_path, capsys):
+    """Our reduced-vocabulary drafters store d2t but not the LM head rows (they are the target's): the
+    vLLM export needs --target and carries exactly those rows."""
+    from dspark.models import load_target
+
+    target = load_target(str(DEMO_TARGET), dtype="float32")
+    cfg = DSparkConfig.for_target(target.config, 1, block_size=4, markov_rank=8, draft_vocab_size=50)
+    model = DSparkModel.from_target(cfg, target, seed=0, dtype=torch.float32)
+    ids = torch.randperm(target.vocab_size, generator=torch.Generator().manual_seed(0))[:50]
+    model.set_draft_vocab(ids)
+    d = model.save_pretrained(tmp_path / "ours", dtype=torch.float16)
+    assert "lm_head.weight" not in load_file(str(d / "model.safetensors"))
+    assert cli_main(["export", "--drafter", str(d), "--format", "vllm", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--target" in err and "draft_vocab_size=50" in err
+    out = export(d, "vllm", tmp_path / "v", target=DEMO_TARGET)
+    engine_checks(out, target.vocab_size, target.config.num_layers, "vllm")
+    w = load_file(str(out / "model.safetensors"))
+    rows = torch.arange(50) + w["d2t"]
+    assert torch.equal(rows, ids.sort().values)
+    assert torch.equal(w["lm_head.weight"], target.transformer.lm_head_weight[rows].half())
+
+
 def test_bad_input_is_one_line(tmp_path, capsys):
     def fails(*argv: str) -> str:
         assert cli_main(["export", *argv]) == 2

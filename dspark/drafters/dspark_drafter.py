@@ -127,9 +127,23 @@ class DrafterConfigBase:
     rope_scaling: RopeScaling | None = None
     max_position_embeddings: int = 40960
     attention_bias: bool = False
+    # Reduced draft vocabulary (vLLM's `draft_vocab_size` + `d2t`): the drafter predicts only these
+    # many target tokens (the `d2t` buffer says which); None = the whole target vocabulary.
+    draft_vocab_size: int | None = None
 
     def __post_init__(self) -> None:
         self.target_layer_ids = [int(i) for i in self.target_layer_ids]
+        if self.draft_vocab_size is not None and int(self.draft_vocab_size) == int(self.vocab_size):
+            self.draft_vocab_size = None  # the whole vocabulary is not a reduction
+
+    @property
+    def reduced_vocab(self) -> bool:
+        return self.draft_vocab_size is not None
+
+    @property
+    def draft_vocab(self) -> int:
+        """Size of the distribution the drafter predicts: draft_vocab_size, else the target's vocabulary."""
+        return int(self.draft_vocab_size) if self.draft_vocab_size is not None else int(self.vocab_size)
 
     def validate(self, source: str = "drafter config") -> None:
         """Raise CheckpointError naming `source` and the offending key."""
@@ -141,6 +155,8 @@ class DrafterConfigBase:
                     "intermediate_size", "vocab_size", "num_target_layers", "num_hidden_layers", "block_size"):
             if int(getattr(self, key)) < 1:
                 bad(key, "must be >= 1")
+        if self.draft_vocab_size is not None and not 1 <= int(self.draft_vocab_size) <= int(self.vocab_size):
+            bad("draft_vocab_size", f"must be in [1, vocab_size={self.vocab_size}]")
         if self.num_attention_heads % self.num_key_value_heads:
             bad("num_attention_heads", f"is not a multiple of num_key_value_heads={self.num_key_value_heads}")
         if self.head_dim % 2:
@@ -211,6 +227,7 @@ class DrafterConfigBase:
             "head_dim": self.head_dim,
             "intermediate_size": self.intermediate_size,
             "vocab_size": self.vocab_size,
+            **({"draft_vocab_size": self.draft_vocab_size} if self.reduced_vocab else {}),
             "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope_theta,
             "max_position_embeddings": self.max_position_embeddings,
@@ -256,6 +273,7 @@ class DrafterConfigBase:
                 rope_scaling=scaling,
                 max_position_embeddings=int(raw.get("max_position_embeddings", 40960)),
                 attention_bias=bool(raw.get("attention_bias", False)),
+                draft_vocab_size=None if raw.get("draft_vocab_size") is None else int(raw["draft_vocab_size"]),
                 **own(req),
             )
         except (TypeError, ValueError) as e:
@@ -475,7 +493,8 @@ class MarkovHead(nn.Module):
     def __init__(self, cfg: DSparkConfig) -> None:
         super().__init__()
         self.markov_w1 = nn.Embedding(cfg.vocab_size, cfg.markov_rank)
-        self.markov_w2 = nn.Linear(cfg.markov_rank, cfg.vocab_size, bias=False)
+        # Previous tokens are target ids (the anchor may be any token); the bias covers the draft vocabulary.
+        self.markov_w2 = nn.Linear(cfg.markov_rank, cfg.draft_vocab, bias=False)
 
     def init_state(self, n: int, like: Tensor) -> Tensor | None:
         return None
@@ -589,9 +608,11 @@ class DraftTrainOutput:
 class BlockDraft:
     """One `draft_block` call (DSpark or EAGLE-3): a `DraftProposal` plus the logits behind it."""
 
-    token_ids: Tensor  # [n, gamma] long
-    logits: Tensor  # [n, gamma, V] float32: U_k + B_k(x_{k-1}) for the drafted x_{k-1}
-    base_logits: Tensor  # [n, gamma, V] float32
+    token_ids: Tensor  # [n, gamma] long target ids
+    # Logits are over the draft vocabulary (Vd = V unless it is reduced; draft id d is the target's
+    # `draft_ids[d]`); probs are over the target's vocabulary, zero outside the draft vocabulary.
+    logits: Tensor  # [n, gamma, Vd] float32: U_k + B_k(x_{k-1}) for the drafted x_{k-1}
+    base_logits: Tensor  # [n, gamma, Vd] float32
     probs: Tensor | None  # [n, gamma, V] float32 sampling distribution; None if all rows greedy
     confidence: Tensor | None  # [n, gamma]
     confidence_logits: Tensor | None = None  # [n, gamma] raw, before calibration
@@ -651,6 +672,11 @@ class FeatureDrafterModel(nn.Module):
         # is nothing for DDP to synchronise and nothing to save.
         self._inv_freq = cfg.backbone().rope_inv_freq()
         self._rope_cos = self._rope_sin = torch.empty(0)
+        self._target_lm_head: tuple[Tensor, PackedLinear | None] | None = None  # the full head, for re-slicing
+        self._t2d: Tensor | None = None  # [V] target id -> draft id, -1 outside (built on demand)
+        if cfg.reduced_vocab:
+            # vLLM's convention: draft id d is target id d + d2t[d] (saved with the weights).
+            self.register_buffer("d2t", torch.zeros(cfg.draft_vocab, dtype=torch.long))
 
     # ---- construction ------------------------------------------------------------------------------
 
@@ -686,9 +712,77 @@ class FeatureDrafterModel(nn.Module):
         dtype = dtype or t.embed_weight.dtype
         # Written into config.json on save, so the drafter is only picked for the target it was made for.
         self.target_fields = fingerprint_fields(target)
-        self.shared = SharedWeights(embed=t.embed_weight.detach().to(dtype),
-                                    lm_head=t.lm_head_weight.detach().to(dtype),
-                                    packed_lm_head=t.packed_lm_head if dtype == t.lm_head_weight.dtype else None)
+        self._target_lm_head = (t.lm_head_weight.detach().to(dtype),
+                                t.packed_lm_head if dtype == t.lm_head_weight.dtype else None)
+        self.shared = SharedWeights(embed=t.embed_weight.detach().to(dtype), lm_head=self._target_lm_head[0],
+                                    packed_lm_head=self._target_lm_head[1])
+        self._slice_lm_head()
+
+    # ---- reduced draft vocabulary -------------------------------------------------------------------
+
+    @property
+    def draft_ids(self) -> Tensor | None:
+        """[Vd] long: the target id of each draft id, or None when the drafter predicts the whole vocabulary."""
+        if not self.config.reduced_vocab:
+            return None
+        return torch.arange(self.config.draft_vocab, device=self.d2t.device) + self.d2t
+
+    def set_draft_vocab(self, target_ids: Tensor) -> None:
+        """Choose the draft vocabulary: `target_ids` [Vd], distinct target token ids (stored sorted)."""
+        cfg = self.config
+        if not cfg.reduced_vocab:
+            raise ValueError("this drafter predicts the whole vocabulary (draft_vocab_size unset)")
+        ids = torch.as_tensor(target_ids, dtype=torch.long).flatten().sort().values
+        if ids.numel() != cfg.draft_vocab or ids.unique().numel() != ids.numel():
+            raise ValueError(f"the draft vocabulary needs {cfg.draft_vocab} distinct target ids, got {ids.numel()} "
+                             f"({ids.unique().numel()} distinct)")
+        if int(ids[0]) < 0 or int(ids[-1]) >= cfg.vocab_size:
+            raise ValueError(f"draft vocabulary ids must lie in [0, {cfg.vocab_size})")
+        with torch.no_grad():
+            self.d2t.copy_(ids.to(self.d2t.device) - torch.arange(ids.numel(), device=self.d2t.device))
+        self._slice_lm_head()
+
+    def _slice_lm_head(self) -> None:
+        """The LM head rows of the draft vocabulary (a copy; the target's head when not reduced)."""
+        self._t2d = None
+        if self.shared is None or self._target_lm_head is None:
+            return
+        full, packed = self._target_lm_head
+        ids = self.draft_ids
+        if ids is None:
+            self.shared.lm_head, self.shared.packed_lm_head = full, packed
+            return
+        ids = ids.to(full.device)
+        if int(ids.min()) < 0 or int(ids.max()) >= full.shape[0]:
+            raise CheckpointError(f"d2t maps draft ids outside the target vocabulary [0, {full.shape[0]})")
+        sub = full[ids].contiguous()
+        self.shared.lm_head = sub
+        self.shared.packed_lm_head = PackedLinear(sub, None) if packed is not None else None
+
+    def target_to_draft(self) -> Tensor:
+        """[V] long: the draft id of each target id, -1 for tokens the drafter never proposes."""
+        ids = self.draft_ids
+        assert ids is not None
+        if self._t2d is None or self._t2d.device != ids.device:
+            t2d = torch.full((self.config.vocab_size,), -1, dtype=torch.long, device=ids.device)
+            t2d[ids] = torch.arange(ids.numel(), device=ids.device)
+            self._t2d = t2d
+        return self._t2d
+
+    def to_target_tokens(self, draft_tokens: Tensor) -> Tensor:
+        """Draft ids -> target ids (identity without a reduced vocabulary)."""
+        ids = self.draft_ids
+        return draft_tokens if ids is None else ids[draft_tokens]
+
+    def to_target_probs(self, probs: Tensor | None) -> Tensor | None:
+        """A distribution over the draft vocabulary [..., Vd] -> the same one over the target's [..., V]
+        (zero outside the draft vocabulary), which is what verification compares against."""
+        ids = self.draft_ids
+        if probs is None or ids is None:
+            return probs
+        out = probs.new_zeros(*probs.shape[:-1], self.config.vocab_size)
+        out[..., ids] = probs
+        return out
 
     @property
     def dtype(self) -> torch.dtype:
@@ -765,7 +859,8 @@ class FeatureDrafterModel(nn.Module):
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         dtype = dtype or self.dtype
-        tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in self.state_dict().items()}
+        tensors = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
+                   for k, v in self.state_dict().items()}
         tmp = out / (WEIGHTS_FILE + ".tmp")
         save_file(tensors, str(tmp), metadata={"format": "pt"})
         tmp.replace(out / WEIGHTS_FILE)
@@ -810,7 +905,7 @@ class FeatureDrafterModel(nn.Module):
                         with safe_open(str(f), framework="pt") as h:
                             shape = list(h.get_slice(key).get_shape())
                         want = [cfg.vocab_size, cfg.hidden_size]
-                        if shape != want:
+                        if shape != want and shape != [cfg.draft_vocab, cfg.hidden_size]:
                             raise CheckpointError(f"tensor {key!r} in {f} has shape {shape}, expected {want}")
                 extra = sorted(set(weights.key_to_file) - set(expected) - set(SHARED_KEYS))
                 if extra:
@@ -1137,14 +1232,15 @@ class DSparkDrafter(FeatureDrafter):
                 bias, state = head.step(prev, h[:, k], state)
                 logits_k = logits_k + bias.float()
             tok, probs_k = sample_step(logits_k, sampling, generators, active=[e > k for e in ells])
-            step_probs.append(probs_k)
+            tok = model.to_target_tokens(tok)
+            step_probs.append(model.to_target_probs(probs_k))
             prevs.append(prev)
             tokens.append(tok)
             step_logits.append(logits_k)
             prev = tok
         m = len(tokens)
         if not tokens:  # the scheduler settled on verifying no draft at all
-            V = base.shape[-1]
+            V = model.config.vocab_size
             greedy = all(sampling.greedy)
             return BlockDraft(token_ids=torch.zeros(n, 0, dtype=torch.long, device=dev), logits=base[:, :0],
                               base_logits=base, probs=None if greedy else base.new_zeros(n, 0, V),

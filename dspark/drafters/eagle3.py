@@ -267,7 +267,8 @@ class Eagle3Drafter(FeatureDrafter):
                 self.cache.commit(batch)  # advance so the next step sees this row; rolled back below
                 logits_k = model.logits(h)  # [n, V]
                 tok, probs_k = sample_step(logits_k, sampling, generators, active=[e > k for e in ells])
-                step_probs.append(probs_k)
+                tok = model.to_target_tokens(tok)
+                step_probs.append(model.to_target_probs(probs_k))
                 tokens.append(tok)
                 step_logits.append(logits_k)
                 prev, feats = tok, h

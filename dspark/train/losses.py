@@ -77,21 +77,44 @@ def confidence_bce(confidence_logits: Tensor, target: Tensor) -> Tensor:
 
 
 def loss_terms(
-    draft_logits: Tensor,  # [..., G, V] logits of the draft distribution (sequential bias included)
+    draft_logits: Tensor,  # [..., G, Vd] logits of the draft distribution (sequential bias included)
     target_logits: Tensor,  # [..., G, V] the target's logits for the same positions
-    labels: Tensor,  # [..., G] long ground-truth tokens
+    labels: Tensor,  # [..., G] long ground-truth tokens (target ids)
     mask: Tensor,  # [..., G] bool, True = supervised
     confidence_logits: Tensor | None = None,  # [..., G]
     decay: float | None = 7.0,
+    draft_ids: Tensor | None = None,  # [Vd] long: target id of each draft id (reduced vocabulary)
+    target_in_draft_vocab: bool = False,  # target_logits is [..., G, Vd]: log p_t of the draft ids only
 ) -> LossTerms:
-    """CE, TV and confidence-BCE sums for a batch of blocks (target distributions at temperature 1)."""
+    """CE, TV and confidence-BCE sums for a batch of blocks (target distributions at temperature 1).
+
+    With a reduced draft vocabulary the draft distribution is zero outside `draft_ids`, so the L1
+    distance is exact: Σ_{v in D} |p_d(v) − p_t(v)| + p_t(outside D); CE is taken only where the
+    label is in D (elsewhere no draft could match it). `target_in_draft_vocab`: the caller passes
+    log p_t(v) for v in D only (normalised over the whole vocabulary, e.g. from a stored log-normaliser),
+    which is all the exact distance needs."""
     G = draft_logits.shape[-2]
     w = position_weights(G, decay, draft_logits.device) * mask.float()  # [..., G]
     log_pd = torch.log_softmax(draft_logits.float(), dim=-1)
     p_d = log_pd.exp()
-    p_t = torch.softmax(target_logits.float(), dim=-1).detach()
-    ce = -log_pd.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # [..., G]
-    l1 = l1_distance(p_d, p_t)  # [..., G]
+    if target_in_draft_vocab:
+        if draft_ids is None or target_logits.shape[-1] != draft_ids.numel():
+            raise ValueError("target_in_draft_vocab needs draft_ids and target log-probs over them")
+        p_t = target_logits.float().exp().detach()  # [..., G, Vd]
+    else:
+        p_t = torch.softmax(target_logits.float(), dim=-1).detach()
+    if draft_ids is None:
+        ce = -log_pd.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # [..., G]
+        l1 = l1_distance(p_d, p_t)  # [..., G]
+    else:
+        V = max(int(labels.max()) + 1 if labels.numel() else 0, int(draft_ids.max()) + 1,
+                0 if target_in_draft_vocab else p_t.shape[-1])
+        t2d = torch.full((V,), -1, dtype=torch.long, device=labels.device)
+        t2d[draft_ids] = torch.arange(draft_ids.numel(), device=labels.device)
+        lab = t2d[labels]  # [..., G] draft id of the label, -1 outside
+        ce = -log_pd.gather(-1, lab.clamp_min(0).unsqueeze(-1)).squeeze(-1) * (lab >= 0).float()
+        p_t_in = p_t if target_in_draft_vocab else p_t[..., draft_ids]  # [..., G, Vd]
+        l1 = l1_distance(p_d, p_t_in) + (1.0 - p_t_in.sum(dim=-1)).clamp_min(0.0)
     accept = (1.0 - 0.5 * l1).clamp(0.0, 1.0).detach()  # c*_k, the confidence target
     zero = draft_logits.new_zeros((), dtype=torch.float32)
     conf = zero

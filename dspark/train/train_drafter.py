@@ -86,6 +86,7 @@ class TrainDrafterConfig(RunConfig):
     conf_weight: float = 1.0
     loss_decay: float | None = None       # γ_decay of w_k = exp(-(k-1)/γ_decay); None: block_size
     eval_seqs: int = 64                   # validation sequences per evaluation (at most)
+    draft_vocab_size: int | None = None   # predict only the N most frequent response tokens (None: all)
     online: bool = False                  # run the target even when the data has stored hidden states
 
     def validate(self) -> None:
@@ -93,6 +94,8 @@ class TrainDrafterConfig(RunConfig):
             raise ValueError(f"--drafter must be one of {', '.join(TRAINABLE_DRAFTERS)}, got {self.drafter!r}")
         super().validate()
         self.require_positive("block_size", "num_layers", "anchors_per_seq", "eval_seqs")
+        if self.draft_vocab_size is not None and self.draft_vocab_size < 1:
+            raise ValueError(f"--draft-vocab-size must be >= 1, got {self.draft_vocab_size}")
         if self.max_seq_len < 3:
             raise ValueError(f"--max-seq-len must be >= 3, got {self.max_seq_len}")
         if self.markov_rank is not None and self.markov_rank < 0:
@@ -282,6 +285,8 @@ class StoredFeatures:
     def __init__(self, max_open: int = 64) -> None:
         self._open: dict[str, Any] = {}
         self.max_open = max_open
+        # Set by the trainer for a reduced draft vocabulary: see `TargetNormalisers`.
+        self.normalisers: TargetNormalisers | None = None
 
     def _handle(self, file: str):
         from safetensors import safe_open
@@ -332,12 +337,64 @@ def aligned_target_logits(target, last: torch.Tensor, anchors: torch.Tensor, blo
     return logits.view(*rows.shape, -1)
 
 
+class TargetNormalisers:
+    """For a reduced draft vocabulary on stored features: the target's log-normaliser (logsumexp of
+    its logits over the whole vocabulary) at every position of a sequence, computed once and kept,
+    so each step runs the target's LM head over the draft vocabulary's rows only. The distance stays
+    exact: log p_t(v) = logit_v − logsumexp(logits)."""
+
+    def __init__(self, target, draft_ids: torch.Tensor, chunk: int = 256) -> None:
+        self.target = target
+        self.draft_ids = draft_ids
+        w = target.transformer.lm_head_weight
+        self.rows = w[draft_ids.to(w.device)].contiguous()  # [Vd, H]
+        self.chunk = chunk
+        self._lse: dict[Any, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def _normed(self, last: torch.Tensor) -> torch.Tensor:
+        w = self.target.transformer.lm_head_weight
+        return self.target.final_norm(last.to(w.dtype))
+
+    @torch.no_grad()
+    def lse(self, seq: Sequence, last: torch.Tensor) -> torch.Tensor:
+        """[len(seq.ids)] float32 logsumexp of the target's logits at each position of `seq` (its rows of `last`)."""
+        key = seq.hidden
+        got = self._lse.get(key)
+        if got is None:
+            n = len(seq.ids)
+            parts = [torch.logsumexp(self.target.lm_head(self._normed(last[i:i + self.chunk])).float(), dim=-1)
+                     for i in range(0, n, self.chunk)]
+            got = self._lse[key] = torch.cat(parts)
+        return got
+
+    @torch.no_grad()
+    def log_probs(self, batch: Batch, last: torch.Tensor, block_size: int) -> torch.Tensor:
+        """log p_t over the draft vocabulary at each block position: [B, A, G, Vd]."""
+        B, T, H = last.shape
+        rows = (block_label_positions(batch.anchors, block_size) - 1).clamp(0, T - 1)  # [B, A, G]
+        lse = torch.zeros(B, T)
+        for i, s in enumerate(batch.seqs):
+            lse[i, :len(s.ids)] = self.lse(s, last[i, :len(s.ids)])
+        flat = rows.view(B, -1)
+        picked = last.gather(1, flat.unsqueeze(-1).expand(-1, -1, H))  # [B, A*G, H]
+        logits = (self._normed(picked) @ self.rows.T).float()  # [B, A*G, Vd]
+        return (logits - lse.gather(1, flat).unsqueeze(-1)).view(*rows.shape, -1)
+
+
 def compute_terms(model, target, cache, batch: Batch, cfg: "DrafterSettings", decay: float,
-                  stored: StoredFeatures | None = None) -> LossTerms:
+                  stored: StoredFeatures | None = None, normalisers: TargetNormalisers | None = None) -> LossTerms:
     feats = stored(batch) if stored is not None else target_features(target, cache, batch, cfg.target_layer_ids)
     out = model(feats.hidden, batch.input_ids, batch.anchors, batch.anchor_mask, batch.loss_mask)
+    draft_ids = getattr(model, "module", model).draft_ids  # DDP wraps the model
+    if normalisers is None and stored is not None:
+        normalisers = stored.normalisers
+    if normalisers is not None and draft_ids is not None:
+        tl = normalisers.log_probs(batch, feats.last, cfg.block_size)
+        return loss_terms(out.logits, tl, out.labels, out.label_mask, out.confidence_logits, decay, draft_ids,
+                          target_in_draft_vocab=True)
     tl = aligned_target_logits(target, feats.last, batch.anchors, cfg.block_size)
-    return loss_terms(out.logits, tl, out.labels, out.label_mask, out.confidence_logits, decay)
+    return loss_terms(out.logits, tl, out.labels, out.label_mask, out.confidence_logits, decay, draft_ids)
 
 
 @torch.no_grad()
@@ -386,7 +443,7 @@ def _dspark_config(cfg: TrainDrafterConfig, target) -> DSparkConfig:
         target.config, int(mask), block_size=cfg.block_size, num_hidden_layers=cfg.num_layers,
         markov_rank=rank, markov_head_type=cfg.markov_head_type, enable_confidence_head=conf,
         confidence_head_with_markov=conf and rank > 0, target_layer_ids=layer_ids,
-        num_anchors=cfg.anchors_per_seq, drafter_type=cfg.drafter,
+        num_anchors=cfg.anchors_per_seq, drafter_type=cfg.drafter, draft_vocab_size=_draft_vocab_size(cfg, target),
     )
 
 
@@ -395,7 +452,28 @@ def _eagle3_config(cfg: TrainDrafterConfig, target) -> Eagle3Config:
     # and mask-token options do not apply.
     layer_ids = cfg.target_layer_ids or default_target_layer_ids(target.config.num_layers)
     return Eagle3Config.for_target(target.config, block_size=cfg.block_size, num_hidden_layers=cfg.num_layers,
-                                   target_layer_ids=layer_ids)
+                                   target_layer_ids=layer_ids, draft_vocab_size=_draft_vocab_size(cfg, target))
+
+
+def _draft_vocab_size(cfg: TrainDrafterConfig, target) -> int | None:
+    n = cfg.draft_vocab_size
+    if n is not None and n > target.vocab_size:
+        raise ValueError(f"--draft-vocab-size {n} exceeds the target's vocabulary ({target.vocab_size} tokens)")
+    return n
+
+
+def frequent_tokens(seqs: list[Sequence], n: int, vocab_size: int) -> tuple[torch.Tensor, float]:
+    """The draft vocabulary: the `n` target tokens most frequent in the training responses (ties and
+    the rest by frequency in the prompts, then by id), and the share of response tokens it covers."""
+    out = np.zeros(vocab_size, dtype=np.float64)
+    prompt = np.zeros(vocab_size, dtype=np.float64)
+    for s in seqs:
+        np.add.at(out, np.asarray(s.ids[s.output_start:], dtype=np.int64), 1.0)
+        np.add.at(prompt, np.asarray(s.ids[:s.output_start], dtype=np.int64), 1.0)
+    # Lexicographic (response count, prompt count, -id): stable sort on the keys from last to first.
+    order = np.lexsort((np.arange(vocab_size), -prompt, -out))[:n]
+    covered = float(out[order].sum() / max(out.sum(), 1.0))
+    return torch.from_numpy(np.sort(order).astype(np.int64)), covered
 
 
 @dataclass(frozen=True)
@@ -474,7 +552,15 @@ def _train(cfg: TrainDrafterConfig, rank: int, world: int, load_target) -> Path:
            "world_size": world, "threads": torch.get_num_threads(),
            "num_params": sum(p.numel() for p in model.parameters()),
            "drafter": dcfg.to_json_dict(), "train_seqs": len(data.train), "val_seqs": len(data.val)}
+    if dcfg.reduced_vocab:
+        ids, covered = frequent_tokens(data.train, dcfg.draft_vocab, target.vocab_size)
+        model.set_draft_vocab(ids)
+        log["draft_vocab_coverage"] = round(covered, 6)
     log = resume(ckpt_path, model, opt, log, rank, world, cfg)
+    if dcfg.reduced_vocab:
+        model.set_draft_vocab(ids)  # the same choice (same data); re-slices the LM head after a resume
+        if stored is not None:
+            stored.normalisers = TargetNormalisers(target, model.draft_ids)
     ddp_model = data_parallel(model, world)
 
     local_bs = cfg.batch_size // world
@@ -567,6 +653,11 @@ def model_card(cfg: TrainDrafterConfig, log: dict) -> str:
         f"sequential head rank {d.get('markov_rank', 0)} ({d.get('markov_head_type', 'none')}), "
         f"confidence head {'on' if d.get('enable_confidence_head') else 'off'}. The target's embedding and LM "
         "head are shared and frozen (not stored here).",
+        *([f"- Draft vocabulary: the {d['draft_vocab_size']:,} target tokens most frequent in the training "
+           f"responses (`draft_vocab_size`, with `d2t` in the weights), covering "
+           f"{100 * log.get('draft_vocab_coverage', float('nan')):.2f}% of their tokens; the drafter never "
+           "proposes the others, and verification stays exact for the distribution it does draft."]
+          if d.get("draft_vocab_size") else []),
         f"- Training: {log['step']} steps of {cfg.batch_size} sequences x {cfg.anchors_per_seq} anchors, AdamW lr "
         f"{cfg.lr} (warm-up {cfg.warmup_steps}, cosine to {cfg.min_lr_ratio}x), loss {cfg.ce_weight}·CE + "
         f"{cfg.tv_weight}·TV + {cfg.conf_weight}·BCE with decay γ_decay={cfg.decay:g}; seed {cfg.seed}; "
@@ -614,6 +705,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-confidence-head", dest="confidence_head", action="store_false", default=None,
                    help="train without the confidence head")
     p.add_argument("--mask-token-id", type=int, default=None, help="mask token id (default: the tokenizer's)")
+    p.add_argument("--draft-vocab-size", type=int, default=None,
+                   help="draft only the N target tokens most frequent in the training responses (vLLM's "
+                        "draft_vocab_size with a d2t map): a smaller LM head and Markov head, cheaper "
+                        "drafting (default: the whole vocabulary)")
     p.add_argument("--online", action="store_true",
                    help="run the target every step even when --data stores its hidden states (default: offline "
                         "when the data has them: `dspark datagen --store-hidden`)")
