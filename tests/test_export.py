@@ -196,7 +196,7 @@ def _smollm2_gguf() -> Path:
     return path
 
 
-def smollm2_drafter(tmp_path: Path) -> Path:
+def smollm2_drafter(tmp_path: Path, draft_vocab: int | None = None) -> Path:
     """An untrained (seeded) DSpark drafter shaped for SmolLM2 with the settings the real SmolLM2
     drafters use: 1 layer, γ = 7, 5 taps of 30 layers, Markov rank 64, mask token 16 (<empty_output>)."""
     from dspark.models.config import ModelConfig
@@ -207,8 +207,11 @@ def smollm2_drafter(tmp_path: Path) -> Path:
     raw = read_config(gguf_path, _Meta(gguf_path, reader), {t.name for t in reader.tensors})
     tcfg = ModelConfig.from_hf(raw, source=str(gguf_path))
     cfg = DSparkConfig.for_target(tcfg, 16, block_size=7, num_hidden_layers=1, markov_rank=64,
-                                  target_layer_ids=default_target_layer_ids(30, 5))
-    return DSparkModel(cfg).init_weights(seed=0).save_pretrained(tmp_path / "smollm2-drafter")
+                                  target_layer_ids=default_target_layer_ids(30, 5), draft_vocab_size=draft_vocab)
+    model = DSparkModel(cfg).init_weights(seed=0)
+    if draft_vocab:  # a spread of ids, so a mistaken offset convention would map to other tokens
+        model.set_draft_vocab(torch.randperm(tcfg.vocab_size, generator=torch.Generator().manual_seed(0))[:draft_vocab])
+    return model.save_pretrained(tmp_path / "smollm2-drafter")
 
 
 def test_gguf_read_back(tmp_path):
@@ -254,6 +257,29 @@ def test_gguf_read_back(tmp_path):
         assert torch.equal(got, w[ours].float()), ours
 
 
+def test_gguf_reduced_vocab_carries_d2t_and_the_targets_rows(tmp_path):
+    """load_arch_tensors with a `d2t` tensor: n_vocab_draft = d2t's length, output.weight
+    {n_embd, n_vocab_draft}, markov_w2 {rank, n_vocab_draft}, markov_w1 still over the whole vocabulary."""
+    import gguf
+
+    from dspark.models import load_target
+
+    target = _smollm2_gguf()
+    d = smollm2_drafter(tmp_path, draft_vocab=4096)
+    out = export(d, "gguf", tmp_path / "d.gguf", target=target)
+    tensors = {x.name: x for x in gguf.GGUFReader(str(out)).tensors}
+    H, V, R, Vd = 576, 49152, 64, 4096
+    for name, shape in {"d2t": [Vd], "output.weight": [H, Vd], "markov_w2.weight": [R, Vd],
+                        "markov_w1.weight": [R, V]}.items():
+        assert list(tensors[name].shape) == shape, name
+    w = load_file(str(d / "model.safetensors"))
+    d2t = torch.from_numpy(tensors["d2t"].data.copy()).long()
+    assert torch.equal(d2t, w["d2t"])  # offsets: target id = draft id + d2t[draft id]
+    head = load_target(str(target), dtype="float32").transformer.lm_head_weight
+    rows = torch.from_numpy(tensors["output.weight"].data.copy()).reshape(Vd, H)
+    assert torch.equal(rows, head[torch.arange(Vd) + d2t].to(w["fc.weight"].dtype).float())  # the drafter's dtype
+
+
 def test_gguf_refuses_another_targets_vocabulary(tmp_path, capsys):
     target = _smollm2_gguf()
     assert cli_main(["export", "--drafter", str(DEMO_DSPARK), "--format", "gguf", "--target", str(target),
@@ -262,12 +288,14 @@ def test_gguf_refuses_another_targets_vocabulary(tmp_path, capsys):
     assert "vocabulary of 49152 tokens, the drafter's has 8192" in err and not (tmp_path / "x.gguf").exists()
 
 
-def test_llamacpp_runs_the_exported_drafter(tmp_path):
-    """llama.cpp loads the exported drafter as its draft-dspark, drafts with it, and its greedy output
-    equals its own plain greedy output (the drafter is untrained, so acceptance is near zero here)."""
+@pytest.mark.parametrize("draft_vocab", [None, 4096])
+def test_llamacpp_runs_the_exported_drafter(tmp_path, draft_vocab):
+    """llama.cpp loads the exported drafter as its draft-dspark (with a reduced draft vocabulary too:
+    `d2t` + `output.weight`), drafts with it, and its greedy output equals its own plain greedy output
+    (the drafter is untrained, so acceptance is near zero here)."""
     x = pytest.importorskip("xllamacpp", reason="xllamacpp (the `bench` extra) is not installed")
     target = _smollm2_gguf()
-    out = export(smollm2_drafter(tmp_path), "gguf", tmp_path / "d.gguf", target=target)
+    out = export(smollm2_drafter(tmp_path, draft_vocab), "gguf", tmp_path / "d.gguf", target=target)
 
     def complete(draft: Path | None) -> tuple[str, dict]:
         p = x.CommonParams()
