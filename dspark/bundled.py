@@ -55,8 +55,9 @@ NO_DRAFTER = ("none", "vanilla", "plain")
 # Bundled drafters a bare name selects but that are not the default yet, and why: a default drafter
 # must make decoding faster, and these do not yet (README, "DSpark drafters for SmolLM2").
 NOT_DEFAULT_YET: dict[str, str] = {
-    "smollm2-dspark": "the bundled SmolLM2 DSpark drafter is a short first training run and not yet faster "
-                      "than plain decoding; --drafter dspark uses it",
+    "smollm2-dspark": "the bundled SmolLM2 DSpark drafter is faster than plain decoding only with "
+                      "confidence-scheduled verification (--drafter dspark --policy confidence), not with "
+                      "the default policy yet",
 }
 FINGERPRINT_KEY = "target_fingerprint"
 

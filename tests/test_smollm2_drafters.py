@@ -59,11 +59,25 @@ def test_bundled_drafter_is_lossless_greedy(name, plain):
     assert accepted > 0, f"the trained {name} drafter never had a draft accepted"
 
 
+@pytest.mark.parametrize("batch", [1, 4])
+def test_dspark_with_confidence_policy_is_lossless_greedy(plain, batch):
+    """The bundled DSpark drafter drafts over a reduced vocabulary (8,192 tokens) and is fastest with
+    confidence-scheduled verification: greedy output there is plain greedy output too."""
+    prompts, want = plain
+    llm = LLM(model=GGUF, drafter="dspark", max_num_seqs=batch, policy="confidence")
+    assert llm.drafter.model.config.draft_vocab_size == 8192
+    outs = []
+    for i in range(0, len(prompts), batch):
+        outs += llm.generate(prompts[i:i + batch], SamplingParams(temperature=0, max_tokens=40))
+    assert [o.token_ids for o in outs] == want
+    assert sum(o.metrics.accepted_drafts for o in outs) > 0
+
+
 def test_default_stays_plain_until_the_drafter_pays():
-    """The SmolLM2 DSpark drafter is bundled (selectable by name) but not the default yet: it does not
-    make decoding faster, and a default must."""
+    """The SmolLM2 DSpark drafter is bundled (selectable by name) but not the default yet: with the
+    default (static) policy it does not make decoding faster, and a default must."""
     llm = LLM(model=GGUF, drafter="auto", max_num_seqs=1)  # what `dspark generate` asks for
-    assert llm.drafter is None and "not yet faster than plain decoding" in llm.drafter_note
+    assert llm.drafter is None and "--policy confidence" in llm.drafter_note
 
 
 def test_dspark_sampled_output_matches_the_target_distribution():
