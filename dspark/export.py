@@ -29,7 +29,7 @@ Formats (each written atomically; what every engine checks is tested in tests/te
             `tokenizer.ggml.mask_token_id`, tensors in llama.cpp's names (`fc`, `enc.output_norm`,
             `output_norm`, `blk.N.attn_q` ..., `markov_w1`, `markov_w2`, `conf_proj`; a reduced draft
             vocabulary adds `output.weight` [Vd, H] and `d2t`, which llama.cpp's DFlash/DSpark loader
-            reads). `--target` is the target's GGUF file (llama.cpp runs the target from it; the
+            reads as absolute target ids, int64). `--target` is the target's GGUF file (llama.cpp runs the target from it; the
             vocabulary is copied from it).
 
 DFlash drafters (markov_rank 0) export to `deepspec` only: the engines' DSpark loaders need a Markov
@@ -363,8 +363,13 @@ def write_gguf(drafter: DrafterFiles, target: Path, out: Path) -> Path:
             _copy_field(w, f)
         w.add_mask_token_id(int(cfg["mask_token_id"]))
         for name, t in drafter.tensors.items():
-            # d2t: src/models/dflash.cpp asserts GGML_TYPE_I64 (draft id -> target id offsets).
-            arr = t.detach().to(torch.float32).numpy() if name != "d2t" else t.numpy().astype(np.int64)
+            if name == "d2t":
+                # llama.cpp's DFlash/DSpark reads d2t as the target id of each draft id (absolute, not
+                # vLLM's offsets; measured: with offsets it accepted 0 of 1,294 drafts, with absolute
+                # ids as many as we do) and src/models/dflash.cpp asserts GGML_TYPE_I64.
+                arr = (torch.arange(t.shape[0]) + t.long()).numpy().astype(np.int64)
+            else:
+                arr = t.detach().to(torch.float32).numpy()
             w.add_tensor(gguf_tensor_name(name), arr)
         w.write_header_to_file()
         w.write_kv_data_to_file()

@@ -273,11 +273,12 @@ def test_gguf_reduced_vocab_carries_d2t_and_the_targets_rows(tmp_path):
                         "markov_w1.weight": [R, V]}.items():
         assert list(tensors[name].shape) == shape, name
     w = load_file(str(d / "model.safetensors"))
-    d2t = torch.from_numpy(tensors["d2t"].data.copy()).long()
-    assert torch.equal(d2t, w["d2t"])  # offsets: target id = draft id + d2t[draft id]
+    ids = torch.from_numpy(tensors["d2t"].data.copy())
+    # llama.cpp reads absolute target ids (ours and vLLM's are offsets: target id = d + d2t[d]).
+    assert ids.dtype == torch.int64 and torch.equal(ids, torch.arange(Vd) + w["d2t"])
     head = load_target(str(target), dtype="float32").transformer.lm_head_weight
     rows = torch.from_numpy(tensors["output.weight"].data.copy()).reshape(Vd, H)
-    assert torch.equal(rows, head[torch.arange(Vd) + d2t].to(w["fc.weight"].dtype).float())  # the drafter's dtype
+    assert torch.equal(rows, head[ids].to(w["fc.weight"].dtype).float())  # in the drafter's dtype
 
 
 def test_gguf_refuses_another_targets_vocabulary(tmp_path, capsys):
