@@ -388,33 +388,34 @@ def export(drafter_dir: str | Path, fmt: str, out: str | Path, target: str | Pat
     """Export `drafter_dir` to `fmt` at `out`; returns `out`."""
     if fmt not in FORMATS:
         raise DSparkError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    from dspark.models import load_target
+
     drafter = read_drafter(drafter_dir)
+    t = None  # the target, loaded at most once
     if drafter.reduced_vocab and "lm_head.weight" not in drafter.tensors and fmt != "sglang":
         if target is None:
             raise DSparkError(f"--drafter {drafter.path}: a reduced draft vocabulary (draft_vocab_size="
                               f"{drafter.draft_vocab_size}) whose LM head rows are the target's; pass --target (the "
                               "target model) so the export carries lm_head.weight [draft_vocab_size, hidden]")
-        with_lm_head_rows(drafter, target)
+        t = load_target(str(target), dtype="float32")  # exact rows, cast to the drafter's dtype below
+        with_lm_head_rows(drafter, t, target)
     if fmt == "gguf":
         if target is None:
             raise DSparkError("--format gguf needs --target, the target's .gguf file")
         return write_gguf(drafter, Path(target), Path(out))
     if target is not None:
         from dspark.drafters.dspark_drafter import DSparkConfig
-        from dspark.models import load_target
 
-        t = load_target(str(target))
+        t = t if t is not None else load_target(str(target))
         DSparkConfig.from_json_dict(drafter.config, str(drafter.path / "config.json")).check_target(
             t.config, str(drafter.path / "config.json"))
     return write_hf(drafter, fmt, Path(out))
 
 
-def with_lm_head_rows(drafter: DrafterFiles, target: str | Path) -> None:
-    """Add `lm_head.weight` [Vd, H]: the target's LM head rows of the draft vocabulary (draft id d is
-    target id d + d2t[d]), in the dtype of the drafter's other weights."""
-    from dspark.models import load_target
-
-    t = load_target(str(target), dtype="float32")
+def with_lm_head_rows(drafter: DrafterFiles, t: Any, target: str | Path) -> None:
+    """Add `lm_head.weight` [Vd, H]: the LM head rows of the draft vocabulary of `t`, the loaded target
+    (`target` its path, for messages; draft id d is target id d + d2t[d]), in the dtype of the
+    drafter's other weights."""
     head = t.transformer.lm_head_weight
     if head.shape[0] != drafter.vocab_size or head.shape[1] != int(drafter.config["hidden_size"]):
         raise DSparkError(f"--target {target}: LM head {list(head.shape)}, the drafter expects "

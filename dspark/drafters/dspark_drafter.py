@@ -673,7 +673,6 @@ class FeatureDrafterModel(nn.Module):
         self._inv_freq = cfg.backbone().rope_inv_freq()
         self._rope_cos = self._rope_sin = torch.empty(0)
         self._target_lm_head: tuple[Tensor, PackedLinear | None] | None = None  # the full head, for re-slicing
-        self._t2d: Tensor | None = None  # [V] target id -> draft id, -1 outside (built on demand)
         if cfg.reduced_vocab:
             # vLLM's convention: draft id d is target id d + d2t[d] (saved with the weights).
             self.register_buffer("d2t", torch.zeros(cfg.draft_vocab, dtype=torch.long))
@@ -744,7 +743,6 @@ class FeatureDrafterModel(nn.Module):
 
     def _slice_lm_head(self) -> None:
         """The LM head rows of the draft vocabulary (a copy; the target's head when not reduced)."""
-        self._t2d = None
         if self.shared is None or self._target_lm_head is None:
             return
         full, packed = self._target_lm_head
@@ -758,16 +756,6 @@ class FeatureDrafterModel(nn.Module):
         sub = full[ids].contiguous()
         self.shared.lm_head = sub
         self.shared.packed_lm_head = PackedLinear(sub, None) if packed is not None else None
-
-    def target_to_draft(self) -> Tensor:
-        """[V] long: the draft id of each target id, -1 for tokens the drafter never proposes."""
-        ids = self.draft_ids
-        assert ids is not None
-        if self._t2d is None or self._t2d.device != ids.device:
-            t2d = torch.full((self.config.vocab_size,), -1, dtype=torch.long, device=ids.device)
-            t2d[ids] = torch.arange(ids.numel(), device=ids.device)
-            self._t2d = t2d
-        return self._t2d
 
     def to_target_tokens(self, draft_tokens: Tensor) -> Tensor:
         """Draft ids -> target ids (identity without a reduced vocabulary)."""

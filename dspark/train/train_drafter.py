@@ -345,7 +345,6 @@ class TargetNormalisers:
 
     def __init__(self, target, draft_ids: torch.Tensor, chunk: int = 256) -> None:
         self.target = target
-        self.draft_ids = draft_ids
         w = target.transformer.lm_head_weight
         self.rows = w[draft_ids.to(w.device)].contiguous()  # [Vd, H]
         self.chunk = chunk
@@ -383,12 +382,11 @@ class TargetNormalisers:
 
 
 def compute_terms(model, target, cache, batch: Batch, cfg: "DrafterSettings", decay: float,
-                  stored: StoredFeatures | None = None, normalisers: TargetNormalisers | None = None) -> LossTerms:
+                  stored: StoredFeatures | None = None) -> LossTerms:
     feats = stored(batch) if stored is not None else target_features(target, cache, batch, cfg.target_layer_ids)
     out = model(feats.hidden, batch.input_ids, batch.anchors, batch.anchor_mask, batch.loss_mask)
     draft_ids = getattr(model, "module", model).draft_ids  # DDP wraps the model
-    if normalisers is None and stored is not None:
-        normalisers = stored.normalisers
+    normalisers = stored.normalisers if stored is not None else None
     if normalisers is not None and draft_ids is not None:
         tl = normalisers.log_probs(batch, feats.last, cfg.block_size)
         return loss_terms(out.logits, tl, out.labels, out.label_mask, out.confidence_logits, decay, draft_ids,
@@ -554,11 +552,11 @@ def _train(cfg: TrainDrafterConfig, rank: int, world: int, load_target) -> Path:
            "drafter": dcfg.to_json_dict(), "train_seqs": len(data.train), "val_seqs": len(data.val)}
     if dcfg.reduced_vocab:
         ids, covered = frequent_tokens(data.train, dcfg.draft_vocab, target.vocab_size)
-        model.set_draft_vocab(ids)
         log["draft_vocab_coverage"] = round(covered, 6)
     log = resume(ckpt_path, model, opt, log, rank, world, cfg)
     if dcfg.reduced_vocab:
-        model.set_draft_vocab(ids)  # the same choice (same data); re-slices the LM head after a resume
+        # After a resume too: the same choice (same data), and it slices the LM head to those rows.
+        model.set_draft_vocab(ids)
         if stored is not None:
             stored.normalisers = TargetNormalisers(target, model.draft_ids)
     ddp_model = data_parallel(model, world)
