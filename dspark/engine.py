@@ -19,7 +19,7 @@ Usage:
     step's token budget: every decoding request first (1 + ℓ tokens each), then prefill chunks of
     admitted requests, admitting waiting ones into free cache slots. A long prompt is prefilled in
     chunks over several steps, so it never stalls the decoding of running requests.
-  * run: the prefill chunks (one forward each), then one batched forward for every decoding
+  * run: the prefill chunks (those of similar length in one forward), then one batched forward for every decoding
     request: plain decoding, or a speculative round (propose -> verify on the ragged layout of
     `dspark.verify.SpecDecodeMetadata` -> one batched drafter commit).
   * postprocess: append tokens, check stop conditions, free finished requests' slots in both
@@ -219,6 +219,29 @@ class RoundRecord:
 class PrefillChunk:
     request: Request
     num_tokens: int  # prompt tokens this step runs
+
+
+
+# Prefill chunks of several prompts share one forward (one GEMM per projection instead of one per prompt)
+# while padding them to the longest costs at most this share of extra rows.
+PREFILL_PAD_SLACK = 0.25
+
+
+def _prefill_groups(chunks: list[PrefillChunk]) -> list[list[PrefillChunk]]:
+    """Split a step's prefill chunks into forwards: chunks of similar length together (each forward's
+    rows are padded to its longest chunk), in the order the scheduler chose them within a group."""
+    order = sorted(range(len(chunks)), key=lambda i: chunks[i].num_tokens)
+    groups: list[list[int]] = []
+    for i in order:
+        g = groups[-1] if groups else None
+        if g is not None:
+            longest = chunks[i].num_tokens  # sorted: the newcomer is the longest
+            real = sum(chunks[j].num_tokens for j in g) + longest
+            if longest * (len(g) + 1) <= (1 + PREFILL_PAD_SLACK) * real + 16:
+                g.append(i)
+                continue
+        groups.append([i])
+    return [[chunks[j] for j in sorted(g)] for g in sorted(groups, key=min)]
 
 
 @dataclass
@@ -459,11 +482,20 @@ class Engine:
     def _run(self, sched: ScheduledStep) -> None:
         """The model runner: prefill chunks, then one batched forward for the decoding requests. A
         failure fails the requests of the forward that raised, nothing else."""
-        for chunk in sched.prefill:
+        for group in _prefill_groups(sched.prefill):
             try:
-                self._prefill(chunk)
+                self._prefill(group)
             except Exception as e:  # noqa: BLE001 - isolate the request, keep serving the others
-                self._fail(chunk.request, e)
+                if len(group) == 1:
+                    self._fail(group[0].request, e)
+                    continue
+                # A failed forward leaves the cache as it was: run the chunks one by one, so only the
+                # request that fails is failed.
+                for chunk in group:
+                    try:
+                        self._prefill([chunk])
+                    except Exception as e1:  # noqa: BLE001
+                        self._fail(chunk.request, e1)
         if not sched.decode:
             return
         try:
@@ -480,23 +512,36 @@ class Engine:
                 if not req.finished:
                     self._fail(req, e)
 
-    def _prefill(self, chunk: PrefillChunk) -> None:
-        """Run one chunk of a prompt; after the last chunk, hand the prompt to the drafter and sample
-        the first token (the first anchor)."""
-        req = chunk.request
+    def _prefill(self, chunks: list[PrefillChunk]) -> None:
+        """Run one chunk of each of these prompts in one forward (rows padded to the longest chunk);
+        after a prompt's last chunk, hand it to the drafter and sample its first token (the first anchor)."""
         layers = self.drafter.target_layer_ids if self.drafter is not None else ()
-        ids = req.prompt_ids[req.num_computed:req.num_computed + chunk.num_tokens]
-        res = self.target.forward(self.cache, [req.slot], [ids], hidden_layer_ids=layers, all_logits=False)
-        req.num_computed += len(ids)
-        if self.drafter is not None and res.hidden is not None:
-            req.prefill_hidden.append(res.hidden[0])
-        if not req.prefilled:
-            return
-        if self.drafter is not None:
-            hidden = torch.cat(req.prefill_hidden) if req.prefill_hidden else None  # [n_prompt, L, H]
-            req.prefill_hidden = []
-            self.drafter.add_sequence(req.slot, req.prompt_ids, hidden)
-        self._append(req, self._sample(res.logits[:, -1], [req]))
+        ids = [c.request.prompt_ids[c.request.num_computed:c.request.num_computed + c.num_tokens] for c in chunks]
+        res = self.target.forward(self.cache, [c.request.slot for c in chunks], ids, hidden_layer_ids=layers,
+                                  all_logits=False)
+        # The forward succeeded (the cache holds every chunk): what follows fails only its own request.
+        done = []
+        for i, (chunk, chunk_ids) in enumerate(zip(chunks, ids)):
+            req = chunk.request
+            req.num_computed += len(chunk_ids)
+            try:
+                if self.drafter is not None and res.hidden is not None:
+                    req.prefill_hidden.append(res.hidden[i, :len(chunk_ids)])
+                if not req.prefilled:
+                    continue
+                if self.drafter is not None:
+                    hidden = torch.cat(req.prefill_hidden) if req.prefill_hidden else None  # [n_prompt, L, H]
+                    req.prefill_hidden = []
+                    self.drafter.add_sequence(req.slot, req.prompt_ids, hidden)
+                done.append(i)
+            except Exception as e:  # noqa: BLE001
+                self._fail(req, e)
+        for i in done:
+            req = chunks[i].request
+            try:
+                self._append(req, self._sample(res.logits[i:i + 1, -1], [req]))
+            except Exception as e:  # noqa: BLE001
+                self._fail(req, e)
 
     def _speculative_round(self, reqs: list[Request], ells: list[int]) -> None:
         """propose -> verify -> commit: draft ℓ_r tokens per request in one drafter call, score every

@@ -285,10 +285,10 @@ def test_a_failing_request_does_not_take_the_loop_down(plain_srv, monkeypatch):
     eng = plain_srv.serving.engine
     real = eng._prefill
 
-    def boom(chunk):
-        if chunk.request.prompt_ids[:1] == eng.tokenizer.encode("Numbers")[:1]:
+    def boom(chunks):
+        if any(c.request.prompt_ids[:1] == eng.tokenizer.encode("Numbers")[:1] for c in chunks):
             raise RuntimeError("injected failure")
-        return real(chunk)
+        return real(chunks)
 
     monkeypatch.setattr(eng, "_prefill", boom)
     r = httpx.post(f"{plain_srv.url}/v1/completions", json={"prompt": "Numbers 0", "max_tokens": 3}, timeout=30)

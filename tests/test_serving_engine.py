@@ -163,6 +163,86 @@ def test_chunked_prefill_never_stalls_decoding(plain):
     assert b_out.token_ids == want.token_ids  # chunked prefill computes the same thing
 
 
+def test_prefill_groups_pad_little():
+    from dspark.engine import PrefillChunk, _prefill_groups
+
+    def groups(lengths):
+        chunks = [PrefillChunk(request=None, num_tokens=n) for n in lengths]
+        return [[c.num_tokens for c in g] for g in _prefill_groups(chunks)]
+
+    assert groups([20, 22, 18, 21]) == [[20, 22, 18, 21]]  # similar lengths: one forward
+    assert groups([5]) == [[5]]
+    # A 500-token prompt is not padded onto ten short ones (which stay together, in scheduler order).
+    assert groups([30, 500, 28, 31]) == [[30, 28, 31], [500]]
+    got = groups([3, 400, 7, 390, 5])
+    assert sorted(map(sorted, got)) == [[3, 5, 7], [390, 400]]
+    for g in got:  # every forward's padding stays within the slack
+        assert max(g) * len(g) <= 1.25 * sum(g) + 16
+
+
+@pytest.mark.parametrize("kind", ["plain", "dspark"])
+def test_prompts_admitted_together_share_one_prefill_forward(qwen3_ckpt, plain, kind):
+    target = plain.target
+    drafter = untrained_dspark(target, 4) if kind == "dspark" else None
+    eng = Engine(target, EngineConfig(max_num_seqs=4, num_speculative_tokens=3), drafter=drafter)
+    calls = []
+    real = target.forward
+
+    def counting(cache, slots, tokens, *a, **kw):
+        if kw.get("all_logits") is False:  # a prefill forward (decoding and verification score every token)
+            calls.append([len(t) for t in tokens])
+        return real(cache, slots, tokens, *a, **kw)
+
+    target.forward = counting
+    try:
+        ids = {eng.add_request(p, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)): i
+               for i, p in enumerate(PROMPTS[:4])}
+        outs = {}
+        while eng.has_unfinished():
+            for o in eng.step():
+                if o.finished:
+                    outs[ids[o.request_id]] = o.output
+    finally:
+        target.forward = real
+    lengths = sorted(len(target.tokenizer.encode(p)) for p in PROMPTS[:4])
+    assert len(calls) < 4  # fewer forwards than prompts
+    assert sorted(n for c in calls for n in c) == lengths
+    for i in range(4):  # and the same tokens as each prompt alone
+        alone = plain.generate(PROMPTS[i], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0]
+        assert outs[i].token_ids == alone.token_ids, i
+
+
+def test_a_failing_prompt_in_a_shared_prefill_fails_alone(plain):
+    target = plain.target
+    eng = Engine(target, EngineConfig(max_num_seqs=3))
+    bad = PROMPTS[1]
+    bad_ids = target.tokenizer.encode(bad)
+    real = target.forward
+
+    def failing(cache, slots, tokens, *a, **kw):
+        if any(list(t) == list(bad_ids) for t in tokens):
+            raise RuntimeError("injected prefill failure")
+        return real(cache, slots, tokens, *a, **kw)
+
+    target.forward = failing
+    try:
+        ids = {eng.add_request(p, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)): p
+               for p in (PROMPTS[0], bad, PROMPTS[2])}
+        outs = {}
+        while eng.has_unfinished():
+            for o in eng.step():
+                if o.finished:
+                    outs[ids[o.request_id]] = o
+    finally:
+        target.forward = real
+    assert outs[bad].error is not None and "injected prefill failure" in outs[bad].error
+    for p in (PROMPTS[0], PROMPTS[2]):
+        assert outs[p].error is None
+        want = plain.generate(p, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0]
+        assert outs[p].output.token_ids == want.token_ids
+    assert eng.cache.num_free == 3
+
+
 def test_step_outputs_add_up(plain):
     eng = plain.plain_engine()
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
