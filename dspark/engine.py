@@ -547,6 +547,7 @@ class Engine:
         """propose -> verify -> commit: draft ℓ_r tokens per request in one drafter call, score every
         request's [anchor, drafts] in one target forward, verify on the ragged layout, keep the accepted
         prefix and the bonus, roll the rejected tail back, and commit every request to the drafter at once."""
+        t_round = time.perf_counter()
         dev = self.device
         anchors = [r.last_token for r in reqs]
         sampling = SamplingTensors.from_params([r.params for r in reqs], device=dev)
@@ -591,6 +592,10 @@ class Engine:
                 if k < a:
                     m.accepted_by_position[k] += 1
             self._append(req, ver.emitted)
+        observe = getattr(self.rule, "observe", None)
+        if observe is not None:  # the confidence policy learns what drafting costs and gains here
+            observe(len(reqs), any(drafted), sum(ells), sum(v.num_accepted for v in results),
+                    time.perf_counter() - t_round)
         if self.round_observers:
             num_drafted = [len(c) for c in conf_logits] if conf_logits is not None else drafted
             rec = RoundRecord([r.request_id for r in reqs], num_drafted, ells, [v.num_accepted for v in results],

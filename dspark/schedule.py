@@ -316,15 +316,93 @@ class ThresholdRule:
         return None
 
 
+class DraftGate:
+    """Whether a round should draft at all: the part of the decision Algorithm 1 cannot make.
+
+    Algorithm 1 weighs each verified draft against the target's step cost, but only after the drafter
+    ran: drafting itself (and the round's bookkeeping) is a cost it never sees, and one that decides
+    whether speculation pays when acceptance is low or the batch is large. Before each round the gate
+    compares, for the R requests decoding,
+
+        plain:        R tokens in T(R) + o_0(R)
+        speculative:  R (1 + acc(R)) tokens in T(R (1 + ver(R))) + o(R)
+
+    with T the step-cost table, and EMAs over past rounds with R requests of the accepted and
+    verified drafts per request (acc, ver) and of each round's seconds beyond T (o: rounds that
+    drafted; o_0: rounds that did not). It drafts when the speculative rate is higher, when it has no
+    measurement for this R yet, or as a probe after `probe_every` rounds in a row without drafting (so
+    the estimates follow the text). Lossless: the decision reads only rounds already verified, never
+    the drafts of the round it decides.
+    """
+
+    def __init__(self, cost: StepCostTable | Callable[[int], float], probe_every: int = 16,
+                 decay: float = 0.7) -> None:
+        self.seconds_at = cost.seconds_at if isinstance(cost, StepCostTable) else (lambda b: 1.0 / cost(b))
+        self.probe_every = probe_every
+        self.decay = decay
+        self.spec: dict[int, list[float]] = {}   # R -> [acc per request, verified per request, o seconds]
+        self.plain: dict[int, float] = {}        # R -> o_0 seconds
+        self.idle = 0                            # rounds in a row that did not draft
+        self.skipped = 0                         # rounds the gate kept from drafting (all time)
+
+    def _t(self, tokens: float) -> float:
+        lo = max(1, math.floor(tokens))  # the table at fractional B: linear between its neighbours
+        w = tokens - lo
+        return self.seconds_at(lo) if w <= 0 else (1 - w) * self.seconds_at(lo) + w * self.seconds_at(lo + 1)
+
+    def _nearest(self, table: dict, r: int):
+        return table[r] if r in table else table[min(table, key=lambda k: (abs(k - r), k))] if table else None
+
+    def should_draft(self, num_reqs: int) -> bool:
+        st = self.spec.get(num_reqs)
+        if st is None or self.idle >= self.probe_every:
+            return True
+        acc, ver, over = st
+        over0 = max(0.0, self._nearest(self.plain, num_reqs) or 0.0)
+        r = num_reqs
+        plain_rate = r / (self._t(r) + over0)
+        spec_rate = r * (1 + acc) / (self._t(r * (1 + ver)) + max(0.0, over))
+        return spec_rate > plain_rate
+
+    def _ema(self, old: float | None, new: float) -> float:
+        return new if old is None else self.decay * old + (1 - self.decay) * new
+
+    def observe(self, num_reqs: int, drafted: bool, verified: int, accepted: int, seconds: float) -> None:
+        """A finished round of `num_reqs` requests: verified / accepted drafts in all, its wall seconds."""
+        if num_reqs < 1:
+            return
+        over = seconds - self._t(num_reqs + verified)
+        if not drafted:
+            self.plain[num_reqs] = self._ema(self.plain.get(num_reqs), over)
+            self.idle += 1
+            return
+        self.idle = 0
+        old = self.spec.get(num_reqs)
+        new = [accepted / num_reqs, verified / num_reqs, over]
+        self.spec[num_reqs] = new if old is None else [self._ema(a, b) for a, b in zip(old, new)]
+
+
 @dataclass
 class ConfidenceRule:
-    """confidence: Algorithm 1 (`schedule_prefix`) over the step-cost table."""
+    """confidence: Algorithm 1 (`schedule_prefix`) over the step-cost table, drafting only in rounds
+    where the `DraftGate` expects drafting to pay."""
 
     cost: StepCostTable | Callable[[int], float]
     needs_confidence = True
+    gate: DraftGate | None = None
+
+    def __post_init__(self) -> None:
+        if self.gate is None:
+            self.gate = DraftGate(self.cost)
 
     def draft_caps(self, caps: list[int]) -> list[int]:
+        if any(caps) and not self.gate.should_draft(len(caps)):
+            self.gate.skipped += 1
+            return [0] * len(caps)
         return list(caps)
+
+    def observe(self, num_reqs: int, drafted: bool, verified: int, accepted: int, seconds: float) -> None:
+        self.gate.observe(num_reqs, drafted, verified, accepted, seconds)
 
     def lengths(self, survival: Sequence[Sequence[float]], caps: Sequence[int]) -> list[int]:
         return schedule_prefix(survival, caps, self.cost)

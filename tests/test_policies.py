@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from dspark import LLM, SamplingParams
 from dspark.config import EngineConfig, VerifyPolicy, parse_policies
 from dspark.engine import Engine
-from dspark.schedule import (ScheduleError, StepCostTable, ThresholdRule, policy_rule, schedule_prefix)
+from dspark.schedule import (ConfidenceRule, DraftGate, ScheduleError, StepCostTable, ThresholdRule, policy_rule,
+                             schedule_prefix)
 from helpers import sampled_pairs_pvalue, untrained_dspark
 
 REPO = Path(__file__).resolve().parent.parent
@@ -208,6 +209,72 @@ def test_sampled_output_follows_the_target_under_policy(qwen3_ckpt, plain, polic
               num_speculative_tokens=3, policy=policy)
     pvalue, _ = sampled_pairs_pvalue(llm, qwen3_ckpt.hf_model, n=1500, top_k=4, gammas=[1, 3])
     assert pvalue > 1e-3, pvalue
+
+
+# ---- the drafting gate: confidence drafts only in rounds where drafting is expected to pay ----------
+
+def _table(ms_per_token: float = 1.0, base_ms: float = 20.0) -> StepCostTable:
+    return StepCostTable(list(range(1, 65)), [(base_ms + ms_per_token * (b - 1)) / 1000 for b in range(1, 65)])
+
+
+def test_gate_drafts_until_it_has_measured_then_only_when_it_pays():
+    gate = DraftGate(_table(), probe_every=4)
+    assert gate.should_draft(1)  # nothing measured for one request yet: draft (and measure)
+    # A round that drafted: 0.1 accepted of 3 verified, 15 ms beyond the target's 23 ms: a loss.
+    gate.observe(1, True, verified=3, accepted=0, seconds=0.038)
+    gate.observe(1, False, verified=0, accepted=0, seconds=0.021)
+    assert not gate.should_draft(1)
+    for _ in range(3):
+        gate.observe(1, False, 0, 0, 0.021)
+    assert gate.idle == 4 and gate.should_draft(1)  # a probe after probe_every rounds without drafting
+    # The text got easy: 2.5 accepted of 3, 5 ms of drafting: 3.5 tokens in 28 ms beats 1 in 21 ms.
+    for _ in range(6):
+        gate.observe(1, True, verified=3, accepted=2.5, seconds=0.028)
+    assert gate.idle == 0 and gate.should_draft(1)
+    # Batches are measured apart (drafting for 8 costs otherwise); an unmeasured size drafts first.
+    assert gate.should_draft(8)
+    gate.observe(8, True, verified=24, accepted=2, seconds=0.120)
+    assert not gate.should_draft(8) and gate.should_draft(1)
+
+
+def test_gate_weighs_verification_cost_as_the_table_does():
+    # Same gain and drafting cost; only the cost of verifying more tokens differs.
+    cheap, dear = DraftGate(_table(ms_per_token=0.2)), DraftGate(_table(ms_per_token=8.0))
+    for g in (cheap, dear):
+        g.observe(4, True, verified=12, accepted=4, seconds=g._t(16) + 0.004)
+        g.observe(4, False, 0, 0, g._t(4))
+    assert cheap.should_draft(4) and not dear.should_draft(4)
+
+
+def test_confidence_rule_skips_drafting_when_the_gate_says_so():
+    rule = ConfidenceRule(_table())
+    assert rule.draft_caps([7, 3, 0]) == [7, 3, 0]
+    rule.observe(3, True, verified=9, accepted=0, seconds=0.200)
+    rule.observe(3, False, verified=0, accepted=0, seconds=0.022)
+    assert rule.draft_caps([7, 3, 0]) == [0, 0, 0] and rule.gate.skipped == 1
+    assert rule.draft_caps([0, 0, 0]) == [0, 0, 0] and rule.gate.skipped == 1  # nothing to skip
+
+
+def test_gated_confidence_policy_stays_greedy_exact(demo_target, demo_plain):
+    """Rounds that draft nothing (the gate) and rounds that do, mixed with join and leave: the same tokens."""
+    from dspark.drafters import load_drafter
+
+    class Alternating(DraftGate):
+        def should_draft(self, num_reqs: int) -> bool:
+            self.calls = getattr(self, "calls", 0) + 1
+            return self.calls % 3 == 0
+
+    drafter = load_drafter(DEMO_DRAFTER, demo_target, max_seqs=3, max_len=demo_target.context_length)
+    seen: list = []
+    engine = Engine(demo_target, EngineConfig(max_num_seqs=3, policy="confidence"), drafter=drafter,
+                    step_cost=linear_cost(0.15))
+    engine.rule.gate = Alternating(engine.step_cost)
+    engine.round_observers.append(seen.append)
+    done = _join_leave(engine)
+    assert [done[i] for i in range(len(DEMO_PROMPTS))] == demo_plain
+    drafted = [sum(rec.num_drafted) for rec in seen]
+    assert engine.rule.gate.skipped > 0 and any(d == 0 for d in drafted) and any(d > 0 for d in drafted)
+    assert sum(a for rec in seen for a in rec.num_accepted) > 0
 
 
 # ---- the step-cost table: cached per model, threads and machine ---------------------------------------
