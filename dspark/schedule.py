@@ -331,14 +331,17 @@ class DraftGate:
     verified drafts per request (acc, ver) and of each round's seconds beyond T (o: rounds that
     drafted; o_0: rounds that did not). It drafts when the speculative rate is higher, when it has no
     measurement for this R yet, or as a probe after `probe_every` rounds in a row without drafting (so
-    the estimates follow the text). Lossless: the decision reads only rounds already verified, never
+    the estimates follow the text); a probe that does not pay doubles that interval (up to
+    `max_probe_every`), one that pays resets it. Lossless: the decision reads only rounds already verified, never
     the drafts of the round it decides.
     """
 
     def __init__(self, cost: StepCostTable | Callable[[int], float], probe_every: int = 16,
-                 decay: float = 0.7) -> None:
+                 decay: float = 0.7, max_probe_every: int = 256) -> None:
         self.seconds_at = cost.seconds_at if isinstance(cost, StepCostTable) else (lambda b: 1.0 / cost(b))
-        self.probe_every = probe_every
+        self.min_probe_every = self.probe_every = probe_every
+        self.max_probe_every = max_probe_every
+        self._probing = False
         self.decay = decay
         self.spec: dict[int, list[float]] = {}   # R -> [acc per request, verified per request, o seconds]
         self.plain: dict[int, float] = {}        # R -> o_0 seconds
@@ -355,8 +358,15 @@ class DraftGate:
 
     def should_draft(self, num_reqs: int) -> bool:
         st = self.spec.get(num_reqs)
-        if st is None or self.idle >= self.probe_every:
+        if st is None:
             return True
+        if self.idle >= self.probe_every:
+            self._probing = True
+            return True
+        return self._pays(num_reqs)
+
+    def _pays(self, num_reqs: int) -> bool:
+        st = self.spec[num_reqs]
         acc, ver, over = st
         over0 = max(0.0, self._nearest(self.plain, num_reqs) or 0.0)
         r = num_reqs
@@ -380,6 +390,10 @@ class DraftGate:
         old = self.spec.get(num_reqs)
         new = [accepted / num_reqs, verified / num_reqs, over]
         self.spec[num_reqs] = new if old is None else [self._ema(a, b) for a, b in zip(old, new)]
+        if self._probing:  # back off while probes keep finding that drafting does not pay
+            self._probing = False
+            pays = self._pays(num_reqs)
+            self.probe_every = self.min_probe_every if pays else min(2 * self.probe_every, self.max_probe_every)
 
 
 @dataclass

@@ -227,10 +227,15 @@ def test_gate_drafts_until_it_has_measured_then_only_when_it_pays():
     for _ in range(3):
         gate.observe(1, False, 0, 0, 0.021)
     assert gate.idle == 4 and gate.should_draft(1)  # a probe after probe_every rounds without drafting
+    gate.observe(1, True, verified=3, accepted=0, seconds=0.038)  # the probe did not pay: back off
+    assert gate.probe_every == 8 and not gate.should_draft(1)
+    for _ in range(8):
+        gate.observe(1, False, 0, 0, 0.021)
+    assert gate.should_draft(1)
     # The text got easy: 2.5 accepted of 3, 5 ms of drafting: 3.5 tokens in 28 ms beats 1 in 21 ms.
     for _ in range(6):
         gate.observe(1, True, verified=3, accepted=2.5, seconds=0.028)
-    assert gate.idle == 0 and gate.should_draft(1)
+    assert gate.idle == 0 and gate.should_draft(1) and gate.probe_every == 4  # a probe that paid resets it
     # Batches are measured apart (drafting for 8 costs otherwise); an unmeasured size drafts first.
     assert gate.should_draft(8)
     gate.observe(8, True, verified=24, accepted=2, seconds=0.120)
