@@ -58,11 +58,37 @@ def test_loadtest_through_http(tmp_path, monkeypatch):
     assert plain["mean_verified_tokens_per_request"] == 1.0
 
 
+def test_loadtest_repeats_interleave_and_report_the_median_pass(tmp_path, monkeypatch):
+    from dspark.server import loadtest as lt
+
+    monkeypatch.setenv("DSPARK_CACHE_DIR", str(tmp_path / "cache"))
+    order = []
+    real = lt.run_level
+
+    def recording(engine, prompts, c, cfg, on_done, label):
+        order.append((str(engine.policy), c))
+        return real(engine, prompts, c, cfg, on_done, label)
+
+    monkeypatch.setattr(lt, "run_level", recording)
+    assert main(_argv(tmp_path, "--concurrency", "1,2", "--policies", "plain,fixed:2", "--repeats", "3")) == 0
+    # Every pass runs each level under every policy back to back, then the next pass.
+    one_pass = [("plain", 1), ("fixed:2", 1), ("plain", 2), ("fixed:2", 2)]
+    assert order == one_pass * 3
+    data = json.loads((tmp_path / "load.json").read_text())
+    assert data["config"]["repeats"] == 3 and len(data["results"]) == 4
+    for r in data["results"]:
+        passes = r["throughput_all_passes"]
+        assert len(passes) == 3 and r["throughput_tokens_per_s"] == sorted(passes)[1]
+        if r["policy"] != "plain":
+            assert r["mismatches_vs_plain"] == 0
+
+
 @pytest.mark.parametrize("extra, match", [
     (["--concurrency", "0,2"], r"--concurrency needs levels >= 1, got \[0, 2\]"),
     (["--policies", "plain,fast"], "unknown verification policy 'fast'"),
     (["--policies", "fixed:9"], r"policy fixed:9 verifies more drafts than γ = 7"),
     (["--requests-per-client", "0"], "--requests-per-client must be >= 1"),
+    (["--repeats", "0"], "--repeats must be >= 1"),
     (["--set", "nosuchset"], "nosuchset"),
 ])
 def test_loadtest_bad_input_is_one_line(tmp_path, capsys, extra, match):
