@@ -330,22 +330,17 @@ class DraftGate:
     with T the step-cost table, and EMAs over past rounds with R requests of the accepted and
     verified drafts per request (acc, ver) and of each round's seconds beyond T (o: rounds that
     drafted; o_0: rounds that did not). It drafts when the speculative rate is higher, when it has no
-    measurement of `probe_rounds` drafting rounds for this R yet, or as a probe of `probe_rounds` rounds
-    after `probe_every` rounds in a row without drafting (so the estimates follow the text); a probe that does not pay doubles that interval (up to
+    measurement for this R yet, or as a probe after `probe_every` rounds in a row without drafting (so
+    the estimates follow the text); a probe that does not pay doubles that interval (up to
     `max_probe_every`), one that pays resets it. Lossless: the decision reads only rounds already verified, never
     the drafts of the round it decides.
     """
 
     def __init__(self, cost: StepCostTable | Callable[[int], float], probe_every: int = 16,
-                 decay: float = 0.98, max_probe_every: int = 256, probe_rounds: int = 4) -> None:
+                 decay: float = 0.7, max_probe_every: int = 256) -> None:
         self.seconds_at = cost.seconds_at if isinstance(cost, StepCostTable) else (lambda b: 1.0 / cost(b))
         self.min_probe_every = self.probe_every = probe_every
         self.max_probe_every = max_probe_every
-        # Acceptance per round is lumpy (mostly 0, sometimes all γ): a verdict rests on at least this
-        # many drafting rounds, never on one.
-        self.probe_rounds = probe_rounds
-        self.rounds: dict[int, int] = {}         # R -> drafting rounds measured
-        self._probe_left = 0
         self._probing = False
         self.decay = decay
         self.spec: dict[int, list[float]] = {}   # R -> [acc per request, verified per request, o seconds]
@@ -362,13 +357,11 @@ class DraftGate:
         return table[r] if r in table else table[min(table, key=lambda k: (abs(k - r), k))] if table else None
 
     def should_draft(self, num_reqs: int) -> bool:
-        if self._probe_left > 0:
-            self._probe_left -= 1
-            return True
-        if self.rounds.get(num_reqs, 0) < self.probe_rounds:
+        st = self.spec.get(num_reqs)
+        if st is None:
             return True
         if self.idle >= self.probe_every:
-            self._probing, self._probe_left = True, self.probe_rounds - 1
+            self._probing = True
             return True
         return self._pays(num_reqs)
 
@@ -397,8 +390,7 @@ class DraftGate:
         old = self.spec.get(num_reqs)
         new = [accepted / num_reqs, verified / num_reqs, over]
         self.spec[num_reqs] = new if old is None else [self._ema(a, b) for a, b in zip(old, new)]
-        self.rounds[num_reqs] = self.rounds.get(num_reqs, 0) + 1
-        if self._probing and self._probe_left == 0:  # back off while probes keep finding that drafting does not pay
+        if self._probing:  # back off while probes keep finding that drafting does not pay
             self._probing = False
             pays = self._pays(num_reqs)
             self.probe_every = self.min_probe_every if pays else min(2 * self.probe_every, self.max_probe_every)

@@ -217,23 +217,8 @@ def _table(ms_per_token: float = 1.0, base_ms: float = 20.0) -> StepCostTable:
     return StepCostTable(list(range(1, 65)), [(base_ms + ms_per_token * (b - 1)) / 1000 for b in range(1, 65)])
 
 
-def test_gate_judges_on_several_rounds_and_probes_for_as_many():
-    gate = DraftGate(_table(), probe_every=2, probe_rounds=3)
-    for _ in range(3):  # one bad round is no verdict: it drafts probe_rounds rounds first
-        assert gate.should_draft(1)
-        gate.observe(1, True, verified=3, accepted=0, seconds=0.038)
-    gate.observe(1, False, 0, 0, 0.021)
-    assert not gate.should_draft(1)
-    gate.observe(1, False, 0, 0, 0.021)
-    for i in range(3):  # a probe is probe_rounds rounds, judged after the last
-        assert gate.should_draft(1)
-        assert gate.probe_every == 2
-        gate.observe(1, True, verified=3, accepted=0, seconds=0.038)
-    assert gate.probe_every == 4 and not gate.should_draft(1)  # it did not pay: probes back off
-
-
 def test_gate_drafts_until_it_has_measured_then_only_when_it_pays():
-    gate = DraftGate(_table(), probe_every=4, decay=0.7, probe_rounds=1)
+    gate = DraftGate(_table(), probe_every=4)
     assert gate.should_draft(1)  # nothing measured for one request yet: draft (and measure)
     # A round that drafted: 0.1 accepted of 3 verified, 15 ms beyond the target's 23 ms: a loss.
     gate.observe(1, True, verified=3, accepted=0, seconds=0.038)
@@ -259,7 +244,7 @@ def test_gate_drafts_until_it_has_measured_then_only_when_it_pays():
 
 def test_gate_weighs_verification_cost_as_the_table_does():
     # Same gain and drafting cost; only the cost of verifying more tokens differs.
-    cheap, dear = (DraftGate(_table(ms_per_token=m), probe_rounds=1) for m in (0.2, 8.0))
+    cheap, dear = DraftGate(_table(ms_per_token=0.2)), DraftGate(_table(ms_per_token=8.0))
     for g in (cheap, dear):
         g.observe(4, True, verified=12, accepted=4, seconds=g._t(16) + 0.004)
         g.observe(4, False, 0, 0, g._t(4))
@@ -267,7 +252,7 @@ def test_gate_weighs_verification_cost_as_the_table_does():
 
 
 def test_confidence_rule_skips_drafting_when_the_gate_says_so():
-    rule = ConfidenceRule(_table(), gate=DraftGate(_table(), probe_rounds=1))
+    rule = ConfidenceRule(_table())
     assert rule.draft_caps([7, 3, 0]) == [7, 3, 0]
     rule.observe(3, True, verified=9, accepted=0, seconds=0.200)
     rule.observe(3, False, verified=0, accepted=0, seconds=0.022)
