@@ -19,8 +19,8 @@ Usage:
     step's token budget: every decoding request first (1 + ℓ tokens each), then prefill chunks of
     admitted requests, admitting waiting ones into free cache slots. A long prompt is prefilled in
     chunks over several steps, so it never stalls the decoding of running requests.
-  * run: the prefill chunks (those of similar length in one forward), then one batched forward for every decoding
-    request: plain decoding, or a speculative round (propose -> verify on the ragged layout of
+  * run: the prefill chunks (those of similar length share a forward), then one batched forward for
+    every decoding request: plain decoding, or a speculative round (propose -> verify on the ragged layout of
     `dspark.verify.SpecDecodeMetadata` -> one batched drafter commit).
   * postprocess: append tokens, check stop conditions, free finished requests' slots in both
     caches, and return a `StepOutput` (new token ids, text delta, finish reason, metrics) per request
@@ -219,7 +219,6 @@ class RoundRecord:
 class PrefillChunk:
     request: Request
     num_tokens: int  # prompt tokens this step runs
-
 
 
 # Prefill chunks of several prompts share one forward (one GEMM per projection instead of one per prompt)

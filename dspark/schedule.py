@@ -341,20 +341,23 @@ class DraftGate:
         self.seconds_at = cost.seconds_at if isinstance(cost, StepCostTable) else (lambda b: 1.0 / cost(b))
         self.min_probe_every = self.probe_every = probe_every
         self.max_probe_every = max_probe_every
-        self._probing = False
         self.decay = decay
         self.spec: dict[int, list[float]] = {}   # R -> [acc per request, verified per request, o seconds]
         self.plain: dict[int, float] = {}        # R -> o_0 seconds
         self.idle = 0                            # rounds in a row that did not draft
         self.skipped = 0                         # rounds the gate kept from drafting (all time)
+        self._probing = False                    # the next drafting round is a probe's
 
     def _t(self, tokens: float) -> float:
         lo = max(1, math.floor(tokens))  # the table at fractional B: linear between its neighbours
         w = tokens - lo
         return self.seconds_at(lo) if w <= 0 else (1 - w) * self.seconds_at(lo) + w * self.seconds_at(lo + 1)
 
-    def _nearest(self, table: dict, r: int):
-        return table[r] if r in table else table[min(table, key=lambda k: (abs(k - r), k))] if table else None
+    def _plain_overhead(self, r: int) -> float:
+        """o_0 for R = r, or for the nearest R measured (0 before any round without drafting)."""
+        if not self.plain:
+            return 0.0
+        return self.plain[min(self.plain, key=lambda k: (abs(k - r), k))]
 
     def should_draft(self, num_reqs: int) -> bool:
         st = self.spec.get(num_reqs)
@@ -366,9 +369,8 @@ class DraftGate:
         return self._pays(num_reqs)
 
     def _pays(self, num_reqs: int) -> bool:
-        st = self.spec[num_reqs]
-        acc, ver, over = st
-        over0 = max(0.0, self._nearest(self.plain, num_reqs) or 0.0)
+        acc, ver, over = self.spec[num_reqs]
+        over0 = max(0.0, self._plain_overhead(num_reqs))
         r = num_reqs
         plain_rate = r / (self._t(r) + over0)
         spec_rate = r * (1 + acc) / (self._t(r * (1 + ver)) + max(0.0, over))
