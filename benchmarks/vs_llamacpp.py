@@ -6,11 +6,10 @@
 The same chat prompts (written for this benchmark) through the model's chat template, greedy, a
 fixed number of new tokens (eos ignored), best of --repeats interleaved passes. Methods, at batch 1
 for each thread count: llama.cpp plain, llama.cpp n-gram speculation (`ngram-simple`), llama.cpp's
-DSpark draft mode with our exported drafter (--llamacpp-drafter), DSpark with its drafter (--policy, default
-confidence-scheduled verification), DSpark plain
-(the default fp16-weight GEMM), DSpark plain with the opt-in int4 GEMM on the file's 4-bit codes, and DSpark
-prompt lookup (`ngram`); at 4 concurrent requests, llama.cpp with 4 parallel slots (4 client
-threads) against DSpark decoding the 4 prompts in one batch. Tokens are not expected to match across
+DSpark draft mode with our exported drafter (--llamacpp-drafter), DSpark with its drafter (verification
+policy --policy, default confidence), DSpark plain (the default fp16-weight GEMM), DSpark plain with the
+opt-in int4 GEMM on the file's 4-bit codes, and DSpark prompt lookup (`ngram`); at 4 concurrent
+requests, llama.cpp with 4 parallel slots (4 client threads) against DSpark decoding the 4 prompts in one batch. Tokens are not expected to match across
 runtimes (other numerics); the JSON reports the share of prompts whose first 32 greedy tokens agree
 with llama.cpp's (its text re-tokenized with the model's tokenizer).
 
@@ -115,8 +114,7 @@ def worker(spec: dict) -> dict:
         if kind == "dspark-ngram":
             kw.update(drafter="ngram", num_speculative_tokens=5)
         elif kind == "dspark-dspark":
-            # confidence-scheduled verification: the policy under which the SmolLM2 drafter pays
-            kw.update(drafter=spec.get("drafter") or "dspark", policy=spec.get("policy") or "confidence")
+            kw.update(drafter=spec.get("drafter") or "dspark", policy=spec["policy"])
         else:
             kw.update(drafter=None)
         llm = LLM(model=gguf, max_num_seqs=4, num_threads=threads, **kw)
@@ -179,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         for rep in range(args.repeats):  # interleaved: every method once per pass
             for name in methods:
                 spec = {"gguf": str(gguf), "threads": threads, "method": name, "max_tokens": args.max_tokens,
-                        "prompts": texts, "drafter": args.drafter, "policy": args.policy, "llamacpp_drafter": args.llamacpp_drafter}
+                        "prompts": texts, "drafter": args.drafter, "policy": args.policy,
+                        "llamacpp_drafter": args.llamacpp_drafter}
                 # Each engine in a fresh process: llama.cpp's thread pool and torch's OpenMP threads must not
                 # spin against each other (in one process llama.cpp measured 38 instead of ~95 tokens/s).
                 res = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
