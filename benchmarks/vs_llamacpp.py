@@ -10,8 +10,9 @@ DSpark draft mode with our exported drafter (--llamacpp-drafter), DSpark with it
 policy --policy, default confidence), DSpark plain (the default fp16-weight GEMM), DSpark plain with the
 opt-in int4 GEMM on the file's 4-bit codes, and DSpark prompt lookup (`ngram`); at 4 concurrent
 requests, llama.cpp with 4 parallel slots (4 client threads) against DSpark decoding the 4 prompts
-in one batch. Tokens are not expected to match across runtimes (other numerics); the JSON reports the share of prompts whose first 32 greedy tokens agree
-with llama.cpp's (its text re-tokenized with the model's tokenizer).
+in one batch. Tokens are not expected to match across runtimes (other numerics); the JSON reports
+the share of prompts whose first 32 greedy tokens agree with llama.cpp's (its text re-tokenized with
+the model's tokenizer).
 
 Every (method, threads, pass) runs in a fresh process of its own, one at a time, passes interleaved:
 with llama.cpp's servers and torch in one process, llama.cpp measured 38 tokens/s at 2 threads on
