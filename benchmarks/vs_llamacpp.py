@@ -7,12 +7,14 @@ The same chat prompts (written for this benchmark) through the model's chat temp
 fixed number of new tokens (eos ignored), best of --repeats interleaved passes. Methods, at batch 1
 for each thread count: llama.cpp plain, llama.cpp n-gram speculation (`ngram-simple`), llama.cpp's
 DSpark draft mode with our exported drafter (--llamacpp-drafter), DSpark with its drafter (verification
-policy --policy, default confidence), DSpark plain (the default fp16-weight GEMM), DSpark plain with the
-opt-in int4 GEMM on the file's 4-bit codes, and DSpark prompt lookup (`ngram`); at 4 concurrent
+policy --policy, default confidence), DSpark plain (the default: the file's 4-bit codes on the int4
+GEMM, batch-invariant attention), DSpark plain on the fp16-weight GEMM (`--cpu-gemm fp16`: the weights
+dequantized exactly, as transformers runs them), and DSpark prompt lookup (`ngram`); at 4 concurrent
 requests, llama.cpp with 4 parallel slots (4 client threads) against DSpark decoding the 4 prompts
 in one batch. Tokens are not expected to match across runtimes (other numerics); the JSON reports
 the share of prompts whose first 32 greedy tokens agree with llama.cpp's (its text re-tokenized with
-the model's tokenizer).
+the model's tokenizer), and for each of our speculative and batched rows the share of replies equal to
+our plain batch-1 decoding token for token (lossless: all of them).
 
 Every (method, threads, pass) runs in a fresh process of its own, one at a time, passes interleaved:
 with llama.cpp's servers and torch in one process, llama.cpp measured 38 tokens/s at 2 threads on
@@ -89,8 +91,8 @@ def dspark_run(llm, prompts: list[str], max_tokens: int, batch: int) -> tuple[fl
     return time.perf_counter() - t, [o.token_ids for o in outs]
 
 
-METHODS = ("llama.cpp", "llama.cpp-ngram", "llama.cpp-dspark", "dspark", "dspark-int4", "dspark-ngram",
-           "dspark-dspark", "llama.cpp x4", "dspark x4", "dspark-int4 x4")
+METHODS = ("llama.cpp", "llama.cpp-ngram", "llama.cpp-dspark", "dspark", "dspark-fp16", "dspark-ngram",
+           "dspark-dspark", "llama.cpp x4", "dspark x4", "dspark-fp16 x4")
 
 
 def worker(spec: dict) -> dict:
@@ -109,9 +111,10 @@ def worker(spec: dict) -> dict:
         llamacpp_run(server, chat[:conc], 8, conc)  # warm-up: llama.cpp's first call repacks weights
         dt, texts = llamacpp_run(server, chat, n, conc)
         out = [llm.tokenizer.encode(t)[:32] for t in texts]
+        ids = None
     else:
         kind = name.split()[0]
-        kw = {"cpu_gemm": "int4"} if kind == "dspark-int4" else {}
+        kw = {"cpu_gemm": "fp16"} if kind == "dspark-fp16" else {}
         if kind == "dspark-ngram":
             kw.update(drafter="ngram", num_speculative_tokens=5)
         elif kind == "dspark-dspark":
@@ -124,7 +127,7 @@ def worker(spec: dict) -> dict:
         dspark_run(llm, chat[:batch], 8, batch)  # warm-up: first-call allocations
         dt, ids = dspark_run(llm, chat, n, batch)
         out = [x[:32] for x in ids]
-    return {"seconds": dt, "first_32": out}
+    return {"seconds": dt, "first_32": out, "tokens": ids}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,10 +174,11 @@ def main(argv: list[str] | None = None) -> int:
         print("note: llama.cpp-dspark skipped: pass --llamacpp-drafter FILE.gguf", file=sys.stderr)
     texts = PROMPTS[:args.num_prompts]
     n_tokens = len(texts) * args.max_tokens
-    rows, agreement = [], {}
+    rows, agreement, lossless = [], {}, {}
     for threads in (int(t) for t in args.threads.split(",")):
         runs: dict[str, list[float]] = {}
         outputs: dict[str, list] = {}
+        tokens: dict[str, list] = {}  # every generated token of our methods
         for rep in range(args.repeats):  # interleaved: every method once per pass
             for name in methods:
                 spec = {"gguf": str(gguf), "threads": threads, "method": name, "max_tokens": args.max_tokens,
@@ -190,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
                 got = json.loads(res.stdout.strip().splitlines()[-1])
                 runs.setdefault(name, []).append(got["seconds"])
                 outputs[name] = got["first_32"]
+                if got["tokens"] is not None:
+                    tokens[name] = got["tokens"]
                 print(f"threads {threads} pass {rep + 1}: {name} {n_tokens / got['seconds']:.1f} tokens/s",
                       file=sys.stderr)
         base = n_tokens / min(runs["llama.cpp"])
@@ -200,8 +206,14 @@ def main(argv: list[str] | None = None) -> int:
         ref = outputs["llama.cpp"]
         agreement[str(threads)] = {name: f"{sum(a == b for a, b in zip(out, ref))}/{len(ref)}"
                                    for name, out in outputs.items() if name != "llama.cpp"}
+        # Lossless: our speculative and batched rows against our plain batch-1 decoding, every token.
+        plain = tokens.get("dspark")
+        if plain is not None:
+            lossless[str(threads)] = {name: f"{sum(a == b for a, b in zip(t, plain))}/{len(plain)}"
+                                      for name, t in tokens.items() if name != "dspark" and "fp16" not in name}
     report = {"model": str(gguf), "max_tokens": args.max_tokens, "num_prompts": len(texts), "torch": torch.__version__,
-              "results": rows, "first_32_tokens_agree_with_llamacpp": agreement}
+              "results": rows, "first_32_tokens_agree_with_llamacpp": agreement,
+              "replies_equal_to_dspark_plain": lossless}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
@@ -209,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"| {r['threads']} | {r['method']} | {r['tokens_per_s']:.1f} | {r['vs_llamacpp_plain']:.2f}x |")
     print(json.dumps(agreement))
+    print(json.dumps(lossless))
     return 0
 
 

@@ -65,10 +65,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-text")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16", "auto"],
                    help="weights dtype (default: float32 compute on CPU; a GGUF's weights are stored as float16)")
-    p.add_argument("--cpu-gemm", default="auto", choices=["auto", "fp16", "int4", "off"],
-                   help="CPU projections: auto = fp16-exact weights on the packed fp16 GEMM; int4 = also a 4-bit "
-                        "GGUF's codes on the int4 GEMM (faster; outputs then depend on batching); off = plain "
-                        "float GEMMs (default: auto)")
+    from dspark.config import add_runtime_arguments
+
+    add_runtime_arguments(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--max-num-seqs", type=int, default=8, help="prompts decoded together (default: 8)")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
@@ -90,7 +89,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError("-g/--num-speculative-tokens needs a drafter (--drafter DIR or ngram)")
     llm = LLM(model=args.model, drafter="auto" if args.drafter is None else args.drafter, dtype=args.dtype,
               num_threads=args.threads, max_num_seqs=args.max_num_seqs, policy=args.policy,
-              cpu_gemm=args.cpu_gemm, reprofile=args.reprofile)
+              cpu_gemm=args.cpu_gemm, attention=args.attention, reprofile=args.reprofile)
     if llm.model_note:
         print(f"note: {llm.model_note}", file=sys.stderr)
     if llm.drafter is None and args.num_speculative_tokens is not None:

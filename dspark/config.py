@@ -8,6 +8,7 @@ the CLI's --help stays fast).
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 
 from dspark.errors import DSparkError
@@ -121,3 +122,26 @@ class EngineConfig:
             raise ValueError(f"max_num_seqs must be an int >= 1, got {self.max_num_seqs!r}")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+
+
+# ---- runtime kernels (what load_target's cpu_gemm and attention take) ----------------------------
+
+# "fp16": projections on the packed fp16-weight GEMM when their weights are fp16-exact, else F.linear;
+# "int4": also the 4-bit codes of a GGUF's Q4_0/Q4_1 matrices on the int4 GEMM; "auto": int4 when the
+# attention is the batch-invariant row kernel (then int4 outputs do not depend on batching, see
+# dspark.models.transformer), else fp16; "off": F.linear everywhere.
+CPU_GEMM_MODES = ("auto", "fp16", "int4", "off")
+# "auto": the batch-invariant row kernel (dspark.models.row_attention) on float32 CPU models when it
+# builds; "sdpa": torch's scaled_dot_product_attention.
+ATTENTION_MODES = ("auto", "sdpa")
+CPU_GEMM_HELP = ("CPU projections: auto = a 4-bit GGUF's codes on the int4 GEMM when the attention is "
+                 "batch-invariant, other fp16-exact weights on the packed fp16 GEMM; fp16 = never int4; int4 = "
+                 "int4 even with SDPA (outputs then depend on batching); off = plain float GEMMs (default: auto)")
+ATTENTION_HELP = ("attention kernel: auto = the batch-invariant row kernel on CPU (built with the C compiler at "
+                  "first use; a token's outputs do not depend on its batch); sdpa = torch's SDPA (default: auto)")
+
+
+def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
+    """--cpu-gemm and --attention, as every command that loads a target takes them."""
+    p.add_argument("--cpu-gemm", default="auto", choices=list(CPU_GEMM_MODES), help=CPU_GEMM_HELP)
+    p.add_argument("--attention", default="auto", choices=list(ATTENTION_MODES), help=ATTENTION_HELP)

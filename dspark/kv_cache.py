@@ -49,6 +49,7 @@ class CacheBatch:
     # no row is padding: the new tokens form one rectangular block, written by a plain slice copy
     attn_mask: Tensor | None  # [batch, 1, k_max, kv_len] bool, True = may attend; None = see is_causal
     is_causal: bool  # no mask needed: plain causal (all slots empty before) or, if False, attend to all
+    attention_plan: object = None  # set by a model that computes attention row by row (row_attention)
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -224,13 +225,22 @@ class KVCache:
         k_new, v_new: [batch, k_max, num_kv_heads, head_dim] (padding rows are not written).
         Returns keys, values: [batch, num_kv_heads, kv_len, head_dim].
         """
+        k_layer, v_layer = self.write(layer, batch, k_new, v_new)
+        if batch.slot_range is not None:
+            lo, hi = batch.slot_range
+            return k_layer[lo:hi, :, : batch.kv_len], v_layer[lo:hi, :, : batch.kv_len]
+        return k_layer[batch.slot_index, :, : batch.kv_len], v_layer[batch.slot_index, :, : batch.kv_len]
+
+    def write(self, layer: int, batch: CacheBatch, k_new: Tensor, v_new: Tensor) -> tuple[Tensor, Tensor]:
+        """Write one layer's new keys/values (as `update`) and return the layer's whole cache tensors
+        `[max_seqs, num_kv_heads, max_len, head_dim]` (views, no copy)."""
         k_layer, v_layer = self._k_layers[layer], self._v_layers[layer]
         if batch.write_range is not None:
             lo, hi = batch.slot_range  # type: ignore[misc]
             s, e = batch.write_range
             k_layer[lo:hi, :, s:e].copy_(k_new.transpose(1, 2))
             v_layer[lo:hi, :, s:e].copy_(v_new.transpose(1, 2))
-            return k_layer[lo:hi, :, : batch.kv_len], v_layer[lo:hi, :, : batch.kv_len]
+            return k_layer, v_layer
         if batch.valid is None:
             k_flat = k_new.reshape(-1, self.num_kv_heads, self.head_dim)
             v_flat = v_new.reshape(-1, self.num_kv_heads, self.head_dim)
@@ -239,10 +249,7 @@ class KVCache:
         # One scatter per tensor: advanced indices on (slot, position), heads and dim sliced.
         k_layer[batch.write_slot, :, batch.write_pos] = k_flat
         v_layer[batch.write_slot, :, batch.write_pos] = v_flat
-        if batch.slot_range is not None:
-            lo, hi = batch.slot_range
-            return k_layer[lo:hi, :, : batch.kv_len], v_layer[lo:hi, :, : batch.kv_len]
-        return k_layer[batch.slot_index, :, : batch.kv_len], v_layer[batch.slot_index, :, : batch.kv_len]
+        return k_layer, v_layer
 
     def commit(self, batch: CacheBatch) -> None:
         """Advance each slot's length once the forward call that wrote `batch` has finished."""

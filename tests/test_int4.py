@@ -16,6 +16,7 @@ from helpers import PROMPTS, sampled_pairs_pvalue
 from dspark import LLM, SamplingParams
 from dspark.drafters import DSparkConfig, DSparkDrafter, DSparkModel
 from dspark.models import load_target
+from dspark.models import row_attention
 from dspark.models.gguf import q4_codes
 from dspark.models.transformer import Int4Linear, int4_available, int4_reference
 
@@ -91,7 +92,7 @@ def test_loaded_q4_model_runs_int4_with_its_own_weights(int4_target, q4_file):
         ref = int4_reference(x, weight.data, packed.bias)
         assert (packed(x) - ref).abs().max().item() <= 2 * 2 ** -8 * ref.abs().max().item() + 1e-6
     # Same checkpoint, exactly dequantized in float32: close (bf16 rounding of activations, scales, outputs).
-    exact = load_target(q4_file, dtype="float32")
+    exact = load_target(q4_file, dtype="float32", cpu_gemm="fp16")
     assert exact.cpu_gemm in ("fp32", "fp16-weights")
     ids = [5, 17, 33, 40, 99, 120, 7]
 
@@ -151,8 +152,32 @@ def test_sampled_output_follows_the_int4_target(q4_file):
 
 
 def test_cpu_gemm_modes(q4_file):
-    assert load_target(q4_file).cpu_gemm == "fp16-weights"  # int4 is opt-in
+    # int4 is the default exactly when the attention is batch-invariant.
+    default = load_target(q4_file)
+    assert default.cpu_gemm == ("int4+fp16-weights" if row_attention.available() else "fp16-weights")
+    assert default.attention == ("rows" if row_attention.available() else "sdpa")
+    sdpa = load_target(q4_file, attention="sdpa")
+    assert (sdpa.cpu_gemm, sdpa.attention) == ("fp16-weights", "sdpa")
+    assert load_target(q4_file, cpu_gemm="int4", attention="sdpa").cpu_gemm == "int4+fp16-weights"
     assert load_target(q4_file, cpu_gemm="fp16").cpu_gemm in ("fp16-weights", "fp32")
     assert load_target(q4_file, cpu_gemm="off").cpu_gemm == "fp32"
     with pytest.raises(ValueError, match="cpu_gemm must be one of auto, fp16, int4, off"):
         load_target(q4_file, cpu_gemm="int8")
+    with pytest.raises(ValueError, match="attention must be one of auto, sdpa"):
+        load_target(q4_file, attention="flash")
+
+
+def test_int4_verification_equals_decoding_bit_for_bit(int4_target):
+    """With the batch-invariant attention (the default), the bf16 rounding at the int4 GEMM cannot make
+    a token's logits depend on its call: verified together or decoded one by one, the same bits."""
+    if int4_target.attention != "rows":
+        pytest.skip(f"no row attention here: {row_attention.unavailable_reason()}")
+    prompt, new = [5, 17, 33, 40, 99, 120, 7, 8, 9], [11, 12, 13, 14, 15, 16, 17]
+    cache = int4_target.new_cache(2, 64)
+    a, b = cache.allocate(), cache.allocate()
+    with torch.inference_mode():
+        int4_target.forward(cache, [a, b], [prompt, prompt[:4]], all_logits=False)
+        verified = int4_target.forward(cache, [a, b], [new, new[:2]]).logits[0]
+        cache.truncate(a, len(prompt))
+        decoded = torch.cat([int4_target.forward(cache, [a], [[x]]).logits[0] for x in new])
+    assert torch.equal(verified, decoded)

@@ -43,7 +43,9 @@ def hf_tokenizer():
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM(model=GGUF, dtype="float32", max_num_seqs=len(QUESTIONS))
+    # The GGUF's weights dequantized exactly, fp32 activations: the model transformers runs from this file.
+    # (The default, cpu_gemm="auto", runs the 4-bit codes on the int4 GEMM: see test_default_runs_int4.)
+    return LLM(model=GGUF, dtype="float32", max_num_seqs=len(QUESTIONS), cpu_gemm="fp16")
 
 
 def test_config_from_metadata(llm):
@@ -83,3 +85,27 @@ def test_greedy_chat_equals_transformers(llm, hf_tokenizer):
         ref = g[0, ids.shape[1]:].tolist()
         assert o.token_ids == ref, (q, o.text, hf_tokenizer.decode(ref))
     assert "Paris" in outs[0].text
+
+
+def test_default_runs_int4_close_to_the_exact_model(llm):
+    """By default (batch-invariant attention available) the 4-bit codes run on the int4 GEMM: scales
+    rounded to bf16, activations rounded to bf16 at each projection. Teacher-forced over a reply of the
+    exact model, its next-token choice agrees with the exact model's at nearly every position."""
+    from dspark.models import load_target, row_attention
+
+    if not row_attention.available():
+        pytest.skip(f"no batch-invariant attention here ({row_attention.unavailable_reason()}): default is fp16")
+    fast = load_target(GGUF)
+    assert (fast.cpu_gemm, fast.attention) == ("int4+fp16-weights", "rows")
+    (o,) = llm.chat([[{"role": "user", "content": QUESTIONS[1]}]], SamplingParams(temperature=0, max_tokens=48))
+    ids = o.prompt_token_ids + o.token_ids
+
+    def logits(target):
+        cache = target.new_cache(1, len(ids) + 1)
+        with torch.inference_mode():
+            return target.forward(cache, [cache.allocate()], [ids]).logits[0, len(o.prompt_token_ids) - 1:-1]
+
+    a, b = logits(fast), logits(llm.target)
+    agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+    assert agree >= 0.9, agree
+    assert (a - b).abs().max().item() < 0.1 * b.abs().max().item()

@@ -34,8 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="profile up to this many verified tokens (default: max-num-seqs x (1 + γ))")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16", "auto"],
                    help="weights dtype (default: float32 compute on CPU)")
-    p.add_argument("--cpu-gemm", default="auto", choices=["auto", "fp16", "int4", "off"],
-                   help="CPU projections, as in `dspark generate --cpu-gemm` (default: auto)")
+    from dspark.config import add_runtime_arguments
+
+    add_runtime_arguments(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--reprofile", action="store_true", help="measure again even when a cached table exists")
     p.add_argument("--json", action="store_true", help="print the table as JSON")
@@ -48,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
     from dspark.engine import LLM
 
     llm = LLM(model=args.model, drafter="auto" if args.drafter is None else args.drafter, dtype=args.dtype,
-              cpu_gemm=args.cpu_gemm, num_threads=args.threads, max_num_seqs=args.max_num_seqs)
+              cpu_gemm=args.cpu_gemm, attention=args.attention, num_threads=args.threads,
+              max_num_seqs=args.max_num_seqs)
     with llm._threads():
         import torch
 

@@ -18,17 +18,13 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
+from dspark.config import ATTENTION_MODES, CPU_GEMM_MODES
 from dspark.errors import CheckpointError
 from dspark.kv_cache import KVCache
 from dspark.models.config import ModelConfig
 from dspark.models.gguf import QUANT_FILE, gguf_to_hf_dir, is_gguf
 from dspark.models.transformer import Transformer, interleave_rope_rows
 from dspark.tokenizer import Tokenizer, read_json
-
-# "auto" (= "fp16"): projections on the packed fp16-weight GEMM when their weights are fp16-exact,
-# else F.linear; "int4": also the 4-bit codes of a GGUF's Q4_0/Q4_1 matrices on the int4 GEMM (opt-in:
-# see dspark.models.transformer for why its outputs depend on batching); "off": F.linear everywhere.
-CPU_GEMM_MODES = ("auto", "fp16", "int4", "off")
 
 # The KV cache is preallocated, so `new_cache` without `max_len` must not reserve the full
 # (often 32k-128k) context for every slot.
@@ -113,6 +109,12 @@ class TargetModel:
         if getattr(self.transformer, "int4_packed", 0):
             return "int4+fp16-weights" if fp16 else "int4"
         return "fp16-weights" if fp16 else "fp32"
+
+    @property
+    def attention(self) -> str:
+        """"rows" (the batch-invariant row kernel: a token's outputs do not depend on what it is batched
+        with) or "sdpa"."""
+        return "rows" if self.transformer.row_attention else "sdpa"
 
     @property
     def max_position_embeddings(self) -> int:
@@ -360,20 +362,28 @@ def load_target(
     device: str | torch.device = "cpu",
     load_tokenizer: bool = True,
     cpu_gemm: str = "auto",
+    attention: str = "auto",
 ) -> TargetModel:
     """Load a Hugging Face model directory (config, safetensors, tokenizer, generation config), or a
     GGUF file (converted once into a cached directory of that form, see `dspark.models.gguf`; `dtype`
     then also picks the dtype the dequantized weights are stored in: float16 unless given).
 
-    cpu_gemm: "auto" (or "fp16") runs inference projections through fbgemm's fp16-weight GEMM when the
-    model is float32 on CPU and its weights are exactly fp16 values (true of bf16 checkpoints such as
-    the demo target, and of GGUF files converted with the default dtype): half the bytes read per
-    step, the same weight values and fp32 accumulation. "int4" also runs a 4-bit GGUF's Q4_0/Q4_1
-    matrices on the int4 GEMM, the model described in `dspark.models.transformer` (bf16 activations,
-    scales and outputs at those matrices); opt-in, because that rounding makes outputs depend on
-    batching. "off" always uses F.linear. `TargetModel.cpu_gemm` says which one is in use."""
+    cpu_gemm: "fp16" runs inference projections through fbgemm's fp16-weight GEMM when the model is
+    float32 on CPU and its weights are exactly fp16 values (true of bf16 checkpoints such as the demo
+    target, and of GGUF files converted with the default dtype): half the bytes read per step, the same
+    weight values and fp32 accumulation. "int4" also runs a 4-bit GGUF's Q4_0/Q4_1 matrices on the int4
+    GEMM, the model described in `dspark.models.transformer` (scales rounded to bf16; bf16 activations
+    and outputs at those matrices). "auto" is "int4" when the attention is the batch-invariant row
+    kernel (with SDPA, int4 outputs would depend on batching), else "fp16". "off" always uses F.linear.
+    `TargetModel.cpu_gemm` says which one is in use.
+
+    attention: "auto" computes attention with the batch-invariant row kernel
+    (`dspark.models.row_attention`) on float32 CPU models when it builds, "sdpa" with torch's
+    scaled_dot_product_attention. `TargetModel.attention` says which one is in use."""
     if cpu_gemm not in CPU_GEMM_MODES:
         raise ValueError(f"cpu_gemm must be one of {', '.join(CPU_GEMM_MODES)}, got {cpu_gemm!r}")
+    if attention not in ATTENTION_MODES:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {attention!r}")
     path = Path(path)
     source = path
     if is_gguf(path):
@@ -407,8 +417,12 @@ def load_target(
     model.build_rope(min(cfg.max_position_embeddings, DEFAULT_CACHE_LEN))
     stored = next(iter(weights.matrix_dtypes)) if len(weights.matrix_dtypes) == 1 else None
     quant_file = path / QUANT_FILE
-    # cpu_gemm="int4": a 4-bit checkpoint's codes (GGUF Q4_0 / Q4_1) on the int4 GEMM.
-    if cpu_gemm == "int4" and quant_file.is_file() and torch_dtype == torch.float32:
+    rows = model.use_row_attention("off" if attention == "sdpa" else "auto")
+    # A 4-bit checkpoint's codes (GGUF Q4_0 / Q4_1) on the int4 GEMM: asked for, or by default when the
+    # attention is batch-invariant (so the bf16 rounding at the int4 GEMM cannot make outputs depend on
+    # batching).
+    if (cpu_gemm == "int4" or (cpu_gemm == "auto" and rows)) and quant_file.is_file() and \
+            torch_dtype == torch.float32:
         from safetensors.torch import load_file
 
         model.pack_int4_weights(load_file(str(quant_file)))

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dspark.kv_cache import CacheBatch, KVCache
+from dspark.models import row_attention
 from dspark.models.config import ModelConfig
 
 
@@ -108,13 +109,14 @@ class PackedLinear:
 # bfloat16 activations, scales, zeros and outputs. The model this runs, exactly: y = bf16(bf16(x) @ W^T)
 # with W = (q - 8) * bf16(scale) + bf16(zero); `int4_reference` computes the same in plain torch ops.
 #
-# Why it is opt-in (cpu_gemm="int4"): the kernel itself is row-independent, but rounding activations
-# to bf16 turns the last-bit differences between attention over a whole prompt, over chunks, or one
-# token at a time into whole bf16 steps, which grow over 30 layers. Measured on SmolLM2: logits of a
-# prompt prefilled whole or in two chunks differ by up to 0.6 (float32 / fp16-weight GEMM: 8e-5), and
-# 3 of 8 greedy replies change between batch 1 and batch 8. Speculative verification scores k tokens
-# at once while plain decoding scores one, so on such a model greedy speculation would not reproduce
-# plain decoding token for token; the fp16-weight GEMM keeps those differences at float32 rounding.
+# Why it needs the row attention kernel to be the default (cpu_gemm="auto"): the GEMM itself is
+# row-independent, but rounding activations to bf16 turns the last-bit differences SDPA makes between
+# attention over a whole prompt, over chunks, or one token at a time into whole bf16 steps, which grow
+# over 30 layers. Measured on SmolLM2 with SDPA: logits of 8 tokens verified in one call and decoded one
+# at a time differ by up to 0.18 (float32 / fp16-weight GEMM: 5e-5), and 3 of 8 greedy replies change
+# between batch 1 and batch 8: greedy speculation would not reproduce plain decoding token for token.
+# `dspark.models.row_attention` computes every token's attention alone in a fixed order, so those
+# differences are exactly 0 and the int4 model is lossless under speculation like any other.
 
 
 def int4_available() -> bool:
@@ -211,6 +213,10 @@ class Attention(nn.Module):
         qk_c = torch.view_as_complex(qk.float().reshape(b, k, self.H + self.Hkv, self.D // 2, 2))
         qk = torch.view_as_real(qk_c * rope).reshape(b, k, self.H + self.Hkv, self.D).to(dtype)
         q, k_new = qk.split([self.H, self.Hkv], dim=2)
+        if batch.attention_plan is not None:  # batch-invariant: each row alone (see row_attention)
+            k_layer, v_layer = cache.write(self.layer, batch, k_new, v)
+            out = row_attention.attention(q, k_layer, v_layer, batch.attention_plan, self.D ** -0.5)
+            return linear(out, self.o_weight, self.o_bias, self.packed.get("o"))
         keys, values = cache.update(self.layer, batch, k_new, v)  # [batch, Hkv, L, D]
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2).contiguous(),  # [batch, H, k, D]; the CPU kernel is ~2x slower on a strided q
@@ -272,6 +278,19 @@ class Transformer(nn.Module):
         self.lm_head_weight = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size), requires_grad=False)
         self.register_buffer("rope_table", torch.empty(0, dtype=torch.complex64), persistent=False)
         self.packed_lm_head: PackedLinear | None = None
+        # Attention row by row with the batch-invariant kernel (set by the loader, see use_row_attention).
+        self.row_attention = False
+
+    def use_row_attention(self, mode: str = "auto") -> bool:
+        """"auto": compute attention with `row_attention` (batch-invariant) when this is a float32 CPU
+        model and the kernel builds; "off": torch's SDPA. Returns whether it is on."""
+        if mode not in ("auto", "off"):
+            raise ValueError(f"attention must be 'auto' or 'off', got {mode!r}")
+        c = self.cfg
+        self.row_attention = mode == "auto" and self.embed_weight.device.type == "cpu" and \
+            self.embed_weight.dtype == torch.float32 and c.head_dim % 8 == 0 and c.head_dim <= 256 and \
+            c.num_heads % c.num_kv_heads == 0 and row_attention.available()
+        return self.row_attention
 
     def pack_int4_weights(self, quant: dict[str, Tensor]) -> int:
         """Run every fused projection whose parts all have 4-bit codes in `quant` (HF names + ".q4",
@@ -384,6 +403,8 @@ class Transformer(nn.Module):
         ids: [batch, k] long. Returns (last hidden state before the final norm [batch, k, hidden],
         taps [batch, k, len(hidden_layer_ids), hidden] or None).
         """
+        if self.row_attention and cache.dtype == torch.float32 and cache.device.type == "cpu":
+            batch.attention_plan = row_attention.plan(batch.slots, batch.start, batch.num_new, batch.k_max)
         rope = self.rope_table[batch.positions].unsqueeze(2)  # [batch, k, 1, D/2]
         x = self.embed(ids)  # [batch, k, hidden]
         want = set(hidden_layer_ids)

@@ -39,8 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", default=None, help="model id in the API (default: the directory name)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16", "auto"],
                    help="weights dtype (default: float32 compute on CPU)")
-    p.add_argument("--cpu-gemm", default="auto", choices=["auto", "fp16", "int4", "off"],
-                   help="CPU projections, as in `dspark generate --cpu-gemm` (default: auto)")
+    from dspark.config import add_runtime_arguments
+
+    add_runtime_arguments(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds SIGTERM waits for requests in flight (default: 30)")
@@ -58,6 +59,7 @@ def build_from_args(args: argparse.Namespace):
     if drafter.lower() in ("none", "vanilla", "plain"):
         drafter = None
     llm = LLM(model=args.model, drafter=drafter, dtype=args.dtype, cpu_gemm=getattr(args, "cpu_gemm", "auto"),
+              attention=getattr(args, "attention", "auto"),
               max_num_seqs=args.max_num_seqs,
               max_model_len=args.max_model_len, num_speculative_tokens=args.num_speculative_tokens,
               policy=args.policy, reprofile=getattr(args, "reprofile", False),

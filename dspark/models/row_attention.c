@@ -1,0 +1,172 @@
+/* Batch-invariant attention for CPU decoding: each query row attends to its own keys in a fixed order.
+ *
+ * For one query row (one new token of one sequence) and one head, with L keys (the sequence's cached
+ * prefix up to and including the token):
+ *     s_j = scale * <q, k_j>          (8-lane partial sums over head_dim, then a fixed tree)
+ *     p_j = exp(s_j - max_j s_j)      (one polynomial exp, the same for every row)
+ *     out = sum_j p_j v_j / sum_j p_j (keys in order 0..L-1)
+ * Nothing here depends on how many rows, heads or sequences share the call, on the other sequences'
+ * lengths or on padding: a token scored in a verification call of k tokens, in a decode step of a batch
+ * of 8 or alone gets the same bits. That is what makes greedy speculative decoding reproduce plain
+ * decoding token for token on models whose activations are rounded to bf16 (the int4 GEMM), where any
+ * last-bit difference grows over the layers.
+ *
+ * Built at first use by dspark/models/row_attention.py with the system C compiler; float32 only.
+ */
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef float v8 __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+static inline v8 load8(const float *p) {
+    v8 r;
+    memcpy(&r, p, sizeof r);
+    return r;
+}
+
+static inline void store8(float *p, v8 x) { memcpy(p, &x, sizeof x); }
+
+static inline v8 splat(float x) { return (v8){x, x, x, x, x, x, x, x}; }
+
+static inline float hsum8(v8 a) {
+    return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
+}
+
+/* exp(x) for x <= 0 (scores minus their maximum): 2^n * P(r), r = x - n ln2 in [-ln2/2, ln2/2], P of
+ * degree 6 (relative error ~2e-7). Below -87 the result is 0. */
+static inline v8 bits_select(v8i mask, v8 a, v8 b) { /* a where mask, else b */
+    v8i ai, bi;
+    memcpy(&ai, &a, sizeof ai);
+    memcpy(&bi, &b, sizeof bi);
+    v8i ri = (ai & mask) | (bi & ~mask);
+    v8 r;
+    memcpy(&r, &ri, sizeof r);
+    return r;
+}
+
+static inline v8 exp8(v8 x) {
+    const v8 lo = splat(-87.0f);
+    v8i under = x < lo;
+    x = bits_select(under, lo, x);
+    v8 t = x * splat(1.44269504088896341f);
+    /* round to nearest: add and subtract 1.5 * 2^23 */
+    v8 n = (t + splat(12582912.0f)) - splat(12582912.0f);
+    v8 r = x - n * splat(0.693359375f);
+    r = r - n * splat(-2.12194440e-4f);
+    v8 p = splat(1.9875691500e-4f);
+    p = p * r + splat(1.3981999507e-3f);
+    p = p * r + splat(8.3334519073e-3f);
+    p = p * r + splat(4.1665795894e-2f);
+    p = p * r + splat(1.6666665459e-1f);
+    p = p * r + splat(5.0000001201e-1f);
+    p = p * r * r + r + splat(1.0f);
+    v8i bits = (__builtin_convertvector(n, v8i) + 127) << 23;
+    v8 scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return bits_select(under, splat(0.0f), p * scale);
+}
+
+#define MAX_D 256
+
+static inline __attribute__((always_inline)) void head_nd(const float *q, const float *k, const float *v,
+                                                          int64_t pos_stride, int64_t L, int64_t nd,
+                                                          float scale, float *scores, float *out) {
+    v8 qv[MAX_D / 8];
+    for (int64_t c = 0; c < nd; c++) qv[c] = load8(q + 8 * c) * splat(scale);
+    float m = -3.0e38f;
+    int64_t j = 0;
+    /* Four keys at a time: four independent FMA chains. Each key's sum is the same sequence of
+     * operations as in the one-key loop below, so grouping changes no score. */
+    for (; j + 4 <= L; j += 4) {
+        const float *k0 = k + j * pos_stride, *k1 = k0 + pos_stride, *k2 = k1 + pos_stride, *k3 = k2 + pos_stride;
+        v8 a0 = qv[0] * load8(k0), a1 = qv[0] * load8(k1), a2 = qv[0] * load8(k2), a3 = qv[0] * load8(k3);
+        for (int64_t c = 1; c < nd; c++) {
+            a0 += qv[c] * load8(k0 + 8 * c);
+            a1 += qv[c] * load8(k1 + 8 * c);
+            a2 += qv[c] * load8(k2 + 8 * c);
+            a3 += qv[c] * load8(k3 + 8 * c);
+        }
+        float s0 = hsum8(a0), s1 = hsum8(a1), s2 = hsum8(a2), s3 = hsum8(a3);
+        scores[j] = s0;
+        scores[j + 1] = s1;
+        scores[j + 2] = s2;
+        scores[j + 3] = s3;
+        if (s0 > m) m = s0;
+        if (s1 > m) m = s1;
+        if (s2 > m) m = s2;
+        if (s3 > m) m = s3;
+    }
+    for (; j < L; j++) {
+        const float *kj = k + j * pos_stride;
+        v8 acc = qv[0] * load8(kj);
+        for (int64_t c = 1; c < nd; c++) acc += qv[c] * load8(kj + 8 * c);
+        float s = hsum8(acc);
+        scores[j] = s;
+        if (s > m) m = s;
+    }
+    int64_t L8 = (L + 7) & ~(int64_t)7;
+    for (int64_t j = L; j < L8; j++) scores[j] = -1.0e30f;  /* exp gives exactly 0 */
+    v8 mv = splat(m), sv = splat(0.0f);
+    for (int64_t j = 0; j < L8; j += 8) {
+        v8 p = exp8(load8(scores + j) - mv);
+        store8(scores + j, p);
+        sv += p;
+    }
+    float denom = hsum8(sv);
+    v8 acc[MAX_D / 8];
+    for (int64_t c = 0; c < nd; c++) acc[c] = splat(0.0f);
+    for (int64_t j = 0; j < L; j++) {
+        const float *vj = v + j * pos_stride;
+        v8 p = splat(scores[j]);
+        for (int64_t c = 0; c < nd; c++) acc[c] += p * load8(vj + 8 * c);
+    }
+    v8 inv = splat(1.0f / denom);
+    for (int64_t c = 0; c < nd; c++) store8(out + 8 * c, acc[c] * inv);
+}
+
+/* One (row, head): q [D], keys/values [L, D] at pos_stride, scores scratch [L rounded up to 8].
+ * Common head sizes get a copy with a constant trip count (unrolled, q and the sums in registers); each
+ * computes exactly what the general loop does. */
+static void one_head(const float *q, const float *k, const float *v, int64_t pos_stride, int64_t L,
+                     int64_t D, float scale, float *scores, float *out) {
+    switch (D) {
+    case 64: head_nd(q, k, v, pos_stride, L, 8, scale, scores, out); break;
+    case 128: head_nd(q, k, v, pos_stride, L, 16, scale, scores, out); break;
+    default: head_nd(q, k, v, pos_stride, L, D / 8, scale, scores, out);
+    }
+}
+
+/* Attention for n_rows query rows.
+ *   q:   row r, head h at q + row_q[r] * q_row_stride + h * q_head_stride (D contiguous floats)
+ *   k,v: slot s, kv head g, position j at base + s * slot_stride + g * head_stride + j * pos_stride
+ *   row r attends to positions 0 .. row_len[r] - 1 of slot row_slot[r]
+ *   out: row r, head h at out + row_q[r] * out_row_stride + h * out_head_stride
+ * One thread: measured on a 2-core CPU, starting a second thread per call cost more than it saved.
+ * Returns 0, or -1 for an unsupported shape (D not a multiple of 8 or above MAX_D, H not a multiple of
+ * Hkv), -2 when scratch memory cannot be had. */
+int dspark_row_attention(int64_t n_rows, int64_t H, int64_t Hkv, int64_t D,
+                         const float *q, int64_t q_row_stride, int64_t q_head_stride,
+                         const float *k, const float *v, int64_t slot_stride, int64_t head_stride,
+                         int64_t pos_stride, const int64_t *row_q, const int64_t *row_slot,
+                         const int64_t *row_len, float *out, int64_t out_row_stride,
+                         int64_t out_head_stride, float scale) {
+    if (D % 8 || D > MAX_D || D < 8 || Hkv < 1 || H % Hkv) return -1;
+    int64_t max_len = 0;
+    for (int64_t r = 0; r < n_rows; r++)
+        if (row_len[r] > max_len) max_len = row_len[r];
+    float *scores = malloc(sizeof(float) * (size_t)(max_len + 8));
+    if (!scores) return -2;
+    int64_t group = H / Hkv;
+    for (int64_t r = 0; r < n_rows; r++) {
+        for (int64_t h = 0; h < H; h++) {
+            int64_t base = row_slot[r] * slot_stride + (h / group) * head_stride;
+            one_head(q + row_q[r] * q_row_stride + h * q_head_stride, k + base, v + base, pos_stride, row_len[r],
+                     D, scale, scores, out + row_q[r] * out_row_stride + h * out_head_stride);
+        }
+    }
+    free(scores);
+    return 0;
+}

@@ -1,0 +1,207 @@
+"""Batch-invariant attention on CPU: a small C kernel (`row_attention.c`) that scores every query row
+on its own, in a fixed order, against exactly its own keys.
+
+Why: torch's `scaled_dot_product_attention` gives a token's output bits that depend on the call it is in
+(how many query rows, the padded key length, the other sequences): last-bit differences, ~1e-7. With
+float32 activations they stay ~1e-5 at the logits. With the int4 GEMM, activations are rounded to bf16
+before every projection, and a last-bit difference that flips one rounding grows over 30 layers to
+logit differences of 0.2-0.6: greedy speculative decoding (k tokens scored in one call) then no longer
+reproduces plain decoding (one token a call), and replies depend on what else is batched. This kernel
+computes each (row, head) from q, K[:L], V[:L] alone, so a token gets the same bits in a decode step, a
+verification call of any length, any batch and any padding.
+
+Used by `Transformer` for every sequence with at most `ROW_LIMIT` new tokens in a call (decoding,
+verification, short prompt chunks); longer chunks (prefill) go through SDPA one sequence at a time on
+that sequence's exact keys, so prefills too are independent of what they are batched with (a prompt's
+result still depends on how it is chunked, as it does everywhere).
+
+The library is compiled at first use with the system C compiler (`$CC`, else `cc`) into the DSpark cache
+directory, keyed by the source and the flags; without a compiler `available()` is False and SDPA is used.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("row_attention.c")
+ROW_LIMIT = 64  # new tokens of one sequence in one call handled row by row; more: SDPA on that sequence
+FLAG_SETS = (["-O3", "-march=native"], ["-O3"])
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+_error: str | None = None
+
+
+def _compile(out_dir: Path) -> ctypes.CDLL:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not cc:
+        raise RuntimeError("no C compiler found (set $CC or install cc/gcc/clang)")
+    src = SOURCE.read_bytes()
+    errors = []
+    for flags in FLAG_SETS:
+        key = hashlib.sha256(src + " ".join([cc, *flags, platform.machine()]).encode()).hexdigest()[:16]
+        target = out_dir / f"row_attention-{key}.so"
+        if not target.is_file():
+            out_dir.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
+            os.close(fd)
+            try:
+                try:
+                    r = subprocess.run([cc, *flags, "-shared", "-fPIC", "-o", tmp, str(SOURCE)],
+                                       capture_output=True, text=True, timeout=120)
+                except (OSError, subprocess.SubprocessError) as e:
+                    errors.append(f"{cc}: {e}")
+                    continue
+                if r.returncode != 0:
+                    errors.append(f"{cc} {' '.join(flags)}: {r.stderr.strip()[-300:]}")
+                    continue
+                os.replace(tmp, target)  # atomic: a concurrent process sees the whole library or none
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        try:
+            lib = ctypes.CDLL(str(target))
+        except OSError as e:
+            errors.append(f"{target}: {e}")
+            continue
+        fn = lib.dspark_row_attention
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        fn.argtypes = [i64, i64, i64, i64, ptr, i64, i64, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, i64, i64,
+                       ctypes.c_float]
+        fn.restype = ctypes.c_int
+        if _self_test(fn):
+            return lib
+        errors.append(f"{target}: self-test against SDPA failed")
+    raise RuntimeError("could not build the row attention kernel: " + "; ".join(errors))
+
+
+def _library() -> ctypes.CDLL | None:
+    global _lib, _tried, _error
+    if _tried:
+        return _lib
+    with _lock:
+        if not _tried:
+            from dspark.models.gguf import cache_root
+
+            try:
+                _lib = _compile(cache_root() / "kernels")
+            except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+                _error = str(e)
+            _tried = True
+    return _lib
+
+
+def available() -> bool:
+    """Whether the kernel is built (compiling it now if need be) and passed its self-test."""
+    if os.environ.get("DSPARK_ROW_ATTENTION", "1") == "0":
+        return False
+    return _library() is not None
+
+
+def unavailable_reason() -> str | None:
+    """Why `available()` is False (None when it is True or has not been asked)."""
+    if os.environ.get("DSPARK_ROW_ATTENTION", "1") == "0":
+        return "DSPARK_ROW_ATTENTION=0"
+    return _error
+
+
+def _call(fn, q: Tensor, k: Tensor, v: Tensor, rows: "RowPlan", out: Tensor, scale: float) -> None:
+    # q: [rows_total, H, D] view (D contiguous); k, v: [slots, Hkv, len, D]; out like q.
+    n_rows, H, D = rows.n, q.shape[1], q.shape[2]
+    rc = fn(n_rows, H, k.shape[1], D, q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), v.data_ptr(),
+            k.stride(0), k.stride(1), k.stride(2), rows.row_q.data_ptr(), rows.row_slot.data_ptr(),
+            rows.row_len.data_ptr(), out.data_ptr(), out.stride(0), out.stride(1), scale)
+    if rc != 0:
+        raise RuntimeError(f"row attention kernel returned {rc} (H={H}, Hkv={k.shape[1]}, D={D})")
+
+
+def _self_test(fn) -> bool:
+    g = torch.Generator().manual_seed(0)
+    H, Hkv, D, L = 4, 2, 16, 21
+    q = torch.randn(3, H, D, generator=g)
+    k = torch.randn(2, Hkv, 32, D, generator=g)
+    v = torch.randn(2, Hkv, 32, D, generator=g)
+    rows = RowPlan.from_lists([0, 1, 2], [1, 0, 1], [L, 5, 1])
+    out = torch.zeros_like(q)
+    _call(fn, q, k, v, rows, out, D ** -0.5)
+    for r, (slot, n) in enumerate([(1, L), (0, 5), (1, 1)]):
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q[r:r + 1, :, None], k[slot:slot + 1, :, :n], v[slot:slot + 1, :, :n], enable_gqa=True)[0, :, 0]
+        if not torch.allclose(out[r], ref, atol=1e-5, rtol=1e-4):
+            return False
+    return True
+
+
+@dataclass
+class RowPlan:
+    """The query rows of one forward call that the kernel scores: row index into the flattened
+    [batch * k_max] new tokens, the cache slot, and how many keys it sees."""
+
+    n: int
+    row_q: Tensor  # [n] int64
+    row_slot: Tensor  # [n] int64
+    row_len: Tensor  # [n] int64
+
+    @classmethod
+    def from_lists(cls, row_q: list[int], row_slot: list[int], row_len: list[int]) -> "RowPlan":
+        t = lambda x: torch.tensor(x, dtype=torch.int64)  # noqa: E731
+        return cls(len(row_q), t(row_q), t(row_slot), t(row_len))
+
+
+@dataclass
+class AttentionPlan:
+    """How one forward call's attention is computed: `rows` by the kernel, `long` sequences
+    (index in the batch, slot, start, new tokens) by SDPA one at a time."""
+
+    rows: RowPlan | None
+    long: list[tuple[int, int, int, int]]
+    padded: bool  # some output rows belong to no token (ragged batch): they are zeroed
+
+
+def plan(slots: list[int], start: list[int], num_new: list[int], k_max: int) -> AttentionPlan:
+    row_q, row_slot, row_len, long = [], [], [], []
+    for b, (slot, s, n) in enumerate(zip(slots, start, num_new)):
+        if n > ROW_LIMIT:
+            long.append((b, slot, s, n))
+            continue
+        for j in range(n):
+            row_q.append(b * k_max + j)
+            row_slot.append(slot)
+            row_len.append(s + j + 1)
+    rows = RowPlan.from_lists(row_q, row_slot, row_len) if row_q else None
+    return AttentionPlan(rows, long, any(n != k_max for n in num_new))
+
+
+def attention(q: Tensor, k_layer: Tensor, v_layer: Tensor, p: AttentionPlan, scale: float) -> Tensor:
+    """q: [batch, k_max, H, D] float32 with D contiguous and rows evenly strided; k_layer, v_layer:
+    the cache's [max_seqs, Hkv, max_len, D] tensors for this layer, new keys already written.
+    Returns [batch, k_max, H * D]."""
+    b, k_max, H, D = q.shape
+    out = (torch.zeros if p.padded or p.long else torch.empty)(b, k_max, H, D, dtype=q.dtype)
+    if p.rows is not None:
+        fn = _library().dspark_row_attention  # type: ignore[union-attr]
+        _call(fn, q.view(b * k_max, H, D) if q.is_contiguous() else q.flatten(0, 1), k_layer, v_layer,
+              p.rows, out.view(b * k_max, H, D), scale)
+    for bi, slot, s, n in p.long:
+        keys, values = k_layer[slot:slot + 1, :, :s + n], v_layer[slot:slot + 1, :, :s + n]
+        mask = None
+        if s:
+            mask = torch.arange(s + n)[None, :] <= torch.arange(s, s + n)[:, None]
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q[bi:bi + 1, :n].transpose(1, 2).contiguous(), keys, values, attn_mask=mask, is_causal=not s,
+            enable_gqa=H != keys.shape[1], scale=scale)  # [1, H, n, D]
+        out[bi, :n] = o[0].transpose(0, 1)
+    return out.view(b, k_max, H * D)
