@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from dspark.config import add_runtime_arguments
+
 # Generic Python openings (for a model without a chat template) and chat requests (for one with it),
 # written for this benchmark, not taken from any evaluation set.
 CODE_PROMPTS = [
@@ -89,8 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
     p.add_argument("--repeats", type=int, default=3,
                    help="interleaved repeats; the best time of each is kept (default: 3)")
-    p.add_argument("--cpu-gemm", default="auto", choices=["auto", "fp16", "int4", "off"],
-                    help="CPU projections, as dspark generate --cpu-gemm (default: auto)")
+    add_runtime_arguments(p)  # --cpu-gemm, --attention
     p.add_argument("--out", default="runs/bench_plain.json", help="results JSON (default: runs/bench_plain.json)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     from dspark.bundled import default_model_path
 
     path = Path(args.model) if args.model else default_model_path()
-    llm = LLM(model=path, max_num_seqs=8, cpu_gemm=args.cpu_gemm)
+    llm = LLM(model=path, max_num_seqs=8, cpu_gemm=args.cpu_gemm, attention=args.attention)
     # transformers reads the directory our runtime read (a GGUF's converted cache): the same weights.
     hf = AutoModelForCausalLM.from_pretrained(str(llm.target.path), dtype=torch.float32).eval()
     tok = llm.tokenizer
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     tps = {k: n_tokens / v for k, v in results.items()}
     report = {
         "model": str(path), "prompts": "chat (template)" if chat else "code openings",
-        "cpu_gemm": llm.target.cpu_gemm, "threads": args.threads, "max_tokens": args.max_tokens, "num_prompts": len(prompts),
+        "cpu_gemm": llm.target.cpu_gemm, "attention": llm.target.attention, "threads": args.threads, "max_tokens": args.max_tokens, "num_prompts": len(prompts),
         "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
         "tokens_per_s": {k: round(v, 2) for k, v in tps.items()},
         "speedup_b1_vs_transformers": round(tps["dspark_b1"] / tps["transformers_b1"], 3),

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from dspark.config import add_runtime_arguments
 from dspark.drafters import load_drafter
 from dspark.models import load_target
 from dspark.sampling import SamplingTensors, SamplingParams
@@ -42,12 +43,11 @@ def main() -> None:
     ap.add_argument("--gamma", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=50)
-    ap.add_argument("--cpu-gemm", default="auto", choices=["auto", "off"],
-                    help="the target's projections: packed fp16-weight GEMM when exact (auto) or F.linear (off)")
+    add_runtime_arguments(ap)  # --cpu-gemm, --attention
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    target = load_target(args.model, cpu_gemm=args.cpu_gemm)
+    target = load_target(args.model, cpu_gemm=args.cpu_gemm, attention=args.attention)
     cache = target.new_cache(1, 1024)
     slot = cache.allocate()
     ids = target.tokenizer.encode(PROMPT)
@@ -60,7 +60,7 @@ def main() -> None:
             cache.truncate(slot, base_len)
         return run
 
-    print(f"threads {args.threads}; GEMM {target.cpu_gemm}; prompt {len(ids)} tokens; median of {args.repeats} (ms)")
+    print(f"threads {args.threads}; GEMM {target.cpu_gemm}; attention {target.attention}; prompt {len(ids)} tokens; median of {args.repeats} (ms)")
     t_end = time.perf_counter() + 1.0
     while time.perf_counter() < t_end:  # a second of work first: clocks and caches settle
         step(8)()

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from dspark.config import add_runtime_arguments
+
 GEMM_OPS = ("quantized::linear_dynamic_fp16", "aten::addmm", "aten::mm", "aten::linear",
             "aten::_weight_int4pack_mm_for_cpu", "aten::_weight_int8pack_mm")
 
@@ -62,8 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=None, help="model directory or .gguf (default: the default model)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
     ap.add_argument("--steps", type=int, default=40, help="timed decode steps (default: 40)")
-    ap.add_argument("--cpu-gemm", default="auto", choices=["auto", "fp16", "int4", "off"],
-                    help="CPU projections, as dspark generate --cpu-gemm (default: auto)")
+    add_runtime_arguments(ap)  # --cpu-gemm, --attention
     ap.add_argument("--out", default="runs/step_profile.json", help="results JSON (default: runs/step_profile.json)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     from dspark.bundled import default_model_path
     from dspark.models import load_target
 
-    target = load_target(args.model or default_model_path(), cpu_gemm=args.cpu_gemm)
+    target = load_target(args.model or default_model_path(), cpu_gemm=args.cpu_gemm, attention=args.attention)
     cache = target.new_cache(1, 1024)
     slot = cache.allocate()
     target.forward(cache, [slot], [list(range(100, 164))], all_logits=False)
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     bw = bandwidth_gbs()
     floor_ms = wb / (bw * 1e9) * 1e3
     report = {
-        "model": str(target.source), "threads": args.threads, "cpu_gemm": target.cpu_gemm,
+        "model": str(target.source), "threads": args.threads, "cpu_gemm": target.cpu_gemm, "attention": target.attention,
         "step_ms": round(step_ms, 3), "tokens_per_s": round(1e3 / step_ms, 1),
         "gemm_share": round(gemm / total, 3), "gemm_ms": round(step_ms * gemm / total, 3),
         "other_ms": round(step_ms * (1 - gemm / total), 3),
