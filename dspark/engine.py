@@ -56,7 +56,7 @@ from dspark.models import TargetModel, load_target
 from dspark.sampling import SamplingParams, SamplingTensors, logits_to_probs, make_generator, sample_from_probs
 from dspark.schedule import ScheduleError, StepCostTable, policy_rule, survival_from_confidence
 from dspark.tokenizer import IncrementalDetokenizer
-from dspark.verify import SpecDecodeMetadata, draw_ragged_uniforms, verify_ragged
+from dspark.verify import SpecDecodeMetadata, VerifyResult, draw_ragged_uniforms, verify_ragged
 
 DEFAULT_MODEL_ENV = MODEL_ENV
 _REPO_MODELS = REPO_MODELS
@@ -302,6 +302,10 @@ class Engine:
         self.rule = policy_rule(self.policy, self.step_cost)
         # Called with a RoundRecord after every speculative round (from the stepping thread).
         self.round_observers: list[Any] = []
+        # Rounds in which nothing was drafted leave the drafter's context behind: per slot, the kept
+        # tokens and their target features, committed in one call before the next round that drafts
+        # (one drafter pass over many tokens instead of one per round; see _defer_commit).
+        self._pending: dict[int, tuple[list[int], list[torch.Tensor]]] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.last_step = StepStats(0, 0, 0, 0)
@@ -557,24 +561,32 @@ class Engine:
         starts = [self.cache.length(s) for s in slots]
         tokens = [[a] + d for a, d in zip(anchors, drafts)]
         res = self.target.forward(self.cache, slots, tokens, hidden_layer_ids=self.drafter.target_layer_ids)
-        num_reqs, k_max, vocab = res.logits.shape
-        meta = SpecDecodeMetadata.build(drafts, k_max, dev)
-        logits = res.logits.reshape(num_reqs * k_max, vocab)[meta.target_logits_indices]  # [N + R, vocab]
-        greedy = torch.tensor(sampling.greedy, device=dev)
-        if all(sampling.greedy):
-            target_probs = logits  # greedy verification only needs the argmax
+        if not any(ells) and all(sampling.greedy):
+            # Nothing drafted, all greedy: verification is the argmax of each anchor's logits.
+            bonus = res.logits[:, 0].argmax(-1).tolist()
+            results = [VerifyResult(0, [b]) for b in bonus]
         else:
-            rows = torch.tensor([e + 1 for e in ells], device=dev)  # target rows per request
-            target_probs = logits_to_probs(logits, sampling.temperature.repeat_interleave(rows),
-                                           sampling.top_k.repeat_interleave(rows),
-                                           sampling.top_p.repeat_interleave(rows))
-        uniforms = draw_ragged_uniforms(ells, generators, sampling.greedy, dev)
-        results = verify_ragged(meta, draft_probs, target_probs, uniforms, greedy).to_results(meta)
+            num_reqs, k_max, vocab = res.logits.shape
+            meta = SpecDecodeMetadata.build(drafts, k_max, dev)
+            logits = res.logits.reshape(num_reqs * k_max, vocab)[meta.target_logits_indices]  # [N + R, vocab]
+            greedy = torch.tensor(sampling.greedy, device=dev)
+            if all(sampling.greedy):
+                target_probs = logits  # greedy verification only needs the argmax
+            else:
+                rows = torch.tensor([e + 1 for e in ells], device=dev)  # target rows per request
+                target_probs = logits_to_probs(logits, sampling.temperature.repeat_interleave(rows),
+                                               sampling.top_k.repeat_interleave(rows),
+                                               sampling.top_p.repeat_interleave(rows))
+            uniforms = draw_ragged_uniforms(ells, generators, sampling.greedy, dev)
+            results = verify_ragged(meta, draft_probs, target_probs, uniforms, greedy).to_results(meta)
         kept = [tokens[i][:ver.num_accepted + 1] for i, ver in enumerate(results)]
         for req, start, ver in zip(reqs, starts, results):
             # Keep the anchor and the accepted drafts in the target cache; the bonus is the next anchor.
             self.cache.truncate(req.slot, start + 1 + ver.num_accepted)
-        self.drafter.commit_batch(DraftCommit(slots, kept, res.hidden))
+        if any(ells):
+            self.drafter.commit_batch(DraftCommit(slots, kept, res.hidden))
+        else:
+            self._defer_commit(slots, kept, res.hidden)
         for req, ver, ell in zip(reqs, results, ells):
             a = ver.num_accepted
             m = req.metrics
@@ -602,6 +614,39 @@ class Engine:
             for obs in self.round_observers:
                 obs(rec)
 
+    # Deferred commits: a round that drafted nothing needs the drafter only for its context, which the
+    # next drafting round reads first; so those rounds' kept tokens wait here (bounded by MAX_PENDING
+    # tokens a slot) and go to the drafter together. The drafter sees exactly the tokens and features it
+    # would have seen round by round, only in fewer calls.
+    MAX_PENDING = 64
+
+    def _defer_commit(self, slots: list[int], kept: list[list[int]], hidden: torch.Tensor | None) -> None:
+        full = False
+        for i, (slot, toks) in enumerate(zip(slots, kept)):
+            ids, feats = self._pending.setdefault(slot, ([], []))
+            ids.extend(toks)
+            if hidden is not None:
+                feats.append(hidden[i, :len(toks)])
+            full = full or len(ids) >= self.MAX_PENDING
+        if full:
+            self._flush_commits()
+
+    def _flush_commits(self) -> None:
+        """Commit every deferred token to the drafter, in one call."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, {}
+        slots = list(pending)
+        ids = [pending[s][0] for s in slots]
+        hidden = None
+        if all(pending[s][1] for s in slots):
+            rows = [torch.cat(pending[s][1]) for s in slots]  # [n_s, L, H]
+            k_max = max(r.shape[0] for r in rows)
+            hidden = rows[0].new_zeros(len(rows), k_max, *rows[0].shape[1:])
+            for i, r in enumerate(rows):
+                hidden[i, :r.shape[0]] = r
+        self.drafter.commit_batch(DraftCommit(slots, ids, hidden))
+
     def _propose(self, reqs: list[Request], ells: list[int], anchors: list[int], sampling: SamplingTensors,
                  generators: list) -> tuple[list[list[int]], torch.Tensor | None, list[list[float]] | None]:
         """One drafter call for every request with ℓ_r > 0 (each drafted exactly its own ℓ_r, so a
@@ -613,6 +658,7 @@ class Engine:
         drafts: list[list[int]] = [[] for _ in reqs]
         if not rows:
             return drafts, None, None
+        self._flush_commits()  # the drafter's context must hold every kept token before it drafts
         sub = SamplingTensors(sampling.temperature[rows], sampling.top_k[rows], sampling.top_p[rows],
                               [sampling.greedy[i] for i in rows])
         caps = list(ells)
@@ -747,6 +793,7 @@ class Engine:
             self.running.remove(req)
             self.cache.free(req.slot)
             if self.drafter is not None:
+                self._pending.pop(req.slot, None)
                 self.drafter.free(req.slot)
         elif req in self.waiting:
             self.waiting.remove(req)

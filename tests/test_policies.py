@@ -282,6 +282,46 @@ def test_gated_confidence_policy_stays_greedy_exact(demo_target, demo_plain):
     assert sum(a for rec in seen for a in rec.num_accepted) > 0
 
 
+def test_deferred_commits_give_the_drafter_the_same_context(demo_target):
+    """Rounds that draft nothing defer their commits to the next drafting round: the drafter then
+    drafts exactly what it drafts when every round commits at once (same drafts, same acceptances,
+    the same confidences to float32 rounding), in fewer drafter calls."""
+    from dspark.drafters import load_drafter
+    from dspark.drafters.base import DraftCommit
+
+    class Alternating(DraftGate):
+        def should_draft(self, num_reqs: int) -> bool:
+            self.calls = getattr(self, "calls", 0) + 1
+            return self.calls % 4 == 0
+
+    def run(deferred: bool):
+        drafter = load_drafter(DEMO_DRAFTER, demo_target, max_seqs=3, max_len=demo_target.context_length)
+        calls = []
+        commit = drafter.commit_batch
+        drafter.commit_batch = lambda batch: (calls.append([len(t) for t in batch.token_ids]), commit(batch))
+        engine = Engine(demo_target, EngineConfig(max_num_seqs=3, policy="confidence"), drafter=drafter,
+                        step_cost=linear_cost(0.15))
+        engine.rule.gate = Alternating(engine.step_cost)
+        if not deferred:
+            engine._defer_commit = lambda slots, kept, hidden: drafter.commit_batch(DraftCommit(slots, kept, hidden))
+        seen: list = []
+        engine.round_observers.append(seen.append)
+        params = [SamplingParams(temperature=0, max_tokens=40, ignore_eos=True) for _ in range(3)]
+        outs = [o.token_ids for o in engine.run(DEMO_PROMPTS[:3], params)]
+        return outs, seen, calls
+
+    outs_d, seen_d, calls_d = run(True)
+    outs_i, seen_i, calls_i = run(False)
+    assert outs_d == outs_i
+    assert [r.num_drafted for r in seen_d] == [r.num_drafted for r in seen_i]
+    assert [r.num_accepted for r in seen_d] == [r.num_accepted for r in seen_i]
+    assert sum(a for r in seen_d for a in r.num_accepted) > 0
+    for a, b in zip(seen_d, seen_i):
+        for x, y in zip(a.confidence_logits or [], b.confidence_logits or []):
+            torch.testing.assert_close(torch.as_tensor(x), torch.as_tensor(y), atol=1e-4, rtol=1e-4)
+    assert len(calls_d) < len(calls_i) and max(max(c) for c in calls_d) > max(max(c) for c in calls_i)
+
+
 # ---- the step-cost table: cached per model, threads and machine ---------------------------------------
 
 def test_step_cost_is_cached_per_threads_and_reprofiled_on_request(monkeypatch, tmp_path, plain):

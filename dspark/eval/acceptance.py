@@ -128,7 +128,8 @@ def files_identity(path: Path) -> list[tuple[str, int, int]]:
 def target_identity(target: "TargetModel") -> dict[str, Any]:
     src = target.source if target.source is not None else target.path
     return {"files": files_identity(src) if src is not None and Path(src).exists() else str(src),
-            "dtype": str(target.dtype), "cpu_gemm": target.cpu_gemm}
+            "dtype": str(target.dtype), "cpu_gemm": target.cpu_gemm,
+            "attention": getattr(target, "attention", "sdpa")}
 
 
 def drafter_identity(spec: Any, drafter: Any) -> Any:
