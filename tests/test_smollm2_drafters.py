@@ -75,7 +75,7 @@ def test_dspark_with_confidence_policy_is_lossless_greedy(plain, batch):
 
 def test_default_stays_plain_until_the_drafter_pays():
     """The SmolLM2 DSpark drafter is bundled (selectable by name) but not the default yet: it does not
-    make decoding faster (below 1x with the default static policy and with
+    make decoding faster (below 1x with the default static policy, about 1x with
     confidence-scheduled verification), and a default must; the stats line says so and names the option."""
     llm = LLM(model=GGUF, drafter="auto", max_num_seqs=1)  # what `dspark generate` asks for
     assert llm.drafter is None and "--policy confidence" in llm.drafter_note
