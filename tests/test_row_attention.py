@@ -141,3 +141,14 @@ def test_no_compiler_is_a_clear_error(monkeypatch, tmp_path):
     with pytest.raises(RuntimeError, match="no-such-cc"):
         row_attention._compile(tmp_path / "kernels")
     assert not list((tmp_path / "kernels").glob("*.so"))  # nothing half-written left behind
+
+
+def test_shapes_the_kernel_takes():
+    assert row_attention.supports(9, 3, 64) and row_attention.supports(4, 4, 128)
+    assert not row_attention.supports(9, 3, 12)  # not a multiple of 8: SDPA instead
+    assert not row_attention.supports(8, 3, 64)  # query heads not a multiple of kv heads
+    assert not row_attention.supports(4, 4, row_attention.MAX_HEAD_DIM + 8)
+    q = torch.zeros(1, 2, 12)
+    k = torch.zeros(1, 1, 4, 12)
+    with pytest.raises(RuntimeError, match="returned -1"):  # the C side agrees
+        _kernel(q, k, k, row_attention.RowPlan.from_lists([0], [0], [4]), 1.0)

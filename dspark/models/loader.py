@@ -417,7 +417,7 @@ def load_target(
     model.build_rope(min(cfg.max_position_embeddings, DEFAULT_CACHE_LEN))
     stored = next(iter(weights.matrix_dtypes)) if len(weights.matrix_dtypes) == 1 else None
     quant_file = path / QUANT_FILE
-    rows = model.use_row_attention("off" if attention == "sdpa" else "auto")
+    rows = model.use_row_attention(attention)
     # A 4-bit checkpoint's codes (GGUF Q4_0 / Q4_1) on the int4 GEMM: asked for, or by default when the
     # attention is batch-invariant (so the bf16 rounding at the int4 GEMM cannot make outputs depend on
     # batching).

@@ -37,6 +37,7 @@ from torch import Tensor
 
 SOURCE = Path(__file__).with_name("row_attention.c")
 ROW_LIMIT = 64  # new tokens of one sequence in one call handled row by row; more: SDPA on that sequence
+MAX_HEAD_DIM = 256  # MAX_D in row_attention.c
 FLAG_SETS = (["-O3", "-march=native"], ["-O3"])
 
 _lock = threading.Lock()
@@ -102,6 +103,12 @@ def _library() -> ctypes.CDLL | None:
                 _error = str(e)
             _tried = True
     return _lib
+
+
+def supports(num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
+    """Whether the kernel takes these heads (it returns -1 for any other shape)."""
+    return 8 <= head_dim <= MAX_HEAD_DIM and head_dim % 8 == 0 and num_kv_heads >= 1 and \
+        num_heads % num_kv_heads == 0
 
 
 def available() -> bool:

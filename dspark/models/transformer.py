@@ -283,13 +283,14 @@ class Transformer(nn.Module):
 
     def use_row_attention(self, mode: str = "auto") -> bool:
         """"auto": compute attention with `row_attention` (batch-invariant) when this is a float32 CPU
-        model and the kernel builds; "off": torch's SDPA. Returns whether it is on."""
-        if mode not in ("auto", "off"):
-            raise ValueError(f"attention must be 'auto' or 'off', got {mode!r}")
+        model whose heads the kernel takes and the kernel builds; "sdpa": torch's SDPA. Returns whether
+        it is on."""
+        if mode not in ("auto", "sdpa"):
+            raise ValueError(f"attention must be 'auto' or 'sdpa', got {mode!r}")
         c = self.cfg
         self.row_attention = mode == "auto" and self.embed_weight.device.type == "cpu" and \
-            self.embed_weight.dtype == torch.float32 and c.head_dim % 8 == 0 and c.head_dim <= 256 and \
-            c.num_heads % c.num_kv_heads == 0 and row_attention.available()
+            self.embed_weight.dtype == torch.float32 and \
+            row_attention.supports(c.num_heads, c.num_kv_heads, c.head_dim) and row_attention.available()
         return self.row_attention
 
     def pack_int4_weights(self, quant: dict[str, Tensor]) -> int:
