@@ -11,6 +11,8 @@ Symbols used in shape comments:
 
 from __future__ import annotations
 
+import bisect
+from collections.abc import Callable
 from typing import Sequence
 
 import torch
@@ -90,15 +92,83 @@ def fp16_gemm_available() -> bool:
         return False
 
 
+PROBE_ROWS = 96  # row counts 1..PROBE_ROWS are checked by `RowPlan.probe`
+
+
+class RowPlan:
+    """How to call a GEMM kernel so that each row's result never depends on the call's row count.
+
+    Greedy speculative decoding needs that: a token decoded alone and the same token verified with 7
+    others must get the same logits, bit for bit. fbgemm's fp16-weight GEMM picks its kernel by the
+    number of rows, and on some CPUs (seen on an AVX2 AMD EPYC) some counts accumulate in another
+    order: there, 1, 2, 7, 14, 31, 32, 37, 38, ... rows give rows other last bits than a call of 96.
+    `probe` finds, once per kernel and input width, which counts 1..PROBE_ROWS agree with a call of
+    PROBE_ROWS rows; `__call__` then pads a call with zero rows up to the next agreeing count (and
+    splits calls longer than the largest one), so every row gets the bits it gets in that reference.
+    On CPUs where every count agrees nothing is padded."""
+
+    _cache: dict[tuple[str, int], "RowPlan"] = {}
+
+    def __init__(self, good: list[int]) -> None:
+        self.good = sorted(good)
+        self.all_good = self.good == list(range(1, PROBE_ROWS + 1))
+
+    @classmethod
+    def probe(cls, kind: str, k: int, make: Callable[[Tensor], Callable[[Tensor], Tensor]]) -> "RowPlan":
+        """`make(weight [64, k])` -> the kernel as a function of x; cached per (kind, k)."""
+        key = (kind, k)
+        if key not in cls._cache:
+            g = torch.Generator().manual_seed(0)
+            fn = make(torch.randn(64, k, generator=g) * 0.05)
+            x = torch.randn(PROBE_ROWS, k, generator=g)
+            with torch.no_grad():
+                ref = fn(x)
+                good = [m for m in range(1, PROBE_ROWS + 1) if torch.equal(fn(x[:m]), ref[:m])]
+            cls._cache[key] = cls(good)
+        return cls._cache[key]
+
+    def __call__(self, fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        if self.all_good or rows == 0:
+            return fn(x)
+        x2 = x.reshape(rows, x.shape[-1])
+        if not self.good:  # no count agrees: one row a call
+            y = torch.cat([fn(x2[i:i + 1]) for i in range(rows)])
+        else:
+            parts, i, big = [], 0, self.good[-1]
+            while i < rows:
+                n = min(big, rows - i)
+                m = self.good[bisect.bisect_left(self.good, n)]
+                chunk = x2[i:i + n]
+                if m == n and n == rows:
+                    return fn(x)
+                if m > n:
+                    chunk = torch.cat([chunk, chunk.new_zeros(m - n, chunk.shape[1])])
+                parts.append(fn(chunk)[:n])
+                i += n
+            y = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+
 class PackedLinear:
-    """A weight [out, in] (and bias) packed for the fp16-weight GEMM."""
+    """A weight [out, in] (and bias) packed for the fp16-weight GEMM; calls follow `RowPlan`, so a
+    row's result does not depend on how many rows share the call."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
-        self.packed = torch.ops.quantized.linear_prepack_fp16(
+        self.packed = self._pack(weight, bias)
+        self.plan = RowPlan.probe("fp16", int(weight.shape[1]), lambda w: self._bound(self._pack(w, None)))
+
+    @staticmethod
+    def _pack(weight: Tensor, bias: Tensor | None):
+        return torch.ops.quantized.linear_prepack_fp16(
             weight.detach().contiguous(), None if bias is None else bias.detach().float().contiguous())
 
+    @staticmethod
+    def _bound(packed) -> Callable[[Tensor], Tensor]:
+        return lambda x: torch.ops.quantized.linear_dynamic_fp16(x, packed)
+
     def __call__(self, x: Tensor) -> Tensor:
-        return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
+        return self.plan(lambda t: torch.ops.quantized.linear_dynamic_fp16(t, self.packed), x)
 
 
 # ---- CPU GEMM with 4-bit weights -------------------------------------------------------------------
@@ -145,6 +215,21 @@ class Int4Linear:
         self.scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
         self.bias = None if bias is None else bias.detach().float()
         self.out_features = n
+        self.plan = RowPlan.probe("int4", k, lambda w: Int4Linear._random_like(w))
+
+    @staticmethod
+    def _random_like(w: Tensor) -> "Int4Linear":
+        # A probe weight for RowPlan: random codes, scales and zeros of w's shape (without a plan of its own).
+        g = torch.Generator().manual_seed(1)
+        n, k = w.shape
+        lin = Int4Linear.__new__(Int4Linear)
+        codes = torch.randint(0, 16, (n, k), generator=g).to(torch.int32)
+        lin.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        sz = torch.stack([torch.rand(n, k // Int4Linear.GROUP, generator=g) * 0.01,
+                          torch.randn(n, k // Int4Linear.GROUP, generator=g) * 0.01], dim=-1)
+        lin.scales_zeros = sz.transpose(0, 1).contiguous().to(torch.bfloat16)
+        lin.bias, lin.out_features, lin.plan = None, n, RowPlan(list(range(1, PROBE_ROWS + 1)))
+        return lin
 
     def dequantized(self, codes: Tensor) -> Tensor:
         """W as this kernel sees it (float32 [N, K]): the model's weight values."""
@@ -154,6 +239,9 @@ class Int4Linear:
         return groups.mul_(s.unsqueeze(-1)).add_(z.unsqueeze(-1)).view(n, k)
 
     def __call__(self, x: Tensor) -> Tensor:
+        return self.plan(self._call, x)
+
+    def _call(self, x: Tensor) -> Tensor:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
             x.reshape(-1, x.shape[-1]).to(torch.bfloat16), self.packed, self.GROUP, self.scales_zeros)
         y = y.float().view(*x.shape[:-1], self.out_features)
