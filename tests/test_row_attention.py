@@ -50,9 +50,9 @@ def test_kernel_result_does_not_depend_on_the_other_rows():
 
 @pytest.fixture(scope="module")
 def targets(tmp_path_factory):
-    # A bf16 checkpoint, as real ones are: its projections run on the fp16-weight GEMM, which (like the
-    # int4 GEMM, see test_int4) computes each row alone. (fp32 weights go to MKL's sgemm, whose rows
-    # depend on the row count in the last bits.)
+    # A bf16 checkpoint, as real ones are: its projections run on the fp16-weight GEMM, whose calls
+    # RowPlan pads so that each row gets the same bits at any row count (test_row_plan; the int4 GEMM
+    # likewise, test_int4). (fp32 weights go to MKL's sgemm, whose rows depend on the row count.)
     ck = build_checkpoint(tmp_path_factory.mktemp("bf16"), "qwen3", seed=3, dtype=torch.bfloat16)
     out = {mode: load_target(ck.path, attention=mode) for mode in ("auto", "sdpa")}
     assert out["auto"].cpu_gemm == "fp16-weights"
