@@ -112,6 +112,7 @@ class RowPlan:
     def __init__(self, good: list[int]) -> None:
         self.good = sorted(good)
         self.all_good = self.good == list(range(1, PROBE_ROWS + 1))
+        self._good_set = set(self.good)
 
     @classmethod
     def probe(cls, kind: str, k: int, make: Callable[[Tensor], Callable[[Tensor], Tensor]]) -> "RowPlan":
@@ -129,7 +130,7 @@ class RowPlan:
 
     def __call__(self, fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        if self.all_good or rows == 0:
+        if self.all_good or rows == 0 or rows in self._good_set:
             return fn(x)
         x2 = x.reshape(rows, x.shape[-1])
         if not self.good:  # no count agrees: one row a call
@@ -140,8 +141,6 @@ class RowPlan:
                 n = min(big, rows - i)
                 m = self.good[bisect.bisect_left(self.good, n)]
                 chunk = x2[i:i + n]
-                if m == n and n == rows:
-                    return fn(x)
                 if m > n:
                     chunk = torch.cat([chunk, chunk.new_zeros(m - n, chunk.shape[1])])
                 parts.append(fn(chunk)[:n])
@@ -156,6 +155,7 @@ class PackedLinear:
 
     def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
         self.packed = self._pack(weight, bias)
+        self._fn = self._bound(self.packed)
         self.plan = RowPlan.probe("fp16", int(weight.shape[1]), lambda w: self._bound(self._pack(w, None)))
 
     @staticmethod
@@ -168,7 +168,7 @@ class PackedLinear:
         return lambda x: torch.ops.quantized.linear_dynamic_fp16(x, packed)
 
     def __call__(self, x: Tensor) -> Tensor:
-        return self.plan(lambda t: torch.ops.quantized.linear_dynamic_fp16(t, self.packed), x)
+        return self.plan(self._fn, x)
 
 
 # ---- CPU GEMM with 4-bit weights -------------------------------------------------------------------
@@ -215,11 +215,11 @@ class Int4Linear:
         self.scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
         self.bias = None if bias is None else bias.detach().float()
         self.out_features = n
-        self.plan = RowPlan.probe("int4", k, lambda w: Int4Linear._random_like(w))
+        self.plan = RowPlan.probe("int4", k, Int4Linear._probe_kernel)
 
     @staticmethod
-    def _random_like(w: Tensor) -> "Int4Linear":
-        # A probe weight for RowPlan: random codes, scales and zeros of w's shape (without a plan of its own).
+    def _probe_kernel(w: Tensor) -> Callable[[Tensor], Tensor]:
+        # For RowPlan: the int4 kernel on random codes, scales and zeros of w's shape, called directly.
         g = torch.Generator().manual_seed(1)
         n, k = w.shape
         lin = Int4Linear.__new__(Int4Linear)
@@ -228,8 +228,8 @@ class Int4Linear:
         sz = torch.stack([torch.rand(n, k // Int4Linear.GROUP, generator=g) * 0.01,
                           torch.randn(n, k // Int4Linear.GROUP, generator=g) * 0.01], dim=-1)
         lin.scales_zeros = sz.transpose(0, 1).contiguous().to(torch.bfloat16)
-        lin.bias, lin.out_features, lin.plan = None, n, RowPlan(list(range(1, PROBE_ROWS + 1)))
-        return lin
+        lin.bias, lin.out_features = None, n
+        return lin._call
 
     def dequantized(self, codes: Tensor) -> Tensor:
         """W as this kernel sees it (float32 [N, K]): the model's weight values."""
