@@ -105,7 +105,8 @@ class RowPlan:
     `probe` finds, once per kernel and input width, which counts 1..PROBE_ROWS agree with a call of
     PROBE_ROWS rows; `__call__` then pads a call with zero rows up to the next agreeing count (and
     splits calls longer than the largest one), so every row gets the bits it gets in that reference.
-    On CPUs where every count agrees nothing is padded."""
+    On CPUs where every count agrees nothing is padded (nor where none does: a kernel that disagrees
+    with itself at the same row count is not deterministic, and padding cannot help)."""
 
     _cache: dict[tuple[str, int], "RowPlan"] = {}
 
@@ -132,20 +133,19 @@ class RowPlan:
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         if self.all_good or rows == 0 or rows in self._good_set:
             return fn(x)
+        if not self.good:  # the kernel disagrees with itself at PROBE_ROWS rows: nothing padding can fix
+            return fn(x)
         x2 = x.reshape(rows, x.shape[-1])
-        if not self.good:  # no count agrees: one row a call
-            y = torch.cat([fn(x2[i:i + 1]) for i in range(rows)])
-        else:
-            parts, i, big = [], 0, self.good[-1]
-            while i < rows:
-                n = min(big, rows - i)
-                m = self.good[bisect.bisect_left(self.good, n)]
-                chunk = x2[i:i + n]
-                if m > n:
-                    chunk = torch.cat([chunk, chunk.new_zeros(m - n, chunk.shape[1])])
-                parts.append(fn(chunk)[:n])
-                i += n
-            y = parts[0] if len(parts) == 1 else torch.cat(parts)
+        parts, i, big = [], 0, self.good[-1]
+        while i < rows:
+            n = min(big, rows - i)
+            m = self.good[bisect.bisect_left(self.good, n)]
+            chunk = x2[i:i + n]
+            if m > n:
+                chunk = torch.cat([chunk, chunk.new_zeros(m - n, chunk.shape[1])])
+            parts.append(fn(chunk)[:n])
+            i += n
+        y = parts[0] if len(parts) == 1 else torch.cat(parts)
         return y.view(*x.shape[:-1], y.shape[-1])
 
 
@@ -207,6 +207,10 @@ class Int4Linear:
     GROUP = 32
 
     def __init__(self, codes: Tensor, scale: Tensor, zero: Tensor, bias: Tensor | None) -> None:
+        self._pack(codes, scale, zero, bias)
+        self.plan = RowPlan.probe("int4", codes.shape[1], Int4Linear._probe_kernel)
+
+    def _pack(self, codes: Tensor, scale: Tensor, zero: Tensor, bias: Tensor | None) -> None:
         # codes: [N, K] uint8; scale, zero: [N, K / GROUP] float32
         n, k = codes.shape
         if k % self.GROUP or scale.shape != (n, k // self.GROUP) or zero.shape != scale.shape:
@@ -215,20 +219,16 @@ class Int4Linear:
         self.scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
         self.bias = None if bias is None else bias.detach().float()
         self.out_features = n
-        self.plan = RowPlan.probe("int4", k, Int4Linear._probe_kernel)
 
     @staticmethod
     def _probe_kernel(w: Tensor) -> Callable[[Tensor], Tensor]:
-        # For RowPlan: the int4 kernel on random codes, scales and zeros of w's shape, called directly.
+        # For RowPlan: the int4 kernel on random codes, scales and zeros of w's shape, called directly
+        # (an Int4Linear built without a plan: building one with a plan would probe again).
         g = torch.Generator().manual_seed(1)
         n, k = w.shape
         lin = Int4Linear.__new__(Int4Linear)
-        codes = torch.randint(0, 16, (n, k), generator=g).to(torch.int32)
-        lin.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-        sz = torch.stack([torch.rand(n, k // Int4Linear.GROUP, generator=g) * 0.01,
-                          torch.randn(n, k // Int4Linear.GROUP, generator=g) * 0.01], dim=-1)
-        lin.scales_zeros = sz.transpose(0, 1).contiguous().to(torch.bfloat16)
-        lin.bias, lin.out_features = None, n
+        lin._pack(torch.randint(0, 16, (n, k), generator=g), torch.rand(n, k // Int4Linear.GROUP, generator=g) * 0.01,
+                  torch.randn(n, k // Int4Linear.GROUP, generator=g) * 0.01, None)
         return lin._call
 
     def dequantized(self, codes: Tensor) -> Tensor:
