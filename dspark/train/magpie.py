@@ -281,6 +281,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seeds each attempt's domain, opener and sampler (default: 0)")
     p.add_argument("--batch-size", type=int, default=16, help="attempts decoded together (default: 16)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    from dspark.config import add_runtime_arguments
+    add_runtime_arguments(p)
 
 
 def run(args: argparse.Namespace) -> Path:
@@ -294,7 +296,8 @@ def run(args: argparse.Namespace) -> Path:
     out = Path(args.out)
     check_writable(out, "--out")
     out.parent.mkdir(parents=True, exist_ok=True)
-    llm = LLM(model=args.model, drafter=None, max_num_seqs=args.batch_size, num_threads=args.threads)
+    llm = LLM(model=args.model, drafter=None, max_num_seqs=args.batch_size, num_threads=args.threads,
+              cpu_gemm=getattr(args, "cpu_gemm", "auto"), attention=getattr(args, "attention", "auto"))
     rejected = generate_prompts(llm, out, args.num_prompts, mix, args.seed, args.batch_size, args.max_tokens,
                                 args.temperature, args.top_p, exclude)
     print(f"wrote {out} ({args.num_prompts} prompts; rejected: {rejected or 'none'})", file=sys.stderr)
