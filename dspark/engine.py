@@ -120,6 +120,10 @@ class RequestOutput:
     token_ids: list[int]
     finish_reason: str  # "stop" (eos, stop token or stop string), "length", "abort" or "error"
     metrics: RequestMetrics
+    # With `Engine.record_hidden` set: the target's outputs of those layers at every token it ran,
+    # float16 [len(prompt_token_ids) + len(token_ids) - 1, layers, hidden] (the last token is sampled,
+    # never run). None otherwise.
+    hidden: torch.Tensor | None = None
 
 
 @dataclass
@@ -174,6 +178,7 @@ class Request:
     slot: int = -1
     num_computed: int = 0                  # prompt tokens already in the target cache
     prefill_hidden: list[torch.Tensor] = field(default_factory=list)  # per chunk, for the drafter
+    recorded: list[torch.Tensor] = field(default_factory=list)  # per forward, with Engine.record_hidden
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
@@ -275,6 +280,10 @@ class Engine:
         self.max_num_seqs = config.max_num_seqs
         self.cache = target.new_cache(self.max_num_seqs, self.max_model_len)
         self.drafter = drafter  # a dspark.drafters Drafter, or None for plain decoding
+        # Layers whose outputs every request records as it runs (float16, returned in
+        # RequestOutput.hidden): drafter training data from the generating forwards themselves, so
+        # `dspark datagen --store-hidden` needs no second pass. Plain decoding only.
+        self._record_hidden: tuple[int, ...] = ()
         if drafter is not None:
             gamma = config.num_speculative_tokens or drafter.block_size
             if not 1 <= gamma <= drafter.block_size:
@@ -506,7 +515,11 @@ class Engine:
                 self._speculative_round(sched.decode, sched.num_draft_tokens)
             else:
                 tokens = torch.tensor([[r.last_token] for r in sched.decode], device=self.device)  # [R, 1]
-                res = self.target.forward(self.cache, [r.slot for r in sched.decode], tokens)
+                res = self.target.forward(self.cache, [r.slot for r in sched.decode], tokens,
+                                          hidden_layer_ids=self._record_hidden)
+                if self._record_hidden:
+                    for i, req in enumerate(sched.decode):
+                        req.recorded.append(res.hidden[i, :1].to(torch.float16))
                 for req, tok in zip(sched.decode, self._sample(res.logits[:, 0], sched.decode)):
                     req.metrics.rounds += 1
                     self._append(req, [tok])
@@ -515,10 +528,26 @@ class Engine:
                 if not req.finished:
                     self._fail(req, e)
 
+    @property
+    def record_hidden(self) -> tuple[int, ...]:
+        return self._record_hidden
+
+    @record_hidden.setter
+    def record_hidden(self, layers: Sequence[int]) -> None:
+        layers = tuple(int(i) for i in layers)
+        if layers and self.drafter is not None:
+            raise ValueError("record_hidden needs plain decoding (an engine without a drafter)")
+        if layers and (self.running or self.waiting):
+            raise ValueError("record_hidden can only change while the engine has no requests")
+        for i in layers:
+            if not 0 <= i < self.target.num_layers:
+                raise ValueError(f"record_hidden layer {i} is outside [0, {self.target.num_layers - 1}]")
+        self._record_hidden = layers
+
     def _prefill(self, chunks: list[PrefillChunk]) -> None:
         """Run one chunk of each of these prompts in one forward (rows padded to the longest chunk);
         after a prompt's last chunk, hand it to the drafter and sample its first token (the first anchor)."""
-        layers = self.drafter.target_layer_ids if self.drafter is not None else ()
+        layers = self.drafter.target_layer_ids if self.drafter is not None else self._record_hidden
         ids = [c.request.prompt_ids[c.request.num_computed:c.request.num_computed + c.num_tokens] for c in chunks]
         res = self.target.forward(self.cache, [c.request.slot for c in chunks], ids, hidden_layer_ids=layers,
                                   all_logits=False)
@@ -530,6 +559,8 @@ class Engine:
             try:
                 if self.drafter is not None and res.hidden is not None:
                     req.prefill_hidden.append(res.hidden[i, :len(chunk_ids)])
+                elif self._record_hidden:
+                    req.recorded.append(res.hidden[i, :len(chunk_ids)].to(torch.float16))
                 if not req.prefilled:
                     continue
                 if self.drafter is not None:
@@ -837,8 +868,9 @@ class Engine:
 
     @staticmethod
     def to_output(req: Request) -> RequestOutput:
+        hidden = torch.cat(req.recorded) if req.recorded else None
         return RequestOutput(req.request_id, req.prompt, req.prompt_ids, req.text, list(req.output_ids),
-                             req.finish_reason or "", req.metrics)
+                             req.finish_reason or "", req.metrics, hidden)
 
 
 class LLM:

@@ -84,8 +84,9 @@ def test_resume_with_other_settings_is_refused(qwen3_ckpt, tmp_path, capsys):
 
 
 def test_store_hidden_matches_the_target_and_trains_offline_like_online(qwen3_ckpt, corpus, tmp_path, capsys):
-    """--store-hidden writes each sequence's taps + last layer (float16) exactly as the target computes
-    them, and train-drafter on that file reproduces the online losses (fp16 storage rounding only)."""
+    """--store-hidden writes each sequence's taps + last layer (float16), recorded by the generating
+    forwards, as a forward over the whole sequence computes them (every token but the last, which is
+    never run), and train-drafter on that file reproduces the online losses (fp16 storage rounding only)."""
     import torch
     from safetensors import safe_open
 
@@ -106,11 +107,11 @@ def test_store_hidden_matches_the_target_and_trains_offline_like_online(qwen3_ck
         ids = r["prompt_ids"] + r["output_ids"]
         with safe_open(str(tmp_path / r["hidden_file"]), "pt") as f:
             got = f.get_tensor(f"seq_{r['id']}")
-        assert got.dtype == torch.float16 and tuple(got.shape) == (len(ids), 3, target.config.hidden_size)
+        assert got.dtype == torch.float16 and tuple(got.shape) == (len(ids) - 1, 3, target.config.hidden_size)
         slot = cache.allocate()
         want = target.forward(cache, [slot], [ids], hidden_layer_ids=[0, 1, L - 1], all_logits=False).hidden[0]
         cache.free(slot)
-        assert torch.allclose(got.float(), want[:len(ids)].float(), atol=2e-2, rtol=2e-3)
+        assert torch.allclose(got.float(), want[:len(ids) - 1].float(), atol=2e-2, rtol=2e-3)
     # A settings change on resume is refused (stored layers are part of what a row is).
     assert main([*base, "--store-hidden", "--hidden-layers", "1"]) == 2
     assert "--hidden-layers" in capsys.readouterr().err
@@ -122,6 +123,21 @@ def test_store_hidden_matches_the_target_and_trains_offline_like_online(qwen3_ck
     off, on = (json.loads((tmp_path / d / "training_log.json").read_text()) for d in ("off", "on"))
     assert off["drafter"]["target_layer_ids"] == [0, 1]
     assert off["train_losses"] == pytest.approx(on["train_losses"], rel=1e-3)
+    # The missing last row is never read: the same files with a wild last row appended train to
+    # exactly the same losses and validation figures.
+    from dspark.train.checkpoint import atomic_save_safetensors
+    full = tmp_path / "full.jsonl"
+    (tmp_path / "full.jsonl.hidden").mkdir()
+    for r in rows:
+        with safe_open(str(tmp_path / r["hidden_file"]), "pt") as f:
+            meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        grown = {k: torch.cat([v, torch.full_like(v[:1], 50.0)]) for k, v in tensors.items()}
+        atomic_save_safetensors(grown, tmp_path / r["hidden_file"].replace("data.jsonl", "full.jsonl"), metadata=meta)
+    full.write_text("".join(json.dumps({**r, "hidden_file": r["hidden_file"].replace("data.jsonl", "full.jsonl")})
+                            + "\n" for r in rows))
+    train(TrainDrafterConfig(**{**kw, "data": str(full)}, out=str(tmp_path / "off-full")))
+    off_full = json.loads((tmp_path / "off-full" / "training_log.json").read_text())
+    assert off_full["train_losses"] == off["train_losses"] and off_full["evals"] == off["evals"]
     # The same with a reduced draft vocabulary: offline runs the LM head over the draft rows only,
     # with cached log-normalisers, and must still give the full-vocabulary losses.
     train(TrainDrafterConfig(out=str(tmp_path / "off-r"), draft_vocab_size=40, **kw))

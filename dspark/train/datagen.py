@@ -13,13 +13,16 @@ template when it has one (--raw: as plain text). Output: one JSON object a line 
 `prompt_ids`, `output_ids`, `text`, `finish_reason` and the sampling parameters. Resumable: ids
 already in the output file are skipped, and each batch is appended and flushed as it finishes.
 
---store-hidden (offline drafter training, as SpecForge's offline mode): each batch's prompt + output
-is scored once more by the target and, per sequence, the outputs of the tapped layers
-(--hidden-layers, default 5 evenly spaced) and of the last layer (before the final norm: the
-target's logits for the TV and confidence terms follow from it exactly) are stored as float16
-`[T, taps + 1, hidden]` in `OUT.hidden/batch_NNNNN.safetensors` (written atomically before the
-batch's lines, so a line always finds its tensors). `dspark train-drafter` then never runs the target
-body. Bytes per token: (taps + 1) x hidden x 2 (SmolLM2, 5 taps: 6 x 576 x 2 = 6,912).
+--store-hidden (offline drafter training, as SpecForge's offline mode): the forwards that generate
+each response also record, per token, the outputs of the tapped layers (--hidden-layers, default 5
+evenly spaced) and of the last layer (before the final norm: the target's logits for the TV and
+confidence terms follow from it exactly), so no second pass over the data runs the target. They are
+stored as float16 `[T - 1, taps + 1, hidden]` per sequence of T = prompt + output tokens (the last
+token is sampled, never run; no training anchor or predicted position reads its row) in
+`OUT.hidden/batch_NNNNN.safetensors` (written atomically before the batch's lines, so a line always
+finds its tensors). `dspark train-drafter` then never runs the target body. The CPU kernels are
+batch-invariant, so a token's row is what a forward over its whole sequence gives. Bytes per
+token: (taps + 1) x hidden x 2 (SmolLM2, 5 taps: 6 x 576 x 2 = 6,912).
 """
 
 from __future__ import annotations
@@ -137,28 +140,12 @@ def hidden_layers(args: argparse.Namespace, target: Any) -> list[int]:
     return got
 
 
-def store_hidden(target: Any, path: Path, seqs: dict[int, list[int]], layers: list[int], batch: int) -> None:
-    """Score each token sequence with the target and write its taps + last layer as float16."""
-    import torch
-
+def write_hidden(path: Path, rows: dict[int, Any], layers: list[int], last: int) -> None:
+    """Write each sequence's recorded rows (float16 [T - 1, taps + 1, hidden]) to one safetensors file."""
     from dspark.train.checkpoint import atomic_save_safetensors
 
-    taps = list(layers) + [target.config.num_layers - 1]
-    tensors = {}
-    items = list(seqs.items())
-    cache = target.new_cache(batch, max(len(v) for v in seqs.values()))
-    with torch.inference_mode():
-        for b in range(0, len(items), batch):
-            part = items[b:b + batch]
-            slots = [cache.allocate() for _ in part]
-            try:
-                res = target.forward(cache, slots, [ids for _, ids in part], hidden_layer_ids=taps, all_logits=False)
-            finally:
-                for s in slots:
-                    cache.free(s)
-            for j, (i, ids) in enumerate(part):
-                tensors[f"seq_{i}"] = res.hidden[j, :len(ids)].to(torch.float16).contiguous()
-    atomic_save_safetensors(tensors, path, metadata={"layers": json.dumps(layers), "last": str(taps[-1])})
+    tensors = {f"seq_{i}": t.contiguous() for i, t in rows.items()}
+    atomic_save_safetensors(tensors, path, metadata={"layers": json.dumps(layers), "last": str(last)})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -252,6 +239,8 @@ def run(args: argparse.Namespace) -> Path:
         return llm.render_chat([{"role": "user", "content": prompt}]) if chat and instruction[i] else prompt
 
     layers = hidden_layers(args, llm.target) if args.store_hidden else None
+    if layers is not None:
+        llm.engine.record_hidden = [*layers, llm.target.config.num_layers - 1]  # taps + the last layer
     hidden_dir = out.with_name(out.name + ".hidden")
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="datagen", unit="prompt")
     n_tok = 0
@@ -269,9 +258,8 @@ def run(args: argparse.Namespace) -> Path:
             stored = {}
             if layers is not None:
                 name = f"batch_{chunk[0][0]:06d}.safetensors"
-                store_hidden(llm.target, hidden_dir / name,
-                             {i: pid + o.token_ids for (i, _), pid, o in zip(chunk, ids, outs)}, layers,
-                             args.batch_size)
+                write_hidden(hidden_dir / name, {i: o.hidden for (i, _), o in zip(chunk, outs)}, layers,
+                             llm.target.config.num_layers - 1)
                 stored = {"hidden_file": f"{hidden_dir.name}/{name}", "hidden_layers": layers}
             for (i, prompt), pid, o in zip(chunk, ids, outs):
                 fh.write(json.dumps({"id": i, "prompt": prompt, "prompt_ids": pid, "output_ids": o.token_ids,

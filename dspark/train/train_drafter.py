@@ -312,9 +312,11 @@ class StoredFeatures:
                 raise DataError(f"stored hidden states {file}: no tensor {key!r} (the data file and its "
                                 ".hidden folder do not match)")
             t = h.get_tensor(key)
-            if t.shape[0] < len(s.ids):
+            # Every token but the last (which datagen sampled and never ran); no anchor or predicted
+            # position reads the last row, so it stays zero like the padding.
+            if t.shape[0] < len(s.ids) - 1:
                 raise DataError(f"stored hidden states {file}:{key} cover {t.shape[0]} tokens, the sequence "
-                                f"has {len(s.ids)}")
+                                f"has {len(s.ids)} (its first {len(s.ids) - 1} are needed)")
             rows.append(t[:len(s.ids)])
         n, H = rows[0].shape[1], rows[0].shape[2]
         out = torch.zeros(B, T, n, H, dtype=torch.float32)
