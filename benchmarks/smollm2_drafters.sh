@@ -15,8 +15,11 @@
 # DRAFT_OUT (default $OUT) is where the drafter directories go, so a new recipe does not resume an
 # old one's checkpoints. DATA (default $OUT/data.jsonl) is the regenerated training data. GEMM
 # (default auto) is the --cpu-gemm the target generates prompts and responses with: fp16 decodes a
-# batch of 32-64 faster than the int4 default; the two run the same GGUF weights and differ in the
-# last bits only (and verification is exact whatever drafted). DG_BATCH
+# batch of 32-64 faster than the int4 default. The two are the same GGUF weights rounded differently
+# (fp16-rounded dequantized weights; 4-bit codes with bf16 scales and bf16 activations at those
+# matrices), so a drafter trained on one's responses and hidden states drafts for the other (its
+# acceptance is what `dspark eval` measures, on the default; verification is exact whatever drafted).
+# DG_BATCH
 # (default 32) is datagen's batch: how fast, not what (each response has its own seed, and the
 # kernels are batch-invariant).
 #
