@@ -82,7 +82,8 @@ def test_generates_and_resumes_with_smollm2(tmp_path, monkeypatch):
         assert r["prompt"].startswith(r["opener"])
     state = json.loads((tmp_path / "p.jsonl.state.json").read_text())
     assert state["next_attempt"] >= 3
-    assert main([*args, "--num-prompts", "5"]) == 0  # resumes: keeps the first 3, adds 2 more
+    # Resumes (keeps the first 3, adds 2 more), here on the fp16 GEMM, as the committed prompts were.
+    assert main([*args, "--num-prompts", "5", "--cpu-gemm", "fp16"]) == 0
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert rows[:3] == first and len(rows) == 5
     assert min(r["attempt"] for r in rows[3:]) >= state["next_attempt"]
