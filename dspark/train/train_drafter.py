@@ -359,13 +359,16 @@ class TargetNormalisers:
 
     @torch.no_grad()
     def lse(self, seq: Sequence, last: torch.Tensor) -> torch.Tensor:
-        """[len(seq.ids)] float32 logsumexp of the target's logits at each position of `seq` (its rows of `last`)."""
+        """[len(seq.ids)] float32 logsumexp of the target's logits at each position of `seq` (its rows of
+        `last`) from the first output position on; zero on the prompt, whose rows no block reads (a block
+        at anchor t >= output_start reads rows t .. t + G - 1), which saves the full-vocabulary head there."""
         key = seq.hidden
         got = self._lse.get(key)
         if got is None:
-            n = len(seq.ids)
-            parts = [torch.logsumexp(self.target.lm_head(self._normed(last[i:i + self.chunk])).float(), dim=-1)
-                     for i in range(0, n, self.chunk)]
+            n, start = len(seq.ids), min(seq.output_start, len(seq.ids))
+            parts = [torch.zeros(start)]
+            parts += [torch.logsumexp(self.target.lm_head(self._normed(last[i:min(i + self.chunk, n)])).float(), dim=-1)
+                      for i in range(start, n, self.chunk)]
             got = self._lse[key] = torch.cat(parts)
         return got
 
