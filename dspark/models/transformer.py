@@ -131,9 +131,9 @@ class RowPlan:
 
     def __call__(self, fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        if self.all_good or rows == 0 or rows in self._good_set:
-            return fn(x)
-        if not self.good:  # the kernel disagrees with itself at PROBE_ROWS rows: nothing padding can fix
+        # No agreeing count at all: the kernel disagrees with itself at PROBE_ROWS rows, which no
+        # padding can fix.
+        if self.all_good or not self.good or rows == 0 or rows in self._good_set:
             return fn(x)
         x2 = x.reshape(rows, x.shape[-1])
         parts, i, big = [], 0, self.good[-1]

@@ -220,7 +220,7 @@ def run(args: argparse.Namespace) -> Path:
             out.write_text(text[:text.rfind("\n") + 1], encoding="utf-8")
     out.parent.mkdir(parents=True, exist_ok=True)
     llm = LLM(model=args.model, max_num_seqs=args.batch_size, num_threads=args.threads,
-              cpu_gemm=getattr(args, "cpu_gemm", "auto"), attention=getattr(args, "attention", "auto"))
+              cpu_gemm=args.cpu_gemm, attention=args.attention)
     check_resume_settings(out, args, llm, bool(done))
     try:
         k, n_shards = (int(x) for x in args.shard.split("/"))
@@ -239,8 +239,9 @@ def run(args: argparse.Namespace) -> Path:
         return llm.render_chat([{"role": "user", "content": prompt}]) if chat and instruction[i] else prompt
 
     layers = hidden_layers(args, llm.target) if args.store_hidden else None
+    last = llm.target.config.num_layers - 1
     if layers is not None:
-        llm.engine.record_hidden = [*layers, llm.target.config.num_layers - 1]  # taps + the last layer
+        llm.engine.record_hidden = [*layers, last]  # taps + the last layer
     hidden_dir = out.with_name(out.name + ".hidden")
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="datagen", unit="prompt")
     n_tok = 0
@@ -258,8 +259,7 @@ def run(args: argparse.Namespace) -> Path:
             stored = {}
             if layers is not None:
                 name = f"batch_{chunk[0][0]:06d}.safetensors"
-                write_hidden(hidden_dir / name, {i: o.hidden for (i, _), o in zip(chunk, outs)}, layers,
-                             llm.target.config.num_layers - 1)
+                write_hidden(hidden_dir / name, {i: o.hidden for (i, _), o in zip(chunk, outs)}, layers, last)
                 stored = {"hidden_file": f"{hidden_dir.name}/{name}", "hidden_layers": layers}
             for (i, prompt), pid, o in zip(chunk, ids, outs):
                 fh.write(json.dumps({"id": i, "prompt": prompt, "prompt_ids": pid, "output_ids": o.token_ids,

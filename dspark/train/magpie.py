@@ -297,7 +297,7 @@ def run(args: argparse.Namespace) -> Path:
     check_writable(out, "--out")
     out.parent.mkdir(parents=True, exist_ok=True)
     llm = LLM(model=args.model, drafter=None, max_num_seqs=args.batch_size, num_threads=args.threads,
-              cpu_gemm=getattr(args, "cpu_gemm", "auto"), attention=getattr(args, "attention", "auto"))
+              cpu_gemm=args.cpu_gemm, attention=args.attention)
     rejected = generate_prompts(llm, out, args.num_prompts, mix, args.seed, args.batch_size, args.max_tokens,
                                 args.temperature, args.top_p, exclude)
     print(f"wrote {out} ({args.num_prompts} prompts; rejected: {rejected or 'none'})", file=sys.stderr)

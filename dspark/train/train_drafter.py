@@ -367,7 +367,7 @@ class TargetNormalisers:
         if got is None:
             n, start = len(seq.ids), min(seq.output_start, len(seq.ids))
             parts = [torch.zeros(start)]
-            parts += [torch.logsumexp(self.target.lm_head(self._normed(last[i:min(i + self.chunk, n)])).float(), dim=-1)
+            parts += [torch.logsumexp(self.target.lm_head(self._normed(last[i:i + self.chunk])).float(), dim=-1)
                       for i in range(start, n, self.chunk)]
             got = self._lse[key] = torch.cat(parts)
         return got
