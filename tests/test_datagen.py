@@ -147,6 +147,19 @@ def test_store_hidden_matches_the_target_and_trains_offline_like_online(qwen3_ck
     assert off_r["drafter"]["draft_vocab_size"] == 40
     assert off_r["train_losses"] == pytest.approx(on_r["train_losses"], rel=1e-3)
     assert off_r["train_losses"] != pytest.approx(off["train_losses"], rel=1e-3)  # the reduction did change them
+    # The log-normalisers are kept beside the stored hidden states for the next run on the same data and
+    # target, which then trains to exactly the same losses; a damaged file is recomputed, with a warning.
+    (store,) = (tmp_path / "data.jsonl.hidden").glob("lse-*.safetensors")
+    capsys.readouterr()
+    train(TrainDrafterConfig(out=str(tmp_path / "off-r2"), draft_vocab_size=40, **kw))
+    assert "target log-normalisers" not in capsys.readouterr().err  # nothing left to compute
+    store.write_bytes(b"not a safetensors file")
+    train(TrainDrafterConfig(out=str(tmp_path / "off-r3"), draft_vocab_size=40, **kw))
+    err = capsys.readouterr().err
+    assert "unreadable" in err and "target log-normalisers" in err  # recomputed, with the bar
+    for d in ("off-r2", "off-r3"):
+        again = json.loads((tmp_path / d / "training_log.json").read_text())
+        assert again["train_losses"] == off_r["train_losses"] and again["evals"] == off_r["evals"], d
     # Other taps than the stored ones: one line naming both.
     with pytest.raises(ValueError, match="stores layers 0,1"):
         train(TrainDrafterConfig(out=str(tmp_path / "bad"), target_layer_ids=[0], **kw))

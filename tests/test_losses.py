@@ -106,3 +106,40 @@ def test_tv_gradient_only_flows_into_the_draft() -> None:
     assert draft.grad is not None and draft.grad.abs().sum() > 0
     assert target.grad is None  # the target is frozen
     assert conf.grad is not None
+
+
+def test_kl_term_is_forward_kl_to_the_target_and_off_by_default() -> None:
+    torch.manual_seed(0)
+    draft = torch.randn(2, 3, 4, 11)
+    target = torch.randn(2, 3, 4, 11)
+    labels = torch.randint(0, 11, (2, 3, 4))
+    mask = torch.rand(2, 3, 4) > 0.3
+    t = loss_terms(draft, target, labels, mask, None, decay=3.0)
+    w = position_weights(4, 3.0) * mask.float()
+    per_pos = torch.nn.functional.kl_div(torch.log_softmax(draft, -1), torch.log_softmax(target, -1),
+                                         log_target=True, reduction="none").sum(-1)
+    assert torch.allclose(t.kl, (per_pos * w).sum(), atol=1e-5)
+    # A perfect draft has zero KL.
+    assert float(loss_terms(target, target, labels, mask, None).kl) == pytest.approx(0.0, abs=1e-5)
+    # The paper's loss leaves it out; a weight adds it.
+    assert torch.allclose(total_loss(t, LossWeights()), (0.1 * t.ce + 0.9 * t.tv) / t.weight_sum)
+    assert torch.allclose(total_loss(t, LossWeights(kl=0.5)), (0.1 * t.ce + 0.9 * t.tv + 0.5 * t.kl) / t.weight_sum)
+
+
+def test_kl_term_over_a_reduced_draft_vocabulary() -> None:
+    """Over draft ids D: Σ_{v∈D} p_t(v)(log p_t(v) − log p_d(v)), the same whether the caller passes the
+    target's full logits or its log-probabilities over D only; its gradient reaches the draft logits."""
+    torch.manual_seed(1)
+    V, ids = 12, torch.tensor([0, 3, 4, 7, 9])
+    draft = torch.randn(1, 2, 3, len(ids), requires_grad=True)
+    target = torch.randn(1, 2, 3, V)
+    labels = ids[torch.randint(0, len(ids), (1, 2, 3))]
+    mask = torch.ones(1, 2, 3, dtype=torch.bool)
+    t = loss_terms(draft, target, labels, mask, None, decay=None, draft_ids=ids)
+    log_pt = torch.log_softmax(target, -1)[..., ids]
+    want = (log_pt.exp() * (log_pt - torch.log_softmax(draft, -1))).sum()
+    assert torch.allclose(t.kl, want, atol=1e-5)
+    t2 = loss_terms(draft, log_pt, labels, mask, None, decay=None, draft_ids=ids, target_in_draft_vocab=True)
+    assert torch.allclose(t2.kl, t.kl, atol=1e-5)
+    total_loss(t, LossWeights(ce=0, tv=0, conf=0, kl=1.0)).backward()
+    assert draft.grad is not None and draft.grad.abs().sum() > 0

@@ -18,7 +18,8 @@ is held out for validation.
 
 Each step runs the frozen target once over the batch (taps at `target_layer_ids` for the context
 features, logits for the TV term), then the drafter over all anchors of every sequence in one
-forward, and minimises 0.1·CE + 0.9·TV + 1.0·BCE(confidence), each weighted by exp(−(k−1)/decay).
+forward, and minimises 0.1·CE + 0.9·TV + 1.0·BCE(confidence), each weighted by exp(−(k−1)/decay)
+(--kl-weight adds forward KL to the target distribution, soft-label distillation; not in the paper).
 The EAGLE-3 baseline trains on the same data, taps, anchors, γ and losses (it has no confidence
 head): its k-th block position is step k of a training-time-test unroll from the anchor.
 Batches and anchors are a pure function of (seed, step), so a restarted run (checkpoints in
@@ -84,6 +85,7 @@ class TrainDrafterConfig(RunConfig):
     ce_weight: float = 0.1
     tv_weight: float = 0.9
     conf_weight: float = 1.0
+    kl_weight: float = 0.0                # forward KL to the target distribution (not in the paper)
     loss_decay: float | None = None       # γ_decay of w_k = exp(-(k-1)/γ_decay); None: block_size
     eval_seqs: int = 64                   # validation sequences per evaluation (at most)
     draft_vocab_size: int | None = None   # predict only the N most frequent response tokens (None: all)
@@ -105,7 +107,7 @@ class TrainDrafterConfig(RunConfig):
                              f"got {self.markov_head_type!r}")
         if self.lr <= 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
-        for name in ("ce_weight", "tv_weight", "conf_weight", "warmup_steps"):
+        for name in ("ce_weight", "tv_weight", "conf_weight", "kl_weight", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
 
@@ -115,7 +117,7 @@ class TrainDrafterConfig(RunConfig):
 
     @property
     def loss_weights(self) -> LossWeights:
-        return LossWeights(ce=self.ce_weight, tv=self.tv_weight, conf=self.conf_weight)
+        return LossWeights(ce=self.ce_weight, tv=self.tv_weight, conf=self.conf_weight, kl=self.kl_weight)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -302,22 +304,32 @@ class StoredFeatures:
             self._open[file] = h
         return h
 
+    def _rows(self, s: Sequence) -> torch.Tensor:
+        """The stored taps of `s`: [n, L + 1, H] (the last layer last), n = len(s.ids) or one less."""
+        file, key = s.hidden
+        h = self._handle(file)
+        if key not in h.keys():
+            raise DataError(f"stored hidden states {file}: no tensor {key!r} (the data file and its "
+                            ".hidden folder do not match)")
+        t = h.get_tensor(key)
+        # Every token but the last (which datagen sampled and never ran); no anchor or predicted
+        # position reads the last row, so it stays zero like the padding.
+        if t.shape[0] < len(s.ids) - 1:
+            raise DataError(f"stored hidden states {file}:{key} cover {t.shape[0]} tokens, the sequence "
+                            f"has {len(s.ids)} (its first {len(s.ids) - 1} are needed)")
+        return t[:len(s.ids)]
+
+    def last_rows(self, s: Sequence) -> torch.Tensor:
+        """The target's last-layer output at every position of `s`: [len(s.ids), H] float32 (the
+        never-run last token's row zero)."""
+        t = self._rows(s)[:, -1].float()
+        out = torch.zeros(len(s.ids), t.shape[-1])
+        out[:t.shape[0]] = t
+        return out
+
     def __call__(self, batch: Batch) -> TargetFeatures:
         B, T = batch.input_ids.shape
-        rows = []
-        for s in batch.seqs:
-            file, key = s.hidden
-            h = self._handle(file)
-            if key not in h.keys():
-                raise DataError(f"stored hidden states {file}: no tensor {key!r} (the data file and its "
-                                ".hidden folder do not match)")
-            t = h.get_tensor(key)
-            # Every token but the last (which datagen sampled and never ran); no anchor or predicted
-            # position reads the last row, so it stays zero like the padding.
-            if t.shape[0] < len(s.ids) - 1:
-                raise DataError(f"stored hidden states {file}:{key} cover {t.shape[0]} tokens, the sequence "
-                                f"has {len(s.ids)} (its first {len(s.ids) - 1} are needed)")
-            rows.append(t[:len(s.ids)])
+        rows = [self._rows(s) for s in batch.seqs]
         n, H = rows[0].shape[1], rows[0].shape[2]
         out = torch.zeros(B, T, n, H, dtype=torch.float32)
         for i, t in enumerate(rows):
@@ -345,12 +357,63 @@ class TargetNormalisers:
     so each step runs the target's LM head over the draft vocabulary's rows only. The distance stays
     exact: log p_t(v) = logit_v − logsumexp(logits)."""
 
-    def __init__(self, target, draft_ids: torch.Tensor, chunk: int = 256) -> None:
+    def __init__(self, target, draft_ids: torch.Tensor, chunk: int = 256, store: Path | None = None) -> None:
         self.target = target
         w = target.transformer.lm_head_weight
         self.rows = w[draft_ids.to(w.device)].contiguous()  # [Vd, H]
         self.chunk = chunk
         self._lse: dict[Any, torch.Tensor] = {}
+        # `store`: a file that keeps them across runs on the same data and target (another recipe,
+        # a resumed run, another drafter), since they are most of a step's cost until every
+        # sequence has been seen once. Written atomically by `save`; a damaged file is recomputed.
+        self.store = store
+        self._stored: dict[str, torch.Tensor] = {}
+        self._unsaved = 0
+        if store is not None and store.is_file():
+            from safetensors.torch import load_file
+            try:
+                self._stored = load_file(store)
+            except Exception as e:  # safetensors raises its own error type for a damaged file
+                print(f"warning: {store} is unreadable ({e}); recomputing the target's log-normalisers",
+                      file=sys.stderr)
+
+    @staticmethod
+    def store_path(target, seqs: list[Sequence]) -> Path | None:
+        """Where the log-normalisers of `seqs` (offline data) are kept for `target`: beside the stored
+        hidden states, named by the target's files, dtype and kernels."""
+        from dspark.eval.acceptance import _digest, target_identity
+
+        if not seqs or seqs[0].hidden is None:
+            return None
+        return Path(seqs[0].hidden[0]).parent / f"lse-{_digest(target_identity(target))}.safetensors"
+
+    @staticmethod
+    def _store_key(seq: Sequence) -> str:
+        file, key = seq.hidden
+        return f"{Path(file).name}/{key}/{len(seq.ids)}/{seq.output_start}"
+
+    def fill(self, seqs: list[Sequence], stored: "StoredFeatures", show_progress: bool = True) -> None:
+        """Compute (or read from `store`) every sequence's log-normalisers now, with a progress bar, and
+        save them: a training run visits nearly every sequence anyway, and this way runs on the same
+        data share the work."""
+        from tqdm import tqdm
+
+        todo = [s for s in seqs if s.hidden not in self._lse and self._store_key(s) not in self._stored]
+        for s in tqdm(todo, desc="target log-normalisers", unit="seq", disable=not show_progress or not todo):
+            self.lse(s, stored.last_rows(s))
+        for s in seqs:
+            if s.hidden not in self._lse:
+                self._lse[s.hidden] = self._stored[self._store_key(s)]
+        self.save()
+
+    def save(self) -> None:
+        """Write what this run computed to `store` (nothing when there is no store or nothing new)."""
+        if self.store is None or not self._unsaved:
+            return
+        from dspark.train.checkpoint import atomic_save_safetensors
+
+        atomic_save_safetensors(self._stored, self.store)
+        self._unsaved = 0
 
     @torch.no_grad()
     def _normed(self, last: torch.Tensor) -> torch.Tensor:
@@ -365,11 +428,16 @@ class TargetNormalisers:
         key = seq.hidden
         got = self._lse.get(key)
         if got is None:
-            n, start = len(seq.ids), min(seq.output_start, len(seq.ids))
-            parts = [torch.zeros(start)]
-            parts += [torch.logsumexp(self.target.lm_head(self._normed(last[i:i + self.chunk])).float(), dim=-1)
-                      for i in range(start, n, self.chunk)]
-            got = self._lse[key] = torch.cat(parts)
+            skey = self._store_key(seq)
+            got = self._stored.get(skey)
+            if got is None:
+                n, start = len(seq.ids), min(seq.output_start, len(seq.ids))
+                parts = [torch.zeros(start)]
+                parts += [torch.logsumexp(self.target.lm_head(self._normed(last[i:i + self.chunk])).float(), dim=-1)
+                          for i in range(start, n, self.chunk)]
+                got = self._stored[skey] = torch.cat(parts)
+                self._unsaved += 1
+            self._lse[key] = got
         return got
 
     @torch.no_grad()
@@ -406,20 +474,20 @@ def evaluate(model, target, cache, data: list[Sequence], cfg: TrainDrafterConfig
     """Validation loss and τ̂ over a fixed set of held-out sequences and anchors."""
     model.eval()
     seqs = data[: cfg.eval_seqs]
-    sums = {"ce": 0.0, "tv": 0.0, "conf": 0.0, "w": 0.0, "tau": 0.0, "blocks": 0.0}
+    sums = {"ce": 0.0, "tv": 0.0, "conf": 0.0, "kl": 0.0, "w": 0.0, "tau": 0.0, "blocks": 0.0}
     for i in range(0, len(seqs), chunk):
         part = seqs[i: i + chunk]
         anchors = [sample_anchors(s, cfg.anchors_per_seq, [cfg.seed, _VAL_STREAM, i + j]) for j, s in enumerate(part)]
         t = compute_terms(model, target, cache, make_batch(part, anchors, cfg.anchors_per_seq), dcfg, cfg.decay,
                           stored)
-        for k, v in (("ce", t.ce), ("tv", t.tv), ("conf", t.conf), ("w", t.weight_sum), ("tau", t.tau_sum),
+        for k, v in (("ce", t.ce), ("tv", t.tv), ("conf", t.conf), ("kl", t.kl), ("w", t.weight_sum), ("tau", t.tau_sum),
                      ("blocks", t.num_blocks)):
             sums[k] += float(v)
     model.train()
     w = max(sums["w"], 1e-6)
     lw = cfg.loss_weights
-    return {"val_loss": (lw.ce * sums["ce"] + lw.tv * sums["tv"] + lw.conf * sums["conf"]) / w,
-            "val_ce": sums["ce"] / w, "val_tv": sums["tv"] / w, "val_conf": sums["conf"] / w,
+    return {"val_loss": (lw.ce * sums["ce"] + lw.tv * sums["tv"] + lw.conf * sums["conf"] + lw.kl * sums["kl"]) / w,
+            "val_ce": sums["ce"] / w, "val_tv": sums["tv"] / w, "val_conf": sums["conf"] / w, "val_kl": sums["kl"] / w,
             "val_tau": sums["tau"] / max(sums["blocks"], 1.0)}
 
 
@@ -563,7 +631,9 @@ def _train(cfg: TrainDrafterConfig, rank: int, world: int, load_target) -> Path:
         # After a resume too: the same choice (same data), and it slices the LM head to those rows.
         model.set_draft_vocab(ids)
         if stored is not None:
-            stored.normalisers = TargetNormalisers(target, model.draft_ids)
+            stored.normalisers = TargetNormalisers(target, model.draft_ids,
+                                                   store=TargetNormalisers.store_path(target, data.train))
+            stored.normalisers.fill(data.train + data.val, stored, show_progress=rank == 0)
     ddp_model = data_parallel(model, world)
 
     local_bs = cfg.batch_size // world
@@ -663,7 +733,7 @@ def model_card(cfg: TrainDrafterConfig, log: dict) -> str:
           if d.get("draft_vocab_size") else []),
         f"- Training: {log['step']} steps of {cfg.batch_size} sequences x {cfg.anchors_per_seq} anchors, AdamW lr "
         f"{cfg.lr} (warm-up {cfg.warmup_steps}, cosine to {cfg.min_lr_ratio}x), loss {cfg.ce_weight}·CE + "
-        f"{cfg.tv_weight}·TV + {cfg.conf_weight}·BCE with decay γ_decay={cfg.decay:g}; seed {cfg.seed}; "
+        f"{cfg.tv_weight}·TV + {cfg.conf_weight}·BCE{f' + {cfg.kl_weight}·KL' if cfg.kl_weight else ''} with decay γ_decay={cfg.decay:g}; seed {cfg.seed}; "
         f"{log['world_size']} process(es) x {log['threads']} thread(s).",
         f"- Wall time: {log['wall_seconds'] / 60:.1f} minutes (sum over resumed runs).",
         f"- Held-out τ̂ (expected accepted length from 1 − TV, bonus included, γ={cfg.block_size}): "
@@ -724,6 +794,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         ("val_percent", "percent of sequences held out for validation"),
         ("steps", "optimiser steps"), ("batch_size", "global batch in sequences"), *OPTIMISER_OPTIONS,
         ("ce_weight", "α_ce"), ("tv_weight", "α_tv"), ("conf_weight", "α_conf"),
+        ("kl_weight", "α_kl: forward KL(p_target ‖ p_draft), soft-label distillation (not in the paper's loss)"),
         ("eval_every", "validate every N steps"), ("eval_seqs", "validation sequences per evaluation"),
         *RUN_OPTIONS,
     ])
