@@ -362,17 +362,16 @@ class TargetNormalisers:
         w = target.transformer.lm_head_weight
         self.rows = w[draft_ids.to(w.device)].contiguous()  # [Vd, H]
         self.chunk = chunk
-        self._lse: dict[Any, torch.Tensor] = {}
-        # `store`: a file that keeps them across runs on the same data and target (another recipe,
-        # a resumed run, another drafter), since they are most of a step's cost until every
-        # sequence has been seen once. Written atomically by `save`; a damaged file is recomputed.
+        # By `_store_key`. `store`: a file that keeps them across runs on the same data and target
+        # (another recipe, a resumed run, another drafter), since they are most of a step's cost until
+        # every sequence has been seen once. Written atomically by `save`; a damaged file is recomputed.
+        self._lse: dict[str, torch.Tensor] = {}
         self.store = store
-        self._stored: dict[str, torch.Tensor] = {}
         self._unsaved = 0
         if store is not None and store.is_file():
             from safetensors.torch import load_file
             try:
-                self._stored = load_file(store)
+                self._lse = load_file(store)
             except Exception as e:  # safetensors raises its own error type for a damaged file
                 print(f"warning: {store} is unreadable ({e}); recomputing the target's log-normalisers",
                       file=sys.stderr)
@@ -398,12 +397,9 @@ class TargetNormalisers:
         data share the work."""
         from tqdm import tqdm
 
-        todo = [s for s in seqs if s.hidden not in self._lse and self._store_key(s) not in self._stored]
+        todo = [s for s in seqs if self._store_key(s) not in self._lse]
         for s in tqdm(todo, desc="target log-normalisers", unit="seq", disable=not show_progress or not todo):
             self.lse(s, stored.last_rows(s))
-        for s in seqs:
-            if s.hidden not in self._lse:
-                self._lse[s.hidden] = self._stored[self._store_key(s)]
         self.save()
 
     def save(self) -> None:
@@ -412,7 +408,7 @@ class TargetNormalisers:
             return
         from dspark.train.checkpoint import atomic_save_safetensors
 
-        atomic_save_safetensors(self._stored, self.store)
+        atomic_save_safetensors(self._lse, self.store)
         self._unsaved = 0
 
     @torch.no_grad()
@@ -425,19 +421,15 @@ class TargetNormalisers:
         """[len(seq.ids)] float32 logsumexp of the target's logits at each position of `seq` (its rows of
         `last`) from the first output position on; zero on the prompt, whose rows no block reads (a block
         at anchor t >= output_start reads rows t .. t + G - 1), which saves the full-vocabulary head there."""
-        key = seq.hidden
+        key = self._store_key(seq)
         got = self._lse.get(key)
         if got is None:
-            skey = self._store_key(seq)
-            got = self._stored.get(skey)
-            if got is None:
-                n, start = len(seq.ids), min(seq.output_start, len(seq.ids))
-                parts = [torch.zeros(start)]
-                parts += [torch.logsumexp(self.target.lm_head(self._normed(last[i:i + self.chunk])).float(), dim=-1)
-                          for i in range(start, n, self.chunk)]
-                got = self._stored[skey] = torch.cat(parts)
-                self._unsaved += 1
-            self._lse[key] = got
+            n, start = len(seq.ids), min(seq.output_start, len(seq.ids))
+            parts = [torch.zeros(start)]
+            parts += [torch.logsumexp(self.target.lm_head(self._normed(last[i:i + self.chunk])).float(), dim=-1)
+                      for i in range(start, n, self.chunk)]
+            got = self._lse[key] = torch.cat(parts)
+            self._unsaved += 1
         return got
 
     @torch.no_grad()
