@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from dspark.bundled import resolve_drafter
 from dspark.config import add_runtime_arguments
 from dspark.drafters import load_drafter
 from dspark.models import load_target
@@ -71,8 +72,8 @@ def main() -> None:
 
     greedy = SamplingTensors.from_params([SamplingParams(temperature=0)])
     for name in [d for d in args.drafters.split(",") if d]:
-        path = REPO / "models" / f"dspark-demo-{name if name != 'dspark' else 'drafter'}"
-        drafter = load_drafter(str(path) if path.is_dir() else name, target, max_seqs=1, max_len=1024)
+        # a bare name is the bundled drafter of that kind trained for the loaded model (as in generate)
+        drafter = load_drafter(str(resolve_drafter(name, target)), target, max_seqs=1, max_len=1024)
         g = min(args.gamma, drafter.block_size)
         taps = drafter.target_layer_ids
         res = target.forward(cache, [slot], [ids[-1:]], hidden_layer_ids=taps)  # features for a prefix

@@ -2,8 +2,9 @@
 
     python benchmarks/step_profile.py --threads 2 [--model M] [--steps 40] [--out runs/step_profile.json]
 
-Prints: the median step time; the time in the weight GEMMs (from torch.profiler: fbgemm's fp16-weight
-GEMM, or aten::linear/addmm/mm without it) and in everything else; the bytes of weights one step
+Prints: the median step time; the time in the weight GEMMs (this project's int4/int8 kernels timed
+directly, torch's GEMM ops from torch.profiler: fbgemm's fp16-weight GEMM, aten's int4 kernel, or
+aten::linear/addmm/mm) as a share of profiled steps, and in everything else; the bytes of weights one step
 reads; this machine's read bandwidth (a sum over a 1 GiB tensor); and the floor
 weight bytes / bandwidth, the step time a runtime that only read its weights would need.
 """
@@ -40,7 +41,7 @@ def bandwidth_gbs(nbytes: int = 1 << 30, repeats: int = 5) -> float:
 def weight_bytes(target) -> int:
     """Bytes of projection + LM-head weights one step reads: 2 per weight on the packed fp16 GEMM,
     half a byte plus a bf16 scale and zero per 32 on the int4 GEMM, the dtype's size otherwise."""
-    from dspark.models.transformer import Int4Linear, PackedLinear
+    from dspark.models.transformer import Int4Linear, Int8Linear, PackedLinear
 
     t = target.transformer
     mats = [(t.lm_head_weight, t.packed_lm_head)]
@@ -52,6 +53,8 @@ def weight_bytes(target) -> int:
     for w, packed in mats:
         if isinstance(packed, Int4Linear):
             total += w.numel() * (0.5 + 4 / Int4Linear.GROUP)
+        elif isinstance(packed, Int8Linear):
+            total += w.numel() * (1 + 4 / Int8Linear.GROUP)
         elif isinstance(packed, PackedLinear):
             total += w.numel() * 2
         else:
@@ -88,11 +91,32 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(5):
         step()
     times = [step() for _ in range(args.steps)]
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(10):
-            step()
-    total = sum(e.self_cpu_time_total for e in prof.key_averages())
-    gemm = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in GEMM_OPS)
+    # This project's C kernels (dspark/models/int4_gemm.c) are not torch ops: time them directly.
+    from dspark.models import int4_gemm
+
+    kernel_s = [0.0]
+
+    def timed(fn):
+        def run(*a):
+            t = time.perf_counter()
+            y = fn(*a)
+            kernel_s[0] += time.perf_counter() - t
+            return y
+        return run
+
+    mm, mm8 = int4_gemm.mm, int4_gemm.mm8
+    int4_gemm.mm, int4_gemm.mm8 = timed(mm), timed(mm8)
+    try:
+        t0 = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(10):
+                step()
+        wall = time.perf_counter() - t0
+    finally:
+        int4_gemm.mm, int4_gemm.mm8 = mm, mm8
+    torch_gemm = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in GEMM_OPS) / 1e6
+    # share of a profiled step in weight GEMMs: torch's GEMM ops plus the C kernels' wall time
+    share = min(1.0, (torch_gemm + kernel_s[0]) / wall)
     step_ms = statistics.median(times) * 1e3
     wb = weight_bytes(target)
     bw = bandwidth_gbs()
@@ -100,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "model": str(target.source), "threads": args.threads, "cpu_gemm": target.cpu_gemm, "attention": target.attention,
         "step_ms": round(step_ms, 3), "tokens_per_s": round(1e3 / step_ms, 1),
-        "gemm_share": round(gemm / total, 3), "gemm_ms": round(step_ms * gemm / total, 3),
-        "other_ms": round(step_ms * (1 - gemm / total), 3),
+        "gemm_share": round(share, 3), "gemm_ms": round(step_ms * share, 3),
+        "other_ms": round(step_ms * (1 - share), 3),
         "weight_bytes_per_step": wb, "read_bandwidth_gb_s": round(bw, 2),
         "weight_read_floor_ms": round(floor_ms, 3),
     }

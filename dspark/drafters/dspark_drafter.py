@@ -44,7 +44,7 @@ from dspark.drafters.common import CommitOne, SlotTable, check_propose_args, che
 from dspark.errors import CheckpointError
 from dspark.kv_cache import KVCache
 from dspark.models.config import ModelConfig, RopeScaling, _rope
-from dspark.models.transformer import PackedLinear, fp16_gemm_available, linear, rms_norm
+from dspark.models.transformer import Int8Linear, PackedLinear, fp16_gemm_available, linear, rms_norm
 from dspark.sampling import SamplingTensors
 
 if TYPE_CHECKING:
@@ -755,7 +755,10 @@ class FeatureDrafterModel(nn.Module):
             raise CheckpointError(f"d2t maps draft ids outside the target vocabulary [0, {full.shape[0]})")
         sub = full[ids].contiguous()
         self.shared.lm_head = sub
-        self.shared.packed_lm_head = PackedLinear(sub, None) if packed is not None else None
+        if isinstance(packed, Int8Linear):  # the target's Q8_0 head: the same rows on the int8 GEMM
+            self.shared.packed_lm_head = packed.rows(ids.to(packed.codes.device))
+        else:
+            self.shared.packed_lm_head = PackedLinear(sub, None) if packed is not None else None
 
     def to_target_tokens(self, draft_tokens: Tensor) -> Tensor:
         """Draft ids -> target ids (identity without a reduced vocabulary)."""

@@ -35,8 +35,9 @@ import torch
 from dspark.errors import CheckpointError
 
 # Bump when the directory layout or the conversion changes, so stale cache entries are not reused.
-FORMAT_VERSION = 2
-# 4-bit codes of Q4_0 / Q4_1 matrices, beside model.safetensors, for the CPU int4 weight GEMM.
+FORMAT_VERSION = 3
+# 4-bit codes of Q4_0 / Q4_1 matrices and 8-bit codes of Q8_0 ones, beside model.safetensors, for the
+# CPU weight-only GEMMs (dspark.models.int4_gemm).
 QUANT_FILE = "quant.safetensors"
 Q4_GROUP = 32
 GGUF_MAGIC = b"GGUF"
@@ -361,6 +362,18 @@ def q4_codes(path: Path, t: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray] | 
     return np.ascontiguousarray(codes, dtype=np.uint8), d, zero
 
 
+def q8_codes(t: Any) -> tuple[np.ndarray, np.ndarray] | None:
+    """(codes int8 [N, K], scale float32 [N, K/32]) of a Q8_0 matrix, whose weights are exactly
+    codes * scale (None for other types). Block layout (ggml): d (fp16), then 32 int8 codes."""
+    if getattr(t.tensor_type, "name", "") != "Q8_0" or len(t.shape) != 2:
+        return None
+    n, k = int(t.shape[1]), int(t.shape[0])
+    blocks = np.asarray(t.data, dtype=np.uint8).reshape(n, k // Q4_GROUP, -1)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    codes = blocks[..., 2:34].copy().view(np.int8).reshape(n, k)
+    return np.ascontiguousarray(codes), d
+
+
 def _convert(path: Path, out: Path, storage: str) -> None:
     from safetensors.torch import save_file
 
@@ -395,6 +408,10 @@ def _convert(path: Path, out: Path, storage: str) -> None:
             quant[hf + ".q4"] = torch.from_numpy(np.ascontiguousarray(codes))
             quant[hf + ".q4_scale"] = torch.from_numpy(np.ascontiguousarray(scale))
             quant[hf + ".q4_zero"] = torch.from_numpy(np.ascontiguousarray(zero))
+        q8 = q8_codes(t) if hf in ("model.embed_tokens.weight", "lm_head.weight") else None
+        if q8 is not None:  # the LM head (tied to the embedding or not), for the int8 GEMM
+            quant[hf + ".q8"] = torch.from_numpy(q8[0])
+            quant[hf + ".q8_scale"] = torch.from_numpy(q8[1])
     config["torch_dtype"] = storage
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     if quant:

@@ -103,12 +103,22 @@ class TargetModel:
 
     @property
     def cpu_gemm(self) -> str:
-        """Which GEMM the projections use: "int4+fp16-weights" (4-bit codes of the checkpoint, the rest
-        on the packed fp16-weight GEMM), "int4", "fp16-weights" or "fp32"."""
-        fp16 = self.transformer.packed_lm_head is not None
-        if getattr(self.transformer, "int4_packed", 0):
-            return "int4+fp16-weights" if fp16 else "int4"
-        return "fp16-weights" if fp16 else "fp32"
+        """Which GEMMs the projections and the LM head use, joined by "+": "int4" (4-bit codes of the
+        checkpoint), "int8-head" (its Q8_0 LM head on the int8 GEMM), "fp16-weights" (the packed
+        fp16-weight GEMM); "fp32" when none. The default on SmolLM2's Q4_1 file: "int4+int8-head"."""
+        from dspark.models.transformer import Int8Linear, PackedLinear
+
+        t = self.transformer
+        parts = []
+        if getattr(t, "int4_packed", 0):
+            parts.append("int4")
+        if isinstance(t.packed_lm_head, Int8Linear):
+            parts.append("int8-head")
+        packs = [t.packed_lm_head] + [p for layer in t.layers for p in (*layer.attn.packed.values(),
+                                                                     *layer.mlp.packed.values())]
+        if any(isinstance(p, PackedLinear) for p in packs):
+            parts.append("fp16-weights")
+        return "+".join(parts) or "fp32"
 
     @property
     def attention(self) -> str:
@@ -425,7 +435,9 @@ def load_target(
             torch_dtype == torch.float32:
         from safetensors.torch import load_file
 
-        model.pack_int4_weights(load_file(str(quant_file)))
+        quant = load_file(str(quant_file))
+        model.pack_int4_weights(quant)
+        model.pack_int8_lm_head(quant)
     model.pack_fp16_weights("off" if cpu_gemm == "off" else "auto", stored=stored)
     return TargetModel(cfg, model, tokenizer, generation_config, path, source=source)
 

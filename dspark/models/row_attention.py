@@ -22,87 +22,38 @@ directory, keyed by the source and the flags; without a compiler `available()` i
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from dspark.models.ckernel import CKernel
+
 SOURCE = Path(__file__).with_name("row_attention.c")
 ROW_LIMIT = 64  # new tokens of one sequence in one call handled row by row; more: SDPA on that sequence
 MAX_HEAD_DIM = 256  # MAX_D in row_attention.c
 FLAG_SETS = (["-O3", "-march=native"], ["-O3"])
 
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_tried = False
-_error: str | None = None
+
+def _setup(lib: ctypes.CDLL) -> bool:
+    fn = lib.dspark_row_attention
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    fn.argtypes = [i64, i64, i64, i64, ptr, i64, i64, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, i64, i64,
+                   ctypes.c_float]
+    fn.restype = ctypes.c_int
+    return _self_test(fn)
+
+
+KERNEL = CKernel(SOURCE, FLAG_SETS, _setup, env="DSPARK_ROW_ATTENTION")
 
 
 def _compile(out_dir: Path) -> ctypes.CDLL:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if not cc:
-        raise RuntimeError("no C compiler found (set $CC or install cc/gcc/clang)")
-    src = SOURCE.read_bytes()
-    errors = []
-    for flags in FLAG_SETS:
-        key = hashlib.sha256(src + " ".join([cc, *flags, platform.machine()]).encode()).hexdigest()[:16]
-        target = out_dir / f"row_attention-{key}.so"
-        if not target.is_file():
-            out_dir.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
-            os.close(fd)
-            try:
-                try:
-                    r = subprocess.run([cc, *flags, "-shared", "-fPIC", "-o", tmp, str(SOURCE)],
-                                       capture_output=True, text=True, timeout=120)
-                except (OSError, subprocess.SubprocessError) as e:
-                    errors.append(f"{cc}: {e}")
-                    continue
-                if r.returncode != 0:
-                    errors.append(f"{cc} {' '.join(flags)}: {r.stderr.strip()[-300:]}")
-                    continue
-                os.replace(tmp, target)  # atomic: a concurrent process sees the whole library or none
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-        try:
-            lib = ctypes.CDLL(str(target))
-        except OSError as e:
-            errors.append(f"{target}: {e}")
-            continue
-        fn = lib.dspark_row_attention
-        i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        fn.argtypes = [i64, i64, i64, i64, ptr, i64, i64, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, i64, i64,
-                       ctypes.c_float]
-        fn.restype = ctypes.c_int
-        if _self_test(fn):
-            return lib
-        errors.append(f"{target}: self-test against SDPA failed")
-    raise RuntimeError("could not build the row attention kernel: " + "; ".join(errors))
+    return KERNEL.compile(out_dir)
 
 
 def _library() -> ctypes.CDLL | None:
-    global _lib, _tried, _error
-    if _tried:
-        return _lib
-    with _lock:
-        if not _tried:
-            from dspark.models.gguf import cache_root
-
-            try:
-                _lib = _compile(cache_root() / "kernels")
-            except (RuntimeError, OSError, subprocess.SubprocessError) as e:
-                _error = str(e)
-            _tried = True
-    return _lib
+    return KERNEL.library()
 
 
 def supports(num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
@@ -113,16 +64,12 @@ def supports(num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
 
 def available() -> bool:
     """Whether the kernel is built (compiling it now if need be) and passed its self-test."""
-    if os.environ.get("DSPARK_ROW_ATTENTION", "1") == "0":
-        return False
-    return _library() is not None
+    return KERNEL.available()
 
 
 def unavailable_reason() -> str | None:
     """Why `available()` is False (None when it is True or has not been asked)."""
-    if os.environ.get("DSPARK_ROW_ATTENTION", "1") == "0":
-        return "DSPARK_ROW_ATTENTION=0"
-    return _error
+    return KERNEL.unavailable_reason()
 
 
 def _call(fn, q: Tensor, k: Tensor, v: Tensor, rows: "RowPlan", out: Tensor, scale: float) -> None:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dspark.kv_cache import CacheBatch, KVCache
-from dspark.models import row_attention
+from dspark.models import int4_gemm, row_attention
 from dspark.models.config import ModelConfig
 
 
@@ -174,23 +174,34 @@ class PackedLinear:
 # ---- CPU GEMM with 4-bit weights -------------------------------------------------------------------
 #
 # A GGUF Q4_0 / Q4_1 matrix is 4-bit codes q with a scale and a zero per group of 32 weights:
-# w = (q - 8) * scale + zero. torch's CPU kernel `aten._weight_int4pack_mm_for_cpu` reads those codes
-# directly (a quarter of fp16's bytes: decoding is bound by reading weights), in its fast form with
-# bfloat16 activations, scales, zeros and outputs. The model this runs, exactly: y = bf16(bf16(x) @ W^T)
-# with W = (q - 8) * bf16(scale) + bf16(zero); `int4_reference` computes the same in plain torch ops.
+# w = (q - 8) * scale + zero. Two kernels read those codes directly (a quarter of fp16's bytes: decoding
+# is bound by reading weights):
 #
-# Why it needs the row attention kernel to be the default (cpu_gemm="auto"): the GEMM itself is
-# row-independent, but rounding activations to bf16 turns the last-bit differences SDPA makes between
-# attention over a whole prompt, over chunks, or one token at a time into whole bf16 steps, which grow
-# over 30 layers. Measured on SmolLM2 with SDPA: logits of 8 tokens verified in one call and decoded one
-# at a time differ by up to 0.18 (float32 / fp16-weight GEMM: 5e-5), and 3 of 8 greedy replies change
-# between batch 1 and batch 8: greedy speculation would not reproduce plain decoding token for token.
-# `dspark.models.row_attention` computes every token's attention alone in a fixed order, so those
-# differences are exactly 0 and the int4 model is lossless under speculation like any other.
+# - "dspark" (`dspark.models.int4_gemm`, built at first use; x86-64 with AVX2 and FMA): the model is the
+#   file's weights exactly, w = fl(d * q + m) in float32 (d = scale, m = zero - 8 * scale), with float32
+#   activations and sums, so it is the model `--cpu-gemm fp16` runs, up to summation order.
+# - "torch" (`aten._weight_int4pack_mm_for_cpu`, where the first does not build): bfloat16
+#   activations, scales, zeros and outputs. The model: y = bf16(bf16(x) @ W^T) with
+#   W = (q - 8) * bf16(scale) + bf16(zero).
+#
+# `Int4Linear.reference` computes either in plain torch ops. Both are row-independent: a row's bits do not
+# depend on the other rows in the call (RowPlan checks it).
+#
+# Why the int4 GEMM needs the row attention kernel to be the default (cpu_gemm="auto"): with torch's
+# kernel, rounding activations to bf16 turns the last-bit differences SDPA makes between attention over
+# a whole prompt, over chunks, or one token at a time into whole bf16 steps, which grow over 30 layers.
+# Measured on SmolLM2 with SDPA: logits of 8 tokens verified in one call and decoded one at a time differ
+# by up to 0.18 (float32 / fp16-weight GEMM: 5e-5), and 3 of 8 greedy replies change between batch 1 and
+# batch 8. `dspark.models.row_attention` computes every token's attention alone in a fixed order, so
+# those differences are exactly 0 and the int4 model is lossless under speculation like any other.
 
 
 def int4_available() -> bool:
-    """Whether this torch build has the CPU int4 weight GEMM."""
+    """Whether a CPU int4 weight GEMM is here (this project's kernel, or torch's)."""
+    return int4_gemm.available() or _torch_int4_available()
+
+
+def _torch_int4_available() -> bool:
     try:
         q = torch.zeros(16, 32, dtype=torch.int32)
         w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
@@ -206,52 +217,110 @@ class Int4Linear:
 
     GROUP = 32
 
-    def __init__(self, codes: Tensor, scale: Tensor, zero: Tensor, bias: Tensor | None) -> None:
+    def __init__(self, codes: Tensor, scale: Tensor, zero: Tensor, bias: Tensor | None,
+                 kernel: str | None = None) -> None:
+        self.kernel = kernel or ("dspark" if int4_gemm.available() else "torch")
         self._pack(codes, scale, zero, bias)
-        self.plan = RowPlan.probe("int4", codes.shape[1], Int4Linear._probe_kernel)
+        self.plan = RowPlan.probe(f"int4-{self.kernel}", codes.shape[1],
+                                  lambda w: Int4Linear._probe_kernel(w, self.kernel))
 
     def _pack(self, codes: Tensor, scale: Tensor, zero: Tensor, bias: Tensor | None) -> None:
         # codes: [N, K] uint8; scale, zero: [N, K / GROUP] float32
         n, k = codes.shape
         if k % self.GROUP or scale.shape != (n, k // self.GROUP) or zero.shape != scale.shape:
             raise ValueError(f"int4 weight of shape {tuple(codes.shape)} needs scale/zero [N, K/{self.GROUP}]")
-        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
-        self.scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+        if self.kernel == "dspark":
+            self.packed = int4_gemm.pack_codes(codes)
+            self.d = scale.float().contiguous()
+            self.m = (zero.float() - 8 * self.d).contiguous()  # d * q + m == d * (q - 8) + zero
+        elif self.kernel == "torch":
+            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
+            self.scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+        else:
+            raise ValueError(f"int4 kernel must be 'dspark' or 'torch', got {self.kernel!r}")
         self.bias = None if bias is None else bias.detach().float()
         self.out_features = n
 
     @staticmethod
-    def _probe_kernel(w: Tensor) -> Callable[[Tensor], Tensor]:
-        # For RowPlan: the int4 kernel on random codes, scales and zeros of w's shape, called directly
+    def _probe_kernel(w: Tensor, kernel: str) -> Callable[[Tensor], Tensor]:
+        # For RowPlan: the kernel on random codes, scales and zeros of w's shape, called directly
         # (an Int4Linear built without a plan: building one with a plan would probe again).
         g = torch.Generator().manual_seed(1)
         n, k = w.shape
         lin = Int4Linear.__new__(Int4Linear)
+        lin.kernel = kernel
         lin._pack(torch.randint(0, 16, (n, k), generator=g), torch.rand(n, k // Int4Linear.GROUP, generator=g) * 0.01,
                   torch.randn(n, k // Int4Linear.GROUP, generator=g) * 0.01, None)
         return lin._call
 
     def dequantized(self, codes: Tensor) -> Tensor:
         """W as this kernel sees it (float32 [N, K]): the model's weight values."""
+        if self.kernel == "dspark":
+            return int4_gemm.weights(codes, self.d, self.m)
         s, z = self.scales_zeros[..., 0].float().t(), self.scales_zeros[..., 1].float().t()  # [N, K/G]
         n, k = codes.shape
         groups = codes.view(n, k // self.GROUP, self.GROUP).float().sub_(8)
         return groups.mul_(s.unsqueeze(-1)).add_(z.unsqueeze(-1)).view(n, k)
 
+    def reference(self, x: Tensor, weight: Tensor) -> Tensor:
+        """What this layer computes, in plain ops, given its dequantized float32 `weight`."""
+        if self.kernel == "dspark":
+            y = x.float() @ weight.t()
+        else:
+            y = (x.to(torch.bfloat16).float() @ weight.t()).to(torch.bfloat16).float()
+        return y if self.bias is None else y + self.bias
+
     def __call__(self, x: Tensor) -> Tensor:
         return self.plan(self._call, x)
 
     def _call(self, x: Tensor) -> Tensor:
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x.reshape(-1, x.shape[-1]).to(torch.bfloat16), self.packed, self.GROUP, self.scales_zeros)
-        y = y.float().view(*x.shape[:-1], self.out_features)
+        x2 = x.reshape(-1, x.shape[-1])
+        if self.kernel == "dspark":
+            y = int4_gemm.mm(x2, self.packed, self.d, self.m)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x2.to(torch.bfloat16), self.packed, self.GROUP, self.scales_zeros).float()
+        y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
 
-def int4_reference(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """What `Int4Linear` computes, in plain ops, given its dequantized float32 `weight`."""
-    y = (x.to(torch.bfloat16).float() @ weight.t()).to(torch.bfloat16).float()
-    return y if bias is None else y + bias.float()
+class Int8Linear:
+    """A GGUF Q8_0 weight [out, in] (int8 codes, a float32 scale per group of 32) on `int4_gemm.mm8`: the
+    file's weights exactly (d * q), float32 activations and sums. Used for the LM head of Q4 files."""
+
+    GROUP = 32
+
+    def __init__(self, codes: Tensor, scale: Tensor) -> None:
+        n, k = codes.shape
+        if k % self.GROUP or scale.shape != (n, k // self.GROUP):
+            raise ValueError(f"int8 weight of shape {tuple(codes.shape)} needs scale [N, K/{self.GROUP}]")
+        self.codes = codes.to(torch.int8).contiguous()
+        self.d = scale.float().contiguous()
+        self.out_features = n
+        self.plan = RowPlan.probe("int8-dspark", k, Int8Linear._probe_kernel)
+
+    @staticmethod
+    def _probe_kernel(w: Tensor) -> Callable[[Tensor], Tensor]:
+        g = torch.Generator().manual_seed(1)
+        n, k = w.shape
+        codes = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+        d = torch.rand(n, k // Int8Linear.GROUP, generator=g) * 0.01
+        return lambda x: int4_gemm.mm8(x.reshape(-1, k), codes, d).view(*x.shape[:-1], n)
+
+    def dequantized(self) -> Tensor:
+        """The model's float32 weights [N, K]."""
+        return int4_gemm.weights8(self.codes, self.d)
+
+    def rows(self, ids: Tensor) -> "Int8Linear":
+        """The same weights restricted to output rows `ids` (a drafter's reduced vocabulary)."""
+        return Int8Linear(self.codes[ids], self.d[ids])
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.plan(self._call, x)
+
+    def _call(self, x: Tensor) -> Tensor:
+        y = int4_gemm.mm8(x.reshape(-1, x.shape[-1]), self.codes, self.d)
+        return y.view(*x.shape[:-1], self.out_features)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None, packed: PackedLinear | None) -> Tensor:
@@ -426,6 +495,24 @@ class Transformer(nn.Module):
         self.int4_packed = n
         return n
 
+    def pack_int8_lm_head(self, quant: dict[str, Tensor]) -> bool:
+        """Run the LM head on the int8 GEMM when the checkpoint stores it (or the tied embedding) in
+        Q8_0 (`quant` keys + ".q8", ".q8_scale"), and set its float32 weight (and the tied embedding's)
+        to the file's values. Returns whether it did."""
+        if self.embed_weight.device.type != "cpu" or self.embed_weight.dtype != torch.float32 or \
+                not int4_gemm.available():
+            return False
+        name = "model.embed_tokens.weight" if self.cfg.tie_word_embeddings else "lm_head.weight"
+        if name + ".q8" not in quant:
+            return False
+        head = Int8Linear(quant[name + ".q8"], quant[name + ".q8_scale"])
+        if tuple(head.codes.shape) != tuple(self.lm_head_weight.shape):
+            raise ValueError(f"int8 codes for the LM head have shape {tuple(head.codes.shape)}, "
+                             f"the weight {tuple(self.lm_head_weight.shape)}")
+        self.lm_head_weight.data = head.dequantized()  # the tied embedding shares this Parameter
+        self.packed_lm_head = head
+        return True
+
     def pack_fp16_weights(self, mode: str = "auto", stored: torch.dtype | None = None) -> bool:
         """Use the fp16-weight GEMM for every projection not already on the int4 GEMM, and the LM head
         ("auto": when this is a float32 CPU model, fbgemm is available and every such weight is
@@ -439,7 +526,9 @@ class Transformer(nn.Module):
                     del packed[key]
         if mode == "off":
             self.int4_packed = 0
-        self.packed_lm_head = None
+        quantized_head = isinstance(self.packed_lm_head, Int8Linear)
+        if mode == "off" or not quantized_head:
+            self.packed_lm_head = None
         if mode == "off" or self.embed_weight.device.type != "cpu" or not fp16_gemm_available():
             return False
         todo = []  # (packed dict, key, weight, bias) of every projection without an int4 packing
@@ -450,13 +539,14 @@ class Transformer(nn.Module):
                                       (m.packed, "down", m.down_weight, m.down_bias)):
                 if key not in packed:
                     todo.append((packed, key, w, b))
-        if not fp16_exact(self.lm_head_weight.data, stored) or \
+        if not (quantized_head or fp16_exact(self.lm_head_weight.data, stored)) or \
                 not all(fp16_exact(w.data, stored) for _, _, w, _ in todo):
             return False
         for packed, key, w, b in todo:
             packed[key] = PackedLinear(w, b)
-        self.packed_lm_head = PackedLinear(self.lm_head_weight, None)
-        return True
+        if not quantized_head:
+            self.packed_lm_head = PackedLinear(self.lm_head_weight, None)
+        return bool(todo) or not quantized_head
 
     def build_rope(self, num_positions: int) -> None:
         """Precompute RoPE rotations `[num_positions, D/2]` complex64 (float32, as transformers computes them)."""

@@ -1,0 +1,139 @@
+"""The weight-only GEMMs of `int4_gemm.c`: float32 activations times GGUF Q4_0 / Q4_1 codes (`mm`) or
+Q8_0 codes (`mm8`, for the LM head, which Q4 files usually store in Q8_0).
+
+`dspark.models.transformer.Int4Linear` runs on it when it builds (an x86-64 CPU with AVX2 and FMA and a
+C compiler), else on torch's `aten._weight_int4pack_mm_for_cpu`. Against torch's kernel it reads the
+same bytes, keeps activations in float32 (torch's rounds them, and its scales, to bf16), and is faster
+at every row count measured (`benchmarks/int4_gemm_bench.py`). `DSPARK_INT4_GEMM=0` turns it off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from dspark.models.ckernel import CKernel
+
+SOURCE = Path(__file__).with_name("int4_gemm.c")
+GROUP = 32
+FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native"])
+
+
+def pack_codes(codes: Tensor) -> Tensor:
+    """Codes [N, K] (0..15) -> the kernel's bytes [N, K / 32, 16]: byte j of a group holds element j in
+    its low nibble and element j + 16 in its high nibble (GGUF's Q4 block layout)."""
+    n, k = codes.shape
+    c = codes.to(torch.uint8).view(n, k // GROUP, 2, GROUP // 2)
+    return (c[:, :, 0] | (c[:, :, 1] << 4)).contiguous()
+
+
+def _run(fn, x: Tensor, packed: Tensor, d: Tensor, m: Tensor, threads: int) -> Tensor:
+    rows, k = x.shape
+    n = d.shape[0]
+    y = torch.empty(rows, n, dtype=torch.float32)
+    rc = fn(rows, n, k, x.data_ptr(), x.stride(0), packed.data_ptr(), d.data_ptr(), m.data_ptr(),
+            y.data_ptr(), n, threads)
+    if rc != 0:
+        raise RuntimeError(f"int4 GEMM kernel returned {rc} (input width {k} is not a multiple of {GROUP})")
+    return y
+
+
+def _run8(fn, x: Tensor, codes: Tensor, d: Tensor, threads: int) -> Tensor:
+    rows, k = x.shape
+    n = d.shape[0]
+    y = torch.empty(rows, n, dtype=torch.float32)
+    rc = fn(rows, n, k, x.data_ptr(), x.stride(0), codes.data_ptr(), d.data_ptr(), y.data_ptr(), n, threads)
+    if rc != 0:
+        raise RuntimeError(f"int8 GEMM kernel returned {rc} (input width {k} is not a multiple of {GROUP})")
+    return y
+
+
+def weights8(codes: Tensor, d: Tensor) -> Tensor:
+    """Q8_0's float32 weights [N, K]: d * q per group of 32 (exact in float32)."""
+    n, k = codes.shape
+    return (codes.view(n, k // GROUP, GROUP).float() * d.unsqueeze(-1)).view(n, k)
+
+
+def reference(x: Tensor, codes: Tensor, d: Tensor, m: Tensor) -> Tensor:
+    """What the kernel computes, in torch ops (summation order aside): x @ W^T, W = fl(d * q + m)."""
+    return x.float() @ weights(codes, d, m).t()
+
+
+def weights(codes: Tensor, d: Tensor, m: Tensor) -> Tensor:
+    """The model's float32 weights [N, K]: fl(d * q + m) per group of 32 (d * q is exact in float32)."""
+    n, k = codes.shape
+    q = codes.view(n, k // GROUP, GROUP).float()
+    return (q * d.unsqueeze(-1) + m.unsqueeze(-1)).view(n, k)
+
+
+def _self_test(fn) -> bool:
+    g = torch.Generator().manual_seed(0)
+    n, k = 13, 96  # a column tail (13 = 3 blocks of 4 + 1) and three groups
+    codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    d, m = torch.rand(n, k // GROUP, generator=g) * 0.05, torch.randn(n, k // GROUP, generator=g) * 0.05
+    x = torch.randn(11, k, generator=g)
+    packed = pack_codes(codes)
+    y = _run(fn, x, packed, d, m, 2)
+    if not torch.allclose(y, reference(x, codes, d, m), atol=1e-5, rtol=1e-5):
+        return False
+    # every row count gives every row the same bits
+    return all(torch.equal(_run(fn, x[i:i + r], packed, d, m, 1), y[i:i + r]) for i, r in ((0, 1), (3, 2), (5, 6)))
+
+
+def _self_test8(fn) -> bool:
+    g = torch.Generator().manual_seed(1)
+    n, k = 13, 96
+    codes = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    d = torch.rand(n, k // GROUP, generator=g) * 0.01
+    x = torch.randn(11, k, generator=g)
+    y = _run8(fn, x, codes, d, 2)
+    if not torch.allclose(y, x @ weights8(codes, d).t(), atol=1e-5, rtol=1e-5):
+        return False
+    return all(torch.equal(_run8(fn, x[i:i + r], codes, d, 1), y[i:i + r]) for i, r in ((0, 1), (3, 2), (5, 6)))
+
+
+def _setup(lib: ctypes.CDLL) -> bool:
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    fn = lib.dspark_int4_mm
+    fn.argtypes = [i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, i64, i64]
+    fn.restype = ctypes.c_int
+    fn8 = lib.dspark_int8_mm
+    fn8.argtypes = [i64, i64, i64, ptr, i64, ptr, ptr, ptr, i64, i64]
+    fn8.restype = ctypes.c_int
+    return _self_test(fn) and _self_test8(fn8)
+
+
+KERNEL = CKernel(SOURCE, FLAG_SETS, _setup, env="DSPARK_INT4_GEMM")
+
+
+def available() -> bool:
+    """Whether the kernel is built (compiling it now if need be) and passed its self-test."""
+    return KERNEL.available()
+
+
+def unavailable_reason() -> str | None:
+    return KERNEL.unavailable_reason()
+
+
+def mm(x: Tensor, packed: Tensor, d: Tensor, m: Tensor) -> Tensor:
+    """x [rows, K] float32 (rows evenly strided, K contiguous) @ W^T -> [rows, N] float32, on torch's
+    thread count."""
+    lib = KERNEL.loaded or KERNEL.library()  # layers built before the kernel was turned off keep it
+    if lib is None:
+        raise RuntimeError(f"the int4 GEMM kernel is unavailable: {unavailable_reason()}")
+    if x.dtype != torch.float32 or x.dim() != 2 or x.stride(1) != 1:
+        x = x.float().contiguous().view(-1, x.shape[-1])
+    return _run(lib.dspark_int4_mm, x, packed, d, m, torch.get_num_threads())
+
+
+def mm8(x: Tensor, codes: Tensor, d: Tensor) -> Tensor:
+    """x [rows, K] float32 @ W^T for Q8_0 codes [N, K] int8 and scales d [N, K / 32] -> [rows, N]."""
+    lib = KERNEL.loaded or KERNEL.library()
+    if lib is None:
+        raise RuntimeError(f"the int8 GEMM kernel is unavailable: {unavailable_reason()}")
+    if x.dtype != torch.float32 or x.dim() != 2 or x.stride(1) != 1:
+        x = x.float().contiguous().view(-1, x.shape[-1])
+    return _run8(lib.dspark_int8_mm, x, codes, d, torch.get_num_threads())
