@@ -74,51 +74,11 @@ KERNEL(1, 4)
 KERNEL(2, 1)
 KERNEL(1, 1)
 
-/* y[M, N] (row stride ys) = x[M, K] (row stride xs) @ W^T, with W[n, k] = fl(d[n, g] * code[n, k] + m[n, g]),
- * g = k / 32. codes: [N][K / 32][16] bytes, byte j of a group holding element j (low nibble) and j + 16
- * (high nibble), as GGUF's Q4_0 / Q4_1 blocks store them. d, m: [N][K / 32] float32.
- * Returns 0, or -1 when K is not a multiple of 32. */
-int dspark_int4_mm(int64_t M, int64_t N, int64_t K, const float *x, int64_t xs, const uint8_t *codes,
-                   const float *d, const float *m, float *y, int64_t ys, int64_t threads) {
-    if (K % GROUP || M < 0 || N < 0) return -1;
-    int64_t G = K / GROUP;
-    int64_t NB = (N + 3) / 4; /* blocks of 4 outputs */
-#pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : 1)
-    for (int64_t nb = 0; nb < NB; nb++) {
-        int64_t n = nb * 4;
-        const uint8_t *cn = codes + n * G * 16;
-        const float *dn = d + n * G, *mn = m + n * G;
-        const float *xr = x;
-        float *yr = y + n;
-        int64_t r = 0;
-        if (N - n >= 4) {
-            /* every (row, output) is one accumulation chain whose operations do not depend on the block
-             * shape: the shapes only decide how many chains run side by side */
-            for (; r + 8 <= M; r += 8, xr += 8 * xs, yr += 8 * ys)
-                for (int c = 0; c < 4; c++) kern_8_1(G, cn + c * G * 16, dn + c * G, mn + c * G, xr, xs, yr + c, ys);
-            for (; r + 4 <= M; r += 4, xr += 4 * xs, yr += 4 * ys)
-                for (int c = 0; c < 4; c += 2) kern_4_2(G, cn + c * G * 16, dn + c * G, mn + c * G, xr, xs, yr + c, ys);
-            for (; r + 2 <= M; r += 2, xr += 2 * xs, yr += 2 * ys)
-                for (int c = 0; c < 4; c += 2) kern_2_2(G, cn + c * G * 16, dn + c * G, mn + c * G, xr, xs, yr + c, ys);
-            for (; r < M; r++, xr += xs, yr += ys) kern_1_4(G, cn, dn, mn, xr, xs, yr, ys);
-        } else {
-            for (int64_t c = 0; c < N - n; c++) {
-                const uint8_t *cc = cn + c * G * 16;
-                const float *dc = dn + c * G, *mc = mn + c * G;
-                for (r = 0; r + 8 <= M; r += 8) kern_8_1(G, cc, dc, mc, x + r * xs, xs, y + r * ys + n + c, ys);
-                for (; r + 4 <= M; r += 4) kern_4_1(G, cc, dc, mc, x + r * xs, xs, y + r * ys + n + c, ys);
-                for (; r + 2 <= M; r += 2) kern_2_1(G, cc, dc, mc, x + r * xs, xs, y + r * ys + n + c, ys);
-                for (; r < M; r++) kern_1_1(G, cc, dc, mc, x + r * xs, xs, y + r * ys + n + c, ys);
-            }
-        }
-    }
-    return 0;
-}
-
 /* Q8_0: 32 signed bytes per group, w = fl(d * q) (exact in float32). Same chains as above. */
 #define KERNEL8(R, C)                                                                                 \
-static void k8_##R##_##C(int64_t G, const int8_t *codes, const float *d, const float *x, int64_t xs,  \
-                         float *y, int64_t ys) {                                                      \
+static void k8_##R##_##C(int64_t G, const uint8_t *codes, const float *d, const float *m,             \
+                         const float *x, int64_t xs, float *y, int64_t ys) {                          \
+    (void)m;                                                                                          \
     __m256 acc[R][C];                                                                                 \
     _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                                               \
         _Pragma("GCC unroll 4") for (int c = 0; c < C; c++) acc[r][c] = _mm256_setzero_ps();         \
@@ -144,39 +104,64 @@ KERNEL8(1, 4)
 KERNEL8(2, 1)
 KERNEL8(1, 1)
 
-/* y[M, N] = x[M, K] @ W^T with W[n, k] = fl(d[n, k / 32] * codes[n, k]): GGUF Q8_0 (codes int8 [N][K]).
- * Returns 0, or -1 when K is not a multiple of 32. */
-int dspark_int8_mm(int64_t M, int64_t N, int64_t K, const float *x, int64_t xs, const int8_t *codes,
-                   const float *d, float *y, int64_t ys, int64_t threads) {
+/* The block shapes of one weight format, from most rows to one. */
+typedef void (*kern_fn)(int64_t, const uint8_t *, const float *, const float *, const float *, int64_t, float *,
+                        int64_t);
+struct kernels { kern_fn r8c1, r4c1, r4c2, r2c2, r1c4, r2c1, r1c1; };
+static const struct kernels Q4 = {kern_8_1, kern_4_1, kern_4_2, kern_2_2, kern_1_4, kern_2_1, kern_1_1};
+static const struct kernels Q8 = {k8_8_1, k8_4_1, k8_4_2, k8_2_2, k8_1_4, k8_2_1, k8_1_1};
+
+/* y = x @ W^T for one format: `group_bytes` code bytes per group of 32 weights (16 for Q4, 32 for Q8). */
+static int run(const struct kernels *k, int64_t group_bytes, int64_t M, int64_t N, int64_t K, const float *x,
+               int64_t xs, const uint8_t *codes, const float *d, const float *m, float *y, int64_t ys,
+               int64_t threads) {
     if (K % GROUP || M < 0 || N < 0) return -1;
-    int64_t G = K / GROUP;
-    int64_t NB = (N + 3) / 4;
+    int64_t G = K / GROUP, row = G * group_bytes;
+    int64_t NB = (N + 3) / 4; /* blocks of 4 outputs */
 #pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : 1)
     for (int64_t nb = 0; nb < NB; nb++) {
         int64_t n = nb * 4;
-        const int8_t *cn = codes + n * K;
-        const float *dn = d + n * G;
+        const uint8_t *cn = codes + n * row;
+        const float *dn = d + n * G, *mn = m + n * G;
         const float *xr = x;
         float *yr = y + n;
         int64_t r = 0;
         if (N - n >= 4) {
+            /* every (row, output) is one accumulation chain whose operations do not depend on the block
+             * shape: the shapes only decide how many chains run side by side */
             for (; r + 8 <= M; r += 8, xr += 8 * xs, yr += 8 * ys)
-                for (int c = 0; c < 4; c++) k8_8_1(G, cn + c * K, dn + c * G, xr, xs, yr + c, ys);
+                for (int c = 0; c < 4; c++) k->r8c1(G, cn + c * row, dn + c * G, mn + c * G, xr, xs, yr + c, ys);
             for (; r + 4 <= M; r += 4, xr += 4 * xs, yr += 4 * ys)
-                for (int c = 0; c < 4; c += 2) k8_4_2(G, cn + c * K, dn + c * G, xr, xs, yr + c, ys);
+                for (int c = 0; c < 4; c += 2) k->r4c2(G, cn + c * row, dn + c * G, mn + c * G, xr, xs, yr + c, ys);
             for (; r + 2 <= M; r += 2, xr += 2 * xs, yr += 2 * ys)
-                for (int c = 0; c < 4; c += 2) k8_2_2(G, cn + c * K, dn + c * G, xr, xs, yr + c, ys);
-            for (; r < M; r++, xr += xs, yr += ys) k8_1_4(G, cn, dn, xr, xs, yr, ys);
+                for (int c = 0; c < 4; c += 2) k->r2c2(G, cn + c * row, dn + c * G, mn + c * G, xr, xs, yr + c, ys);
+            for (; r < M; r++, xr += xs, yr += ys) k->r1c4(G, cn, dn, mn, xr, xs, yr, ys);
         } else {
             for (int64_t c = 0; c < N - n; c++) {
-                const int8_t *cc = cn + c * K;
-                const float *dc = dn + c * G;
-                for (r = 0; r + 8 <= M; r += 8) k8_8_1(G, cc, dc, x + r * xs, xs, y + r * ys + n + c, ys);
-                for (; r + 4 <= M; r += 4) k8_4_1(G, cc, dc, x + r * xs, xs, y + r * ys + n + c, ys);
-                for (; r + 2 <= M; r += 2) k8_2_1(G, cc, dc, x + r * xs, xs, y + r * ys + n + c, ys);
-                for (; r < M; r++) k8_1_1(G, cc, dc, x + r * xs, xs, y + r * ys + n + c, ys);
+                const uint8_t *cc = cn + c * row;
+                const float *dc = dn + c * G, *mc = mn + c * G;
+                for (r = 0; r + 8 <= M; r += 8) k->r8c1(G, cc, dc, mc, x + r * xs, xs, y + r * ys + n + c, ys);
+                for (; r + 4 <= M; r += 4) k->r4c1(G, cc, dc, mc, x + r * xs, xs, y + r * ys + n + c, ys);
+                for (; r + 2 <= M; r += 2) k->r2c1(G, cc, dc, mc, x + r * xs, xs, y + r * ys + n + c, ys);
+                for (; r < M; r++) k->r1c1(G, cc, dc, mc, x + r * xs, xs, y + r * ys + n + c, ys);
             }
         }
     }
     return 0;
+}
+
+/* y[M, N] (row stride ys) = x[M, K] (row stride xs) @ W^T, with W[n, k] = fl(d[n, g] * code[n, k] + m[n, g]),
+ * g = k / 32. codes: [N][K / 32][16] bytes, byte j of a group holding element j (low nibble) and j + 16
+ * (high nibble), as GGUF's Q4_0 / Q4_1 blocks store them. d, m: [N][K / 32] float32.
+ * Returns 0, or -1 when K is not a multiple of 32. */
+int dspark_int4_mm(int64_t M, int64_t N, int64_t K, const float *x, int64_t xs, const uint8_t *codes,
+                   const float *d, const float *m, float *y, int64_t ys, int64_t threads) {
+    return run(&Q4, 16, M, N, K, x, xs, codes, d, m, y, ys, threads);
+}
+
+/* y[M, N] = x[M, K] @ W^T with W[n, k] = fl(d[n, k / 32] * codes[n, k]): GGUF Q8_0 (codes int8 [N][K]).
+ * Returns 0, or -1 when K is not a multiple of 32. */
+int dspark_int8_mm(int64_t M, int64_t N, int64_t K, const float *x, int64_t xs, const int8_t *codes,
+                   const float *d, float *y, int64_t ys, int64_t threads) {
+    return run(&Q8, GROUP, M, N, K, x, xs, (const uint8_t *)codes, d, d, y, ys, threads);
 }
