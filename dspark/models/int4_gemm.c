@@ -160,8 +160,9 @@ int dspark_int4_mm(int64_t M, int64_t N, int64_t K, const float *x, int64_t xs, 
 }
 
 /* y[M, N] = x[M, K] @ W^T with W[n, k] = fl(d[n, k / 32] * codes[n, k]): GGUF Q8_0 (codes int8 [N][K]).
- * Returns 0, or -1 when K is not a multiple of 32. */
+ * The same arguments as dspark_int4_mm; m is not read (Q8_0 has no offset). Returns 0, or -1 when K is
+ * not a multiple of 32. */
 int dspark_int8_mm(int64_t M, int64_t N, int64_t K, const float *x, int64_t xs, const int8_t *codes,
-                   const float *d, float *y, int64_t ys, int64_t threads) {
-    return run(&Q8, GROUP, M, N, K, x, xs, (const uint8_t *)codes, d, d, y, ys, threads);
+                   const float *d, const float *m, float *y, int64_t ys, int64_t threads) {
+    return run(&Q8, GROUP, M, N, K, x, xs, (const uint8_t *)codes, d, m, y, ys, threads);
 }

@@ -30,24 +30,15 @@ def pack_codes(codes: Tensor) -> Tensor:
     return (c[:, :, 0] | (c[:, :, 1] << 4)).contiguous()
 
 
-def _run(fn, x: Tensor, packed: Tensor, d: Tensor, m: Tensor, threads: int) -> Tensor:
+def _run(fn, x: Tensor, codes: Tensor, d: Tensor, m: Tensor, threads: int) -> Tensor:
+    # dspark_int4_mm and dspark_int8_mm take the same arguments (the int8 one does not read m)
     rows, k = x.shape
     n = d.shape[0]
     y = torch.empty(rows, n, dtype=torch.float32)
-    rc = fn(rows, n, k, x.data_ptr(), x.stride(0), packed.data_ptr(), d.data_ptr(), m.data_ptr(),
+    rc = fn(rows, n, k, x.data_ptr(), x.stride(0), codes.data_ptr(), d.data_ptr(), m.data_ptr(),
             y.data_ptr(), n, threads)
     if rc != 0:
-        raise RuntimeError(f"int4 GEMM kernel returned {rc} (input width {k} is not a multiple of {GROUP})")
-    return y
-
-
-def _run8(fn, x: Tensor, codes: Tensor, d: Tensor, threads: int) -> Tensor:
-    rows, k = x.shape
-    n = d.shape[0]
-    y = torch.empty(rows, n, dtype=torch.float32)
-    rc = fn(rows, n, k, x.data_ptr(), x.stride(0), codes.data_ptr(), d.data_ptr(), y.data_ptr(), n, threads)
-    if rc != 0:
-        raise RuntimeError(f"int8 GEMM kernel returned {rc} (input width {k} is not a multiple of {GROUP})")
+        raise RuntimeError(f"weight GEMM kernel returned {rc} (input width {k} is not a multiple of {GROUP})")
     return y
 
 
@@ -69,41 +60,28 @@ def weights(codes: Tensor, d: Tensor, m: Tensor) -> Tensor:
     return (q * d.unsqueeze(-1) + m.unsqueeze(-1)).view(n, k)
 
 
-def _self_test(fn) -> bool:
-    g = torch.Generator().manual_seed(0)
-    n, k = 13, 96  # a column tail (13 = 3 blocks of 4 + 1) and three groups
-    codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
-    d, m = torch.rand(n, k // GROUP, generator=g) * 0.05, torch.randn(n, k // GROUP, generator=g) * 0.05
-    x = torch.randn(11, k, generator=g)
-    packed = pack_codes(codes)
-    y = _run(fn, x, packed, d, m, 2)
-    if not torch.allclose(y, reference(x, codes, d, m), atol=1e-5, rtol=1e-5):
+def _self_test(fn, codes: Tensor, d: Tensor, m: Tensor, w: Tensor) -> bool:
+    """The kernel on `codes` (as it reads them) against x @ w^T, and every row count giving every row the
+    same bits."""
+    x = torch.randn(11, w.shape[1], generator=torch.Generator().manual_seed(2))
+    y = _run(fn, x, codes, d, m, 2)
+    if not torch.allclose(y, x @ w.t(), atol=1e-5, rtol=1e-5):
         return False
-    # every row count gives every row the same bits
-    return all(torch.equal(_run(fn, x[i:i + r], packed, d, m, 1), y[i:i + r]) for i, r in ((0, 1), (3, 2), (5, 6)))
-
-
-def _self_test8(fn) -> bool:
-    g = torch.Generator().manual_seed(1)
-    n, k = 13, 96
-    codes = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
-    d = torch.rand(n, k // GROUP, generator=g) * 0.01
-    x = torch.randn(11, k, generator=g)
-    y = _run8(fn, x, codes, d, 2)
-    if not torch.allclose(y, x @ weights8(codes, d).t(), atol=1e-5, rtol=1e-5):
-        return False
-    return all(torch.equal(_run8(fn, x[i:i + r], codes, d, 1), y[i:i + r]) for i, r in ((0, 1), (3, 2), (5, 6)))
+    return all(torch.equal(_run(fn, x[i:i + r], codes, d, m, 1), y[i:i + r]) for i, r in ((0, 1), (3, 2), (5, 6)))
 
 
 def _setup(lib: ctypes.CDLL) -> bool:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn = lib.dspark_int4_mm
-    fn.argtypes = [i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, i64, i64]
-    fn.restype = ctypes.c_int
-    fn8 = lib.dspark_int8_mm
-    fn8.argtypes = [i64, i64, i64, ptr, i64, ptr, ptr, ptr, i64, i64]
-    fn8.restype = ctypes.c_int
-    return _self_test(fn) and _self_test8(fn8)
+    for fn in (lib.dspark_int4_mm, lib.dspark_int8_mm):
+        fn.argtypes = [i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, i64, i64]
+        fn.restype = ctypes.c_int
+    g = torch.Generator().manual_seed(0)
+    n, k = 13, 96  # a column tail (13 = 3 blocks of 4 + 1) and three groups
+    q4 = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    q8 = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    d, m = torch.rand(n, k // GROUP, generator=g) * 0.05, torch.randn(n, k // GROUP, generator=g) * 0.05
+    return _self_test(lib.dspark_int4_mm, pack_codes(q4), d, m, weights(q4, d, m)) and \
+        _self_test(lib.dspark_int8_mm, q8, d, d, weights8(q8, d))
 
 
 KERNEL = CKernel(SOURCE, FLAG_SETS, _setup, env="DSPARK_INT4_GEMM")
@@ -118,22 +96,21 @@ def unavailable_reason() -> str | None:
     return KERNEL.unavailable_reason()
 
 
-def mm(x: Tensor, packed: Tensor, d: Tensor, m: Tensor) -> Tensor:
-    """x [rows, K] float32 (rows evenly strided, K contiguous) @ W^T -> [rows, N] float32, on torch's
-    thread count."""
+def _call(name: str, x: Tensor, codes: Tensor, d: Tensor, m: Tensor) -> Tensor:
     lib = KERNEL.loaded or KERNEL.library()  # layers built before the kernel was turned off keep it
     if lib is None:
-        raise RuntimeError(f"the int4 GEMM kernel is unavailable: {unavailable_reason()}")
+        raise RuntimeError(f"the weight GEMM kernels are unavailable: {unavailable_reason()}")
     if x.dtype != torch.float32 or x.dim() != 2 or x.stride(1) != 1:
         x = x.float().contiguous().view(-1, x.shape[-1])
-    return _run(lib.dspark_int4_mm, x, packed, d, m, torch.get_num_threads())
+    return _run(getattr(lib, name), x, codes, d, m, torch.get_num_threads())
+
+
+def mm(x: Tensor, packed: Tensor, d: Tensor, m: Tensor) -> Tensor:
+    """x [rows, K] float32 (rows evenly strided, K contiguous) @ W^T -> [rows, N] float32, on torch's
+    thread count, for Q4 codes packed by `pack_codes` with scales d and offsets m [N, K / 32]."""
+    return _call("dspark_int4_mm", x, packed, d, m)
 
 
 def mm8(x: Tensor, codes: Tensor, d: Tensor) -> Tensor:
     """x [rows, K] float32 @ W^T for Q8_0 codes [N, K] int8 and scales d [N, K / 32] -> [rows, N]."""
-    lib = KERNEL.loaded or KERNEL.library()
-    if lib is None:
-        raise RuntimeError(f"the int8 GEMM kernel is unavailable: {unavailable_reason()}")
-    if x.dtype != torch.float32 or x.dim() != 2 or x.stride(1) != 1:
-        x = x.float().contiguous().view(-1, x.shape[-1])
-    return _run8(lib.dspark_int8_mm, x, codes, d, torch.get_num_threads())
+    return _call("dspark_int8_mm", x, codes, d, d)
