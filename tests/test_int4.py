@@ -178,6 +178,17 @@ def test_greedy_identity_on_int4(q4_file, int4_plain_greedy, kind, gamma, batch)
     assert [o.token_ids for o in outs] == int4_plain_greedy
 
 
+def test_loaded_drafter_follows_the_int4_target_onto_a_packed_gemm(q4_file, int4_plain_greedy, tmp_path):
+    """A drafter loaded for the int4 target runs its projections on the packed fp16-weight GEMM (as it
+    does for an fp16-weight target) and greedy output still equals plain decoding."""
+    target = LLM(model=q4_file, max_num_seqs=4, cpu_gemm="int4").target
+    drafter_dir = _dspark(target, 4).save_pretrained(tmp_path / "drafter")
+    llm = LLM(model=q4_file, max_num_seqs=4, num_speculative_tokens=4, drafter=str(drafter_dir), cpu_gemm="int4")
+    assert llm.target.cpu_gemm.startswith("int4") and "forward" in vars(llm.drafter.model.fc)
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    assert [o.token_ids for o in outs] == int4_plain_greedy
+
+
 class _OwnLogits:
     """The int4 target as an exact-distribution reference (its plain forward), shaped like a HF model."""
 

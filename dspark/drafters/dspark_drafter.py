@@ -1063,8 +1063,9 @@ class FeatureDrafter(CommitOne, SlotTable):
         if path is None:
             raise CheckpointError(f"the {cls.name} drafter needs a trained drafter directory, not a bare name")
         model = cls.model_class.load(path, target)
-        if getattr(target, "cpu_gemm", "fp32") == "fp16-weights":
-            model.pack_fp16_weights()  # follow the target: packed GEMM on CPU unless turned off there
+        if getattr(target, "cpu_gemm", "fp32") != "fp32":
+            # follow the target: a packed GEMM on CPU (fp16-weight, int4 or int8) unless turned off there
+            model.pack_fp16_weights()
         return cls(model, max_seqs, max_len)
 
     def save_pretrained(self, out: str | Path) -> Path:
