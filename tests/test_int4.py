@@ -18,7 +18,7 @@ from dspark.drafters import DSparkConfig, DSparkDrafter, DSparkModel
 from dspark.models import load_target
 from dspark.models import int4_gemm, row_attention
 from dspark.models.gguf import q4_codes
-from dspark.models.transformer import Int4Linear, _torch_int4_available, int4_available
+from dspark.models.transformer import Int4Linear, Int8Linear, _torch_int4_available, int4_available
 
 pytestmark = pytest.mark.skipif(not int4_available(), reason="no CPU int4 GEMM here")
 
@@ -112,6 +112,24 @@ def test_int4_gemm_rows_are_independent_of_the_call(n, k):
                 assert torch.equal(int4_gemm.mm(x[:rows], packed, d, m), alone[:rows]), (t, rows)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif(not int4_gemm.available(), reason="no int4_gemm.c here")
+def test_int8_head_is_the_q8_weights_and_its_rows_the_same_outputs():
+    """The Q8_0 LM head: exactly d * q as weights, float32 products; a drafter's reduced vocabulary
+    (`rows`) gets those rows' outputs bit for bit."""
+    g = torch.Generator().manual_seed(3)
+    codes = torch.randint(-128, 128, (70, 96), generator=g, dtype=torch.int8)
+    d = torch.rand(70, 3, generator=g) * 0.01
+    head = Int8Linear(codes, d)
+    w = head.dequantized()
+    assert torch.equal(w, codes.float() * d.repeat_interleave(32, 1))
+    x = torch.randn(2, 5, 96, generator=g)
+    y = head(x)
+    assert y.shape == (2, 5, 70)
+    assert (y - x @ w.t()).abs().max().item() <= 1e-5 * (x @ w.t()).abs().max().item()
+    ids = torch.tensor([3, 0, 69, 17, 18])
+    assert torch.equal(head.rows(ids)(x), y[..., ids])
 
 
 def test_int4_gemm_can_be_turned_off(monkeypatch):
