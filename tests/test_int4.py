@@ -261,3 +261,70 @@ def test_verification_equals_decoding_bit_for_bit(int4_target, q4_file, gemm):
         cache.truncate(a, len(prompt))
         decoded = torch.cat([target.forward(cache, [a], [[x]]).logits[0] for x in new])
     assert torch.equal(verified, decoded)
+
+
+def test_fused_layers_match_the_per_op_path(q4_file, monkeypatch):
+    """The fused C layer parts (norm, QKV, RoPE / output projection, norm, gate-up, SiLU, down, residuals)
+    compute the per-op layer: logits and hidden-state taps agree to float rounding, prompt and decode
+    steps, and a kept tap is not overwritten by the next layer."""
+    target = load_target(q4_file, cpu_gemm="int4")
+    t = target.transformer
+    if not int4_gemm.available():
+        pytest.skip(f"no int4 kernel here: {int4_gemm.unavailable_reason()}")
+    assert all(layer.fused for layer in t.layers)
+    prompt, steps = [5, 17, 33, 40, 99, 120, 7, 8, 9], [11, 12, 13]
+    taps = [-1, 0, 1]
+
+    def run(fused: bool):
+        t.update_fused_layers(fused)
+        cache = target.new_cache(2, 64)
+        a, b = cache.allocate(), cache.allocate()
+        outs = []
+        with torch.inference_mode():
+            out = target.forward(cache, [a, b], [prompt, prompt[:4]], hidden_layer_ids=taps)
+            outs.append((out.logits, out.hidden))
+            for x in steps:
+                out = target.forward(cache, [a, b], [[x], [x + 1]], hidden_layer_ids=taps)
+                outs.append((out.logits, out.hidden))
+        return outs
+
+    try:
+        fused, per_op = run(True), run(False)
+    finally:
+        t.update_fused_layers(True)
+    for (lf, hf), (lp, hp) in zip(fused, per_op):
+        assert (lf - lp).abs().max().item() <= 1e-5 * lp.abs().max().item()
+        assert (hf - hp).abs().max().item() <= 1e-5 * hp.abs().max().item()
+        assert not torch.equal(hf[:, :, 1], hf[:, :, 2])  # each tap is its own layer's output
+    monkeypatch.setenv("DSPARK_FUSED_LAYERS", "0")
+    assert not any(layer.fused for layer in load_target(q4_file, cpu_gemm="int4").transformer.layers)
+    torch_kernel = load_target(q4_file, cpu_gemm="int4")
+    for layer in torch_kernel.transformer.layers:  # a layer not on this project's kernel is never fused
+        layer.attn.packed["qkv"].kernel = "torch"
+    assert torch_kernel.transformer.update_fused_layers(True) == 0
+
+
+def test_fused_silu_and_norm_are_accurate():
+    """The fused parts' own SiLU (a polynomial exp) and RMSNorm against torch's, over a wide range."""
+    if not int4_gemm.available():
+        pytest.skip(f"no int4 kernel here: {int4_gemm.unavailable_reason()}")
+    g = torch.Generator().manual_seed(3)
+    k, inter, rows = 64, 96, 5
+    x = torch.randn(rows, k, generator=g) * 3
+    codes = torch.randint(0, 16, (2 * inter, k), generator=g)
+    gu = Int4Linear(codes, torch.rand(2 * inter, k // 32, generator=g) * 0.5,
+                    torch.randn(2 * inter, k // 32, generator=g), None)
+    o = Int4Linear(torch.randint(0, 16, (k, k), generator=g), torch.rand(k, 2, generator=g) * 0.1,
+                   torch.randn(k, 2, generator=g) * 0.1, None)
+    dn = Int4Linear(torch.randint(0, 16, (k, inter), generator=g), torch.rand(k, 3, generator=g) * 0.1,
+                    torch.randn(k, 3, generator=g) * 0.1, None)
+    attn = torch.randn(rows, k, generator=g)
+    norm_w = torch.rand(k, generator=g) + 0.5
+    y = x.clone()
+    int4_gemm.layer_out(y, attn, o, norm_w, 1e-5, gu, dn)
+    x1 = x + o(attn)
+    h = x1 * torch.rsqrt(x1.pow(2).mean(-1, keepdim=True) + 1e-5) * norm_w
+    gate, up = gu(h).split(inter, dim=-1)
+    assert gate.abs().max() > 20  # the exp is exercised far from zero
+    ref = x1 + dn(torch.nn.functional.silu(gate) * up)
+    assert (y - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()

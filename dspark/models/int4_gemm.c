@@ -166,3 +166,139 @@ int dspark_int8_mm(int64_t M, int64_t N, int64_t K, const float *x, int64_t xs, 
                    const float *d, const float *m, float *y, int64_t ys, int64_t threads) {
     return run(&Q8, GROUP, M, N, K, x, xs, (const uint8_t *)codes, d, m, y, ys, threads);
 }
+
+/* ---- Fused decoder-layer parts on the Q4 GEMM ------------------------------------------------------
+ * A decode step of a small model spends as long in its per-layer small ops (norms, RoPE, SiLU, residual
+ * adds: a dozen torch calls a layer, each a few microseconds of dispatch) as in its weight GEMMs. These
+ * two functions do the work before and after attention in one call each. Every op is per row, in a
+ * fixed order, so a row gets the same bits whatever else is in the call (as the GEMM guarantees). */
+
+/* out = x * (1 / sqrt(mean(x^2) + eps)) * w for one row of K floats (K a multiple of 8) */
+static void rms_row(int64_t K, const float *x, const float *w, float eps, float *out) {
+    __m256 s = _mm256_setzero_ps();
+    for (int64_t i = 0; i < K; i += 8) {
+        __m256 v = _mm256_loadu_ps(x + i);
+        s = _mm256_fmadd_ps(v, v, s);
+    }
+    float inv = 1.0f / _mm_cvtss_f32(_mm_sqrt_ss(_mm_set_ss(hsum(s) * (1.0f / (float)K) + eps)));
+    __m256 iv = _mm256_set1_ps(inv);
+    for (int64_t i = 0; i < K; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), iv), _mm256_loadu_ps(w + i)));
+}
+
+/* exp(x) for 8 floats: Cody-Waite range reduction and a degree-6 polynomial (Cephes' expf), within
+ * 2 ulp over the float range; inputs below -87.3 give 0, above 88.7 are clamped. */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(x, _mm256_set1_ps(88.7f));
+    __m256 under = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_LT_OQ);
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+/* rows of [gate | up] (2 * I floats) -> silu(gate) * up (I floats), I a multiple of 8 */
+static void silu_mul_row(int64_t I, const float *gu, float *out) {
+    for (int64_t i = 0; i < I; i += 8) {
+        __m256 g = _mm256_loadu_ps(gu + i);
+        __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+        __m256 s = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(s, _mm256_loadu_ps(gu + I + i)));
+    }
+}
+
+/* One Q4 projection as the layer functions take it: codes, scales, offsets, optional bias [N]. */
+struct q4w { const uint8_t *codes; const float *d, *m, *bias; int64_t n; };
+
+static int q4_mm(const struct q4w *w, int64_t M, int64_t K, const float *x, float *y, int64_t threads) {
+    int rc = run(&Q4, 16, M, w->n, K, x, K, w->codes, w->d, w->m, y, w->n, threads);
+    if (rc == 0 && w->bias)
+        for (int64_t r = 0; r < M; r++)
+            for (int64_t j = 0; j < w->n; j++) y[r * w->n + j] += w->bias[j];
+    return rc;
+}
+
+/* Before attention: qkv[M, (Hr + Hv) * D] = RoPE(rmsnorm(x) @ Wqkv^T + b) on the first Hr heads (q and k
+ * heads, pairs (2i, 2i + 1) rotated by rope[r, i] = (cos, sin)); the Hv value heads are left as they are.
+ * x: [M, K] (row stride xs). Returns 0, or -1 on bad sizes or no memory. */
+int dspark_layer_in(int64_t M, int64_t K, const float *x, int64_t xs, const float *norm_w, float eps,
+                    const uint8_t *codes, const float *d, const float *m, const float *bias, int64_t N,
+                    const float *rope, int64_t Hr, int64_t D, float *qkv, int64_t threads) {
+    if (K % GROUP || D % 8 || Hr * D > N || M < 0) return -1;
+    float *h = malloc(sizeof(float) * (size_t)(M > 0 ? M : 1) * (size_t)K);
+    if (!h) return -1;
+#pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : 1) if (M >= 16)
+    for (int64_t r = 0; r < M; r++) rms_row(K, x + r * xs, norm_w, eps, h + r * K);
+    struct q4w w = {codes, d, m, bias, N};
+    int rc = q4_mm(&w, M, K, h, qkv, threads);
+    free(h);
+    if (rc) return rc;
+#pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : 1) if (M >= 16)
+    for (int64_t r = 0; r < M; r++) {
+        const float *cs = rope + r * D; /* D / 2 (cos, sin) pairs */
+        for (int64_t hd = 0; hd < Hr; hd++) {
+            float *v = qkv + r * N + hd * D;
+            for (int64_t i = 0; i < D; i += 8) {
+                __m256 a = _mm256_loadu_ps(v + i), c = _mm256_loadu_ps(cs + i);
+                __m256 sw = _mm256_permute_ps(a, 0xB1); /* (b, a) pairs */
+                __m256 re = _mm256_moveldup_ps(c), im = _mm256_movehdup_ps(c);
+                /* even lanes a*cos - b*sin, odd lanes b*cos + a*sin */
+                _mm256_storeu_ps(v + i, _mm256_fmaddsub_ps(a, re, _mm256_mul_ps(sw, im)));
+            }
+        }
+    }
+    return 0;
+}
+
+/* After attention, in place on x [M, K] (row stride xs): x += attn @ Wo^T + bo; then
+ * x += (silu(g) * u) @ Wdown^T + bdown with [g | u] = rmsnorm(x) @ Wgu^T + bgu (I = gate width).
+ * attn: [M, A] contiguous. Returns 0, or -1 on bad sizes or no memory. */
+int dspark_layer_out(int64_t M, int64_t K, float *x, int64_t xs, const float *attn, int64_t A,
+                     const uint8_t *o_codes, const float *o_d, const float *o_m, const float *o_bias,
+                     const float *norm_w, float eps,
+                     const uint8_t *gu_codes, const float *gu_d, const float *gu_m, const float *gu_bias, int64_t I,
+                     const uint8_t *dn_codes, const float *dn_d, const float *dn_m, const float *dn_bias,
+                     int64_t threads) {
+    if (K % GROUP || A % GROUP || I % GROUP || M < 0) return -1;
+    size_t rows = (size_t)(M > 0 ? M : 1);
+    float *t = malloc(sizeof(float) * rows * (size_t)K), *gu = malloc(sizeof(float) * rows * (size_t)(3 * I));
+    if (!t || !gu) { free(t); free(gu); return -1; }
+    float *act = gu + rows * (size_t)(2 * I);
+    struct q4w wo = {o_codes, o_d, o_m, o_bias, K}, wgu = {gu_codes, gu_d, gu_m, gu_bias, 2 * I},
+               wdn = {dn_codes, dn_d, dn_m, dn_bias, K};
+    int rc = q4_mm(&wo, M, A, attn, t, threads);
+    if (rc == 0) {
+#pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : 1) if (M >= 16)
+        for (int64_t r = 0; r < M; r++) {
+            float *xr = x + r * xs;
+            for (int64_t i = 0; i < K; i += 8)
+                _mm256_storeu_ps(xr + i, _mm256_add_ps(_mm256_loadu_ps(xr + i), _mm256_loadu_ps(t + r * K + i)));
+            rms_row(K, xr, norm_w, eps, t + r * K);
+        }
+        rc = q4_mm(&wgu, M, K, t, gu, threads);
+    }
+    if (rc == 0) {
+#pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : 1) if (M >= 16)
+        for (int64_t r = 0; r < M; r++) silu_mul_row(I, gu + r * 2 * I, act + r * I);
+        rc = q4_mm(&wdn, M, I, act, t, threads);
+    }
+    if (rc == 0) {
+        for (int64_t r = 0; r < M; r++) {
+            float *xr = x + r * xs;
+            for (int64_t i = 0; i < K; i += 8)
+                _mm256_storeu_ps(xr + i, _mm256_add_ps(_mm256_loadu_ps(xr + i), _mm256_loadu_ps(t + r * K + i)));
+        }
+    }
+    free(t);
+    free(gu);
+    return rc;
+}

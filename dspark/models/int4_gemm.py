@@ -75,6 +75,12 @@ def _setup(lib: ctypes.CDLL) -> bool:
     for fn in (lib.dspark_int4_mm, lib.dspark_int8_mm):
         fn.argtypes = [i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, i64, i64]
         fn.restype = ctypes.c_int
+    f32 = ctypes.c_float
+    lib.dspark_layer_in.argtypes = [i64, i64, ptr, i64, ptr, f32, ptr, ptr, ptr, ptr, i64, ptr, i64, i64, ptr, i64]
+    lib.dspark_layer_in.restype = ctypes.c_int
+    lib.dspark_layer_out.argtypes = [i64, i64, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, f32,
+                                     ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, i64]
+    lib.dspark_layer_out.restype = ctypes.c_int
     g = torch.Generator().manual_seed(0)
     n, k = 13, 96  # a column tail (13 = 3 blocks of 4 + 1) and three groups
     q4 = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
@@ -114,3 +120,38 @@ def mm(x: Tensor, packed: Tensor, d: Tensor, m: Tensor) -> Tensor:
 def mm8(x: Tensor, codes: Tensor, d: Tensor) -> Tensor:
     """x [rows, K] float32 @ W^T for Q8_0 codes [N, K] int8 and scales d [N, K / 32] -> [rows, N]."""
     return _call("dspark_int8_mm", x, codes, d, d)
+
+
+def _ptr(t: Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def layer_in(x: Tensor, norm_w: Tensor, eps: float, qkv, rope: Tensor, rope_heads: int, head_dim: int) -> Tensor:
+    """The fused part of a decoder layer before attention (`dspark_layer_in`): RoPE(rmsnorm(x) @ Wqkv^T
+    + b) on the first `rope_heads` heads. x: [rows, K] float32 contiguous; qkv: an `Int4Linear` on this
+    kernel; rope: [rows, D / 2] complex64 (cos + i sin at each row's position). -> [rows, N] float32."""
+    rows, k = x.shape
+    y = torch.empty(rows, qkv.out_features, dtype=torch.float32)
+    rope_f = torch.view_as_real(rope)
+    rc = KERNEL.loaded.dspark_layer_in(
+        rows, k, x.data_ptr(), x.stride(0), norm_w.data_ptr(), eps, qkv.packed.data_ptr(), qkv.d.data_ptr(),
+        qkv.m.data_ptr(), _ptr(qkv.bias), qkv.out_features, rope_f.data_ptr(), rope_heads, head_dim, y.data_ptr(),
+        torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"fused layer kernel (in) returned {rc} (width {k}, head dim {head_dim})")
+    return y
+
+
+def layer_out(x: Tensor, attn: Tensor, o, norm_w: Tensor, eps: float, gate_up, down) -> None:
+    """The fused part of a decoder layer after attention (`dspark_layer_out`), in place on x [rows, K]
+    float32 contiguous: x += attn @ Wo^T; x += down(silu(g) * u) with [g | u] = gate_up(rmsnorm(x)).
+    attn: [rows, A] float32 contiguous; o, gate_up, down: `Int4Linear`s on this kernel."""
+    rows, k = x.shape
+    rc = KERNEL.loaded.dspark_layer_out(
+        rows, k, x.data_ptr(), x.stride(0), attn.data_ptr(), attn.shape[1],
+        o.packed.data_ptr(), o.d.data_ptr(), o.m.data_ptr(), _ptr(o.bias), norm_w.data_ptr(), eps,
+        gate_up.packed.data_ptr(), gate_up.d.data_ptr(), gate_up.m.data_ptr(), _ptr(gate_up.bias),
+        gate_up.out_features // 2, down.packed.data_ptr(), down.d.data_ptr(), down.m.data_ptr(), _ptr(down.bias),
+        torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"fused layer kernel (out) returned {rc} (width {k}, attention width {attn.shape[1]})")

@@ -12,6 +12,7 @@ Symbols used in shape comments:
 from __future__ import annotations
 
 import bisect
+import os
 from collections.abc import Callable
 from typing import Sequence
 
@@ -370,10 +371,15 @@ class Attention(nn.Module):
         qk_c = torch.view_as_complex(qk.float().reshape(b, k, self.H + self.Hkv, self.D // 2, 2))
         qk = torch.view_as_real(qk_c * rope).reshape(b, k, self.H + self.Hkv, self.D).to(dtype)
         q, k_new = qk.split([self.H, self.Hkv], dim=2)
+        return linear(self.attend(q, k_new, v, cache, batch), self.o_weight, self.o_bias, self.packed.get("o"))
+
+    def attend(self, q: Tensor, k_new: Tensor, v: Tensor, cache: KVCache, batch: CacheBatch) -> Tensor:
+        """Write the new keys/values and attend: q [batch, k, H, D] (after RoPE), k_new / v
+        [batch, k, Hkv, D] -> [batch, k, H * D] (before the output projection)."""
+        b, k = q.shape[:2]
         if batch.attention_plan is not None:  # batch-invariant: each row alone (see row_attention)
             k_layer, v_layer = cache.write(self.layer, batch, k_new, v)
-            out = row_attention.attention(q, k_layer, v_layer, batch.attention_plan, self.D ** -0.5)
-            return linear(out, self.o_weight, self.o_bias, self.packed.get("o"))
+            return row_attention.attention(q, k_layer, v_layer, batch.attention_plan, self.D ** -0.5)
         keys, values = cache.update(self.layer, batch, k_new, v)  # [batch, Hkv, L, D]
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2).contiguous(),  # [batch, H, k, D]; the CPU kernel is ~2x slower on a strided q
@@ -383,8 +389,7 @@ class Attention(nn.Module):
             is_causal=batch.is_causal and k > 1,
             enable_gqa=self.H != self.Hkv,
         )  # [batch, H, k, D]
-        out = out.transpose(1, 2).reshape(b, k, self.H * self.D)
-        return linear(out, self.o_weight, self.o_bias, self.packed.get("o"))
+        return out.transpose(1, 2).reshape(b, k, self.H * self.D)
 
 
 class MLP(nn.Module):
@@ -410,10 +415,41 @@ class DecoderLayer(nn.Module):
         self.post_attn_norm = nn.Parameter(torch.empty(cfg.hidden_size), requires_grad=False)
         self.attn = Attention(cfg, layer)
         self.mlp = MLP(cfg)
+        # Run on the fused C layer parts (int4_gemm.layer_in / layer_out) when every projection is on
+        # this project's Q4 kernel (set by Transformer.update_fused_layers).
+        self.fused = False
+
+    def fusable(self) -> bool:
+        """Whether the fused layer parts can run this layer: all four projections on this project's Q4
+        kernel, no q/k norm, widths the kernel takes."""
+        a, m = self.attn, self.mlp
+        packs = [a.packed.get("qkv"), a.packed.get("o"), m.packed.get("gate_up"), m.packed.get("down")]
+        return a.qk_norm is None and a.D % 8 == 0 and \
+            all(isinstance(p, Int4Linear) and p.kernel == "dspark" for p in packs) and int4_gemm.KERNEL.loaded is not None
 
     def forward(self, x: Tensor, rope: Tensor, cache: KVCache, batch: CacheBatch) -> Tensor:
+        if self.fused and x.dtype == torch.float32 and not torch.is_grad_enabled():
+            return self.forward_fused(x, rope, cache, batch)
         x = x + self.attn(rms_norm(x, self.input_norm, self.eps), rope, cache, batch)
         return x + self.mlp(rms_norm(x, self.post_attn_norm, self.eps))
+
+    def forward_fused(self, x: Tensor, rope: Tensor, cache: KVCache, batch: CacheBatch) -> Tensor:
+        """The same layer in three calls: the C part before attention (norm, QKV, RoPE), attention, the C
+        part after it (output projection, residual, norm, gate/up, SiLU, down, residual)."""
+        a, m = self.attn, self.mlp
+        b, k, hid = x.shape
+        rows = b * k
+        x2 = x.reshape(rows, hid)
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        qkv = int4_gemm.layer_in(x2, self.input_norm, self.eps, a.packed["qkv"],
+                                 rope.reshape(rows, a.D // 2), a.H + a.Hkv, a.D).view(b, k, a.H + 2 * a.Hkv, a.D)
+        q, k_new, v = qkv.split([a.H, a.Hkv, a.Hkv], dim=2)
+        out = a.attend(q, k_new, v, cache, batch).reshape(rows, a.H * a.D)
+        y = x2.clone()  # x itself may be a kept hidden-state tap
+        int4_gemm.layer_out(y, out if out.is_contiguous() else out.contiguous(), a.packed["o"], self.post_attn_norm,
+                            self.eps, m.packed["gate_up"], m.packed["down"])
+        return y.view(b, k, hid)
 
 
 class Transformer(nn.Module):
@@ -493,7 +529,19 @@ class Transformer(nn.Module):
                 mod.packed[key] = packed
                 n += 1
         self.int4_packed = n
+        self.update_fused_layers()
         return n
+
+    def update_fused_layers(self, enable: bool | None = None) -> int:
+        """Run each layer that can (`DecoderLayer.fusable`) on the fused C layer parts; `enable=False`
+        turns them off (the per-op path: the same model up to float rounding), None keeps the current
+        choice (on unless turned off, or `DSPARK_FUSED_LAYERS=0`). Returns the number of fused layers."""
+        if enable is not None:
+            self.fused_layers_enabled = enable
+        on = getattr(self, "fused_layers_enabled", os.environ.get("DSPARK_FUSED_LAYERS", "1") != "0")
+        for layer in self.layers:
+            layer.fused = bool(on) and layer.fusable()
+        return sum(layer.fused for layer in self.layers)
 
     def pack_int8_lm_head(self, quant: dict[str, Tensor]) -> bool:
         """Run the LM head on the int8 GEMM when the checkpoint stores it (or the tied embedding) in
@@ -529,6 +577,7 @@ class Transformer(nn.Module):
         quantized_head = isinstance(self.packed_lm_head, Int8Linear)
         if mode == "off" or not quantized_head:
             self.packed_lm_head = None
+        self.update_fused_layers()
         if mode == "off" or self.embed_weight.device.type != "cpu" or not fp16_gemm_available():
             return False
         todo = []  # (packed dict, key, weight, bias) of every projection without an int4 packing
