@@ -149,6 +149,21 @@ def test_bad_vocab_is_refused(plain, tmp_path) -> None:
         DSparkModel.load(out, plain.target)
 
 
+def test_draft_ids_follow_a_new_vocabulary(plain) -> None:
+    """draft_ids is cached for the draft loop; choosing another vocabulary (or loading d2t) renews it."""
+    d = reduced_drafter(plain.target, "dspark", 20, seed=1, max_seqs=1)
+    first = d.model.draft_ids.clone()
+    with torch.inference_mode():
+        assert torch.equal(d.model.draft_ids, first)
+    other = subset(plain.target.vocab_size, 20, seed=7).sort().values
+    assert not torch.equal(other, first)
+    d.model.set_draft_vocab(other)
+    assert torch.equal(d.model.draft_ids, other)
+    assert torch.equal(d.model.to_target_tokens(torch.arange(20)), other)
+    d.model.load_state_dict({**d.model.state_dict(), "d2t": first - torch.arange(20)}, strict=False)
+    assert torch.equal(d.model.draft_ids, first)
+
+
 def test_frequent_tokens_picks_the_response_counts() -> None:
     # Responses: 1 x4, 2 x2, 3 x1, 4 x1 (8 tokens); prompts only: 9 x2, 8 x2.
     seqs = [Sequence(ids=[9, 9, 8, 1, 1, 1, 2, 2, 3], output_start=3), Sequence(ids=[8, 1, 4], output_start=1)]

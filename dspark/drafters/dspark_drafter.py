@@ -724,7 +724,13 @@ class FeatureDrafterModel(nn.Module):
         """[Vd] long: the target id of each draft id, or None when the drafter predicts the whole vocabulary."""
         if not self.config.reduced_vocab:
             return None
-        return torch.arange(self.config.draft_vocab, device=self.d2t.device) + self.d2t
+        # Read at every draft position: cached, rebuilt whenever d2t is replaced or written to.
+        key = (self.d2t.data_ptr(), self.d2t._version, self.d2t.device)
+        cached = self.__dict__.get("_draft_ids")
+        if cached is None or cached[0] != key or torch.is_grad_enabled():
+            cached = (key, torch.arange(self.config.draft_vocab, device=self.d2t.device) + self.d2t)
+            self.__dict__["_draft_ids"] = cached
+        return cached[1]
 
     def set_draft_vocab(self, target_ids: Tensor) -> None:
         """Choose the draft vocabulary: `target_ids` [Vd], distinct target token ids (stored sorted)."""

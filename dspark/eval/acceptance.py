@@ -127,9 +127,16 @@ def files_identity(path: Path) -> list[tuple[str, int, int]]:
 
 def target_identity(target: "TargetModel") -> dict[str, Any]:
     src = target.source if target.source is not None else target.path
-    return {"files": files_identity(src) if src is not None and Path(src).exists() else str(src),
-            "dtype": str(target.dtype), "cpu_gemm": target.cpu_gemm,
-            "attention": getattr(target, "attention", "sdpa")}
+    ident = {"files": files_identity(src) if src is not None and Path(src).exists() else str(src),
+             "dtype": str(target.dtype), "cpu_gemm": target.cpu_gemm,
+             "attention": getattr(target, "attention", "sdpa")}
+    # The fused C layer parts compute the same model in another float rounding (named only when on,
+    # so the identities of other targets, and the caches keyed by them, stay as they were).
+    fused = sum(bool(getattr(layer, "fused", False))
+                for layer in getattr(getattr(target, "transformer", None), "layers", []))
+    if fused:
+        ident["fused_layers"] = fused
+    return ident
 
 
 def drafter_identity(spec: Any, drafter: Any) -> Any:

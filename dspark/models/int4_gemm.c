@@ -67,8 +67,13 @@ static void kern_##R##_##C(int64_t G, const uint8_t *codes, const float *d, cons
         _Pragma("GCC unroll 4") for (int c = 0; c < C; c++) y[r * ys + c] = hsum(acc[r][c]);         \
 }
 KERNEL(8, 1)
+KERNEL(7, 1)
+KERNEL(6, 1)
+KERNEL(5, 1)
 KERNEL(4, 1)
 KERNEL(4, 2)
+KERNEL(3, 1)
+KERNEL(3, 2)
 KERNEL(2, 2)
 KERNEL(1, 4)
 KERNEL(2, 1)
@@ -97,21 +102,31 @@ static void k8_##R##_##C(int64_t G, const uint8_t *codes, const float *d, const 
         _Pragma("GCC unroll 4") for (int c = 0; c < C; c++) y[r * ys + c] = hsum(acc[r][c]);         \
 }
 KERNEL8(8, 1)
+KERNEL8(7, 1)
+KERNEL8(6, 1)
+KERNEL8(5, 1)
 KERNEL8(4, 1)
 KERNEL8(4, 2)
+KERNEL8(3, 1)
+KERNEL8(3, 2)
 KERNEL8(2, 2)
 KERNEL8(1, 4)
 KERNEL8(2, 1)
 KERNEL8(1, 1)
 
-/* The block shapes of one weight format, from most rows to one. */
+/* The block shapes of one weight format: by1[R] runs R rows x 1 output (R = 1..8); the wider ones share
+ * an output block's rows between several outputs where registers allow. */
 typedef void (*kern_fn)(int64_t, const uint8_t *, const float *, const float *, const float *, int64_t, float *,
                         int64_t);
-struct kernels { kern_fn r8c1, r4c1, r4c2, r2c2, r1c4, r2c1, r1c1; };
-static const struct kernels Q4 = {kern_8_1, kern_4_1, kern_4_2, kern_2_2, kern_1_4, kern_2_1, kern_1_1};
-static const struct kernels Q8 = {k8_8_1, k8_4_1, k8_4_2, k8_2_2, k8_1_4, k8_2_1, k8_1_1};
+struct kernels { kern_fn by1[9]; kern_fn r4c2, r3c2, r2c2, r1c4; };
+static const struct kernels Q4 = {{0, kern_1_1, kern_2_1, kern_3_1, kern_4_1, kern_5_1, kern_6_1, kern_7_1, kern_8_1},
+                                  kern_4_2, kern_3_2, kern_2_2, kern_1_4};
+static const struct kernels Q8 = {{0, k8_1_1, k8_2_1, k8_3_1, k8_4_1, k8_5_1, k8_6_1, k8_7_1, k8_8_1},
+                                  k8_4_2, k8_3_2, k8_2_2, k8_1_4};
 
-/* y = x @ W^T for one format: `group_bytes` code bytes per group of 32 weights (16 for Q4, 32 for Q8). */
+/* y = x @ W^T for one format: `group_bytes` code bytes per group of 32 weights (16 for Q4, 32 for Q8).
+ * Rows go 8 at a time, then the 1..7 left in one pass (each pass converts the codes once: verifying
+ * 3..7 tokens costs one pass, not up to three). */
 static int run(const struct kernels *k, int64_t group_bytes, int64_t M, int64_t N, int64_t K, const float *x,
                int64_t xs, const uint8_t *codes, const float *d, const float *m, float *y, int64_t ys,
                int64_t threads) {
@@ -123,28 +138,27 @@ static int run(const struct kernels *k, int64_t group_bytes, int64_t M, int64_t 
         int64_t n = nb * 4;
         const uint8_t *cn = codes + n * row;
         const float *dn = d + n * G, *mn = m + n * G;
-        const float *xr = x;
-        float *yr = y + n;
+        int64_t cols = N - n < 4 ? N - n : 4;
+        /* every (row, output) is one accumulation chain whose operations do not depend on the block
+         * shape: the shapes only decide how many chains run side by side */
         int64_t r = 0;
-        if (N - n >= 4) {
-            /* every (row, output) is one accumulation chain whose operations do not depend on the block
-             * shape: the shapes only decide how many chains run side by side */
-            for (; r + 8 <= M; r += 8, xr += 8 * xs, yr += 8 * ys)
-                for (int c = 0; c < 4; c++) k->r8c1(G, cn + c * row, dn + c * G, mn + c * G, xr, xs, yr + c, ys);
-            for (; r + 4 <= M; r += 4, xr += 4 * xs, yr += 4 * ys)
-                for (int c = 0; c < 4; c += 2) k->r4c2(G, cn + c * row, dn + c * G, mn + c * G, xr, xs, yr + c, ys);
-            for (; r + 2 <= M; r += 2, xr += 2 * xs, yr += 2 * ys)
-                for (int c = 0; c < 4; c += 2) k->r2c2(G, cn + c * row, dn + c * G, mn + c * G, xr, xs, yr + c, ys);
-            for (; r < M; r++, xr += xs, yr += ys) k->r1c4(G, cn, dn, mn, xr, xs, yr, ys);
-        } else {
-            for (int64_t c = 0; c < N - n; c++) {
-                const uint8_t *cc = cn + c * row;
-                const float *dc = dn + c * G, *mc = mn + c * G;
-                for (r = 0; r + 8 <= M; r += 8) k->r8c1(G, cc, dc, mc, x + r * xs, xs, y + r * ys + n + c, ys);
-                for (; r + 4 <= M; r += 4) k->r4c1(G, cc, dc, mc, x + r * xs, xs, y + r * ys + n + c, ys);
-                for (; r + 2 <= M; r += 2) k->r2c1(G, cc, dc, mc, x + r * xs, xs, y + r * ys + n + c, ys);
-                for (; r < M; r++) k->r1c1(G, cc, dc, mc, x + r * xs, xs, y + r * ys + n + c, ys);
+        for (; r + 8 <= M; r += 8)
+            for (int64_t c = 0; c < cols; c++)
+                k->by1[8](G, cn + c * row, dn + c * G, mn + c * G, x + r * xs, xs, y + r * ys + n + c, ys);
+        int64_t rem = M - r;
+        if (rem == 0) continue;
+        const float *xr = x + r * xs;
+        float *yr = y + r * ys + n;
+        if (cols == 4 && rem <= 4) {
+            if (rem == 1) {
+                k->r1c4(G, cn, dn, mn, xr, xs, yr, ys);
+            } else {
+                kern_fn f = rem == 4 ? k->r4c2 : rem == 3 ? k->r3c2 : k->r2c2;
+                for (int c = 0; c < 4; c += 2) f(G, cn + c * row, dn + c * G, mn + c * G, xr, xs, yr + c, ys);
             }
+        } else {
+            for (int64_t c = 0; c < cols; c++)
+                k->by1[rem](G, cn + c * row, dn + c * G, mn + c * G, xr, xs, yr + c, ys);
         }
     }
     return 0;
