@@ -2,7 +2,9 @@
 
     python benchmarks/step_profile.py --threads 2 [--model M] [--steps 40] [--out runs/step_profile.json]
 
-Prints: the median step time; the time in the weight GEMMs (this project's int4/int8 kernels timed
+Prints: the median step time; with the fused layer parts (the default on a Q4 file), the time in them
+(the four projections of every layer with its norms, RoPE, SiLU and residual adds, one C call before
+attention and one after); the time in the weight GEMMs (this project's int4/int8 kernels timed
 directly, torch's GEMM ops from torch.profiler: fbgemm's fp16-weight GEMM, aten's int4 kernel, or
 aten::linear/addmm/mm) as a share of profiled steps, and in everything else; the bytes of weights one step
 reads; this machine's read bandwidth (a sum over a 1 GiB tensor); and the floor
@@ -88,45 +90,58 @@ def main(argv: list[str] | None = None) -> int:
         cache.truncate(slot, 64)  # stay at one position so every step does the same work
         return time.perf_counter() - t
 
-    # This project's C kernels (dspark/models/int4_gemm.c) are not torch ops: their time is measured
-    # directly over the timed (unprofiled) steps; torch's GEMM ops' share comes from the profiler.
-    from dspark.models import int4_gemm
+    # This project's C kernels (dspark/models/int4_gemm.c, row_attention.c) are not torch ops: their time
+    # is measured directly over the timed (unprofiled) steps; torch's GEMM ops' share comes from the
+    # profiler. With the fused layer parts (the default on a Q4 file) the projections run inside
+    # int4_gemm.layer_in / layer_out together with the norms, RoPE, SiLU and residual adds: that time is
+    # reported as `fused_layer_ms` (GEMMs and those small ops, which it does not separate).
+    from dspark.models import int4_gemm, row_attention
 
-    kernel_s = [0.0]
+    spent = {"gemm": 0.0, "fused": 0.0, "attention": 0.0}
 
-    def timed(fn):
-        def run(*a):
+    def timed(fn, label):
+        def run(*a, **kw):
             t = time.perf_counter()
-            y = fn(*a)
-            kernel_s[0] += time.perf_counter() - t
+            y = fn(*a, **kw)
+            spent[label] += time.perf_counter() - t
             return y
         return run
 
     for _ in range(5):
         step()
-    mm, mm8 = int4_gemm.mm, int4_gemm.mm8
-    int4_gemm.mm, int4_gemm.mm8 = timed(mm), timed(mm8)
+    patched = [(int4_gemm, "mm", "gemm"), (int4_gemm, "mm8", "gemm"), (int4_gemm, "layer_in", "fused"),
+               (int4_gemm, "layer_out", "fused"), (row_attention, "attention", "attention")]
+    saved = [(mod, name, getattr(mod, name)) for mod, name, _ in patched]
+    for mod, name, label in patched:
+        setattr(mod, name, timed(getattr(mod, name), label))
     try:
         times = [step() for _ in range(args.steps)]
     finally:
-        int4_gemm.mm, int4_gemm.mm8 = mm, mm8
-    kernel_share = kernel_s[0] / sum(times)
+        for mod, name, fn in saved:
+            setattr(mod, name, fn)
+    total_s = sum(times)
+    kernel_share = spent["gemm"] / total_s
+    fused_share = spent["fused"] / total_s
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(10):
             step()
     total = sum(e.self_cpu_time_total for e in prof.key_averages())
     torch_gemm = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in GEMM_OPS)
     # the rest of a step (what is not in our kernels), split as the profiler sees torch's ops
-    share = kernel_share + (1 - kernel_share) * (torch_gemm / total if total else 0.0)
+    share = kernel_share + (1 - kernel_share - fused_share) * (torch_gemm / total if total else 0.0)
     step_ms = statistics.median(times) * 1e3
     wb = weight_bytes(target)
     bw = bandwidth_gbs()
     floor_ms = wb / (bw * 1e9) * 1e3
+    fused_layers = sum(bool(getattr(layer, "fused", False)) for layer in target.transformer.layers)
     report = {
         "model": str(target.source), "threads": args.threads, "cpu_gemm": target.cpu_gemm, "attention": target.attention,
         "step_ms": round(step_ms, 3), "tokens_per_s": round(1e3 / step_ms, 1),
+        "fused_layers": fused_layers,
+        "fused_layer_ms": round(step_ms * fused_share, 3),
         "gemm_share": round(share, 3), "gemm_ms": round(step_ms * share, 3),
-        "other_ms": round(step_ms * (1 - share), 3),
+        "attention_ms": round(step_ms * spent["attention"] / total_s, 3),  # a part of other_ms
+        "other_ms": round(step_ms * (1 - share - fused_share), 3),
         "weight_bytes_per_step": wb, "read_bandwidth_gb_s": round(bw, 2),
         "weight_read_floor_ms": round(floor_ms, 3),
     }
