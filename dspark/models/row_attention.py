@@ -146,7 +146,8 @@ def attention(q: Tensor, k_layer: Tensor, v_layer: Tensor, p: AttentionPlan, sca
     b, k_max, H, D = q.shape
     out = (torch.zeros if p.padded or p.long else torch.empty)(b, k_max, H, D, dtype=q.dtype)
     if p.rows is not None:
-        fn = _library().dspark_row_attention  # type: ignore[union-attr]
+        # the library once loaded (a model planned with it keeps it; no environment lookup per layer)
+        fn = (KERNEL.loaded or _library()).dspark_row_attention  # type: ignore[union-attr]
         _call(fn, q.view(b * k_max, H, D) if q.is_contiguous() else q.flatten(0, 1), k_layer, v_layer,
               p.rows, out.view(b * k_max, H, D), scale)
     for bi, slot, s, n in p.long:
