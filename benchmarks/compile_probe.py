@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from dspark.train.checkpoint import atomic_write_text
+
 
 def median_ms(fn, repeats: int) -> float:
     for _ in range(3):
@@ -119,8 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     rows.append(probe("target per-op decode step", step, compile_layers, restore_layers, args.repeats))
     report = {"model": str(target.source), "threads": args.threads, "torch": torch.__version__, "results": rows}
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out, json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
     return 0
 

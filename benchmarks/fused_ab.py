@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from dspark.train.checkpoint import atomic_write_text
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -64,8 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"model": str(target.source), "threads": args.threads, "cpu_gemm": target.cpu_gemm,
               "repeats": args.repeats, "results": rows}
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out, json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
     return 0
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from dspark.config import add_runtime_arguments
+from dspark.train.checkpoint import atomic_write_text
 
 # Generic Python openings (for a model without a chat template) and chat requests (for one with it),
 # written for this benchmark, not taken from any evaluation set.
@@ -147,8 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(report, indent=2))
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out, json.dumps(report, indent=2) + "\n")
     print("\n| method | batch 1 tokens/s | batch 8 tokens/s |\n| --- | --- | --- |")
     print(f"| transformers generate() | {tps['transformers_b1']:.1f} | {tps['transformers_b8']:.1f} |")
     print(f"| dspark plain | {tps['dspark_b1']:.1f} | {tps['dspark_b8']:.1f} |")

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from dspark.config import add_runtime_arguments
+from dspark.train.checkpoint import atomic_write_text
 
 GEMM_OPS = ("quantized::linear_dynamic_fp16", "aten::addmm", "aten::mm", "aten::linear",
             "aten::_weight_int4pack_mm_for_cpu", "aten::_weight_int8pack_mm")
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     wb = weight_bytes(target)
     bw = bandwidth_gbs()
     floor_ms = wb / (bw * 1e9) * 1e3
-    fused_layers = sum(bool(getattr(layer, "fused", False)) for layer in target.transformer.layers)
+    fused_layers = target.transformer.num_fused_layers
     report = {
         "model": str(target.source), "threads": args.threads, "cpu_gemm": target.cpu_gemm, "attention": target.attention,
         "step_ms": round(step_ms, 3), "tokens_per_s": round(1e3 / step_ms, 1),
@@ -147,8 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(report, indent=2))
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out, json.dumps(report, indent=2) + "\n")
     return 0
 
 

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from dspark.train.checkpoint import atomic_write_text
+
 from plain_vs_transformers import CHAT_PROMPTS as PROMPTS  # noqa: E402  (the same chat requests)
 
 
@@ -215,8 +217,7 @@ def main(argv: list[str] | None = None) -> int:
               "results": rows, "first_32_tokens_agree_with_llamacpp": agreement,
               "replies_equal_to_dspark_plain": lossless}
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out, json.dumps(report, indent=2) + "\n")
     print("| threads | method | tokens/s | vs llama.cpp plain |\n| --- | --- | ---: | ---: |")
     for r in rows:
         print(f"| {r['threads']} | {r['method']} | {r['tokens_per_s']:.1f} | {r['vs_llamacpp_plain']:.2f}x |")

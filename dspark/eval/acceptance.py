@@ -132,8 +132,7 @@ def target_identity(target: "TargetModel") -> dict[str, Any]:
              "attention": getattr(target, "attention", "sdpa")}
     # The fused C layer parts compute the same model in another float rounding (named only when on,
     # so the identities of other targets, and the caches keyed by them, stay as they were).
-    fused = sum(bool(getattr(layer, "fused", False))
-                for layer in getattr(getattr(target, "transformer", None), "layers", []))
+    fused = getattr(getattr(target, "transformer", None), "num_fused_layers", 0)
     if fused:
         ident["fused_layers"] = fused
     return ident

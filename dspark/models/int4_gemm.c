@@ -198,6 +198,12 @@ static void rms_row(int64_t K, const float *x, const float *w, float eps, float 
         _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), iv), _mm256_loadu_ps(w + i)));
 }
 
+/* x += t for one row of K floats (K a multiple of 8) */
+static void add_row(int64_t K, float *x, const float *t) {
+    for (int64_t i = 0; i < K; i += 8)
+        _mm256_storeu_ps(x + i, _mm256_add_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(t + i)));
+}
+
 /* exp(x) for 8 floats: Cody-Waite range reduction and a degree-6 polynomial (Cephes' expf), within
  * 2 ulp over the float range; inputs below -87.3 give 0, above 88.7 are clamped. */
 static inline __m256 exp8(__m256 x) {
@@ -291,10 +297,8 @@ int dspark_layer_out(int64_t M, int64_t K, float *x, int64_t xs, const float *at
     if (rc == 0) {
 #pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : 1) if (M >= 16)
         for (int64_t r = 0; r < M; r++) {
-            float *xr = x + r * xs;
-            for (int64_t i = 0; i < K; i += 8)
-                _mm256_storeu_ps(xr + i, _mm256_add_ps(_mm256_loadu_ps(xr + i), _mm256_loadu_ps(t + r * K + i)));
-            rms_row(K, xr, norm_w, eps, t + r * K);
+            add_row(K, x + r * xs, t + r * K);
+            rms_row(K, x + r * xs, norm_w, eps, t + r * K);
         }
         rc = q4_mm(&wgu, M, K, t, gu, threads);
     }
@@ -303,13 +307,8 @@ int dspark_layer_out(int64_t M, int64_t K, float *x, int64_t xs, const float *at
         for (int64_t r = 0; r < M; r++) silu_mul_row(I, gu + r * 2 * I, act + r * I);
         rc = q4_mm(&wdn, M, I, act, t, threads);
     }
-    if (rc == 0) {
-        for (int64_t r = 0; r < M; r++) {
-            float *xr = x + r * xs;
-            for (int64_t i = 0; i < K; i += 8)
-                _mm256_storeu_ps(xr + i, _mm256_add_ps(_mm256_loadu_ps(xr + i), _mm256_loadu_ps(t + r * K + i)));
-        }
-    }
+    if (rc == 0)
+        for (int64_t r = 0; r < M; r++) add_row(K, x + r * xs, t + r * K);
     free(t);
     free(gu);
     return rc;

@@ -439,16 +439,15 @@ class DecoderLayer(nn.Module):
         a, m = self.attn, self.mlp
         b, k, hid = x.shape
         rows = b * k
-        x2 = x.reshape(rows, hid)
-        if not x2.is_contiguous():
-            x2 = x2.contiguous()
-        qkv = int4_gemm.layer_in(x2, self.input_norm, self.eps, a.packed["qkv"],
+        # A contiguous copy: the input of the part before attention, then the output the part after it
+        # writes in place (x itself may be a kept hidden-state tap).
+        y = x.reshape(rows, hid).clone(memory_format=torch.contiguous_format)
+        qkv = int4_gemm.layer_in(y, self.input_norm, self.eps, a.packed["qkv"],
                                  rope.reshape(rows, a.D // 2), a.H + a.Hkv, a.D).view(b, k, a.H + 2 * a.Hkv, a.D)
         q, k_new, v = qkv.split([a.H, a.Hkv, a.Hkv], dim=2)
-        out = a.attend(q, k_new, v, cache, batch).reshape(rows, a.H * a.D)
-        y = x2.clone()  # x itself may be a kept hidden-state tap
-        int4_gemm.layer_out(y, out if out.is_contiguous() else out.contiguous(), a.packed["o"], self.post_attn_norm,
-                            self.eps, m.packed["gate_up"], m.packed["down"])
+        out = a.attend(q, k_new, v, cache, batch).reshape(rows, a.H * a.D).contiguous()
+        int4_gemm.layer_out(y, out, a.packed["o"], self.post_attn_norm, self.eps, m.packed["gate_up"],
+                            m.packed["down"])
         return y.view(b, k, hid)
 
 
@@ -541,6 +540,11 @@ class Transformer(nn.Module):
         on = getattr(self, "fused_layers_enabled", os.environ.get("DSPARK_FUSED_LAYERS", "1") != "0")
         for layer in self.layers:
             layer.fused = bool(on) and layer.fusable()
+        return self.num_fused_layers
+
+    @property
+    def num_fused_layers(self) -> int:
+        """How many layers run on the fused C layer parts."""
         return sum(layer.fused for layer in self.layers)
 
     def pack_int8_lm_head(self, quant: dict[str, Tensor]) -> bool:
