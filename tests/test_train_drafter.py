@@ -222,3 +222,62 @@ def test_reuse_freed_memory_takes_effect_on_glibc() -> None:
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         pytest.skip("glibc-only setting")
     assert reuse_freed_memory() is True
+
+
+def test_split_keeps_every_response_to_a_prompt_on_one_side(data_file, tmp_path) -> None:
+    """Held-out prompts stay held out when more responses to the same prompts are appended (a second
+    sample, another temperature); a file with one response per prompt splits as before."""
+    import numpy as np
+
+    from dspark.train.train_drafter import _VAL_SPLIT_SEED, load_data
+
+    one = load_data(data_file, 300, 64, 20.0)
+    rows = [json.loads(x) for x in data_file.read_text().splitlines() if x.strip()]
+    # The old rule, by sequence index, for a file whose prompts are all distinct.
+    order = np.random.default_rng(_VAL_SPLIT_SEED).permutation(len(rows))
+    old_val = sorted(order[:round(len(rows) * 0.2)].tolist())
+    assert [s.ids for s in one.val] == [rows[i]["prompt_ids"] + rows[i]["output_ids"] for i in old_val]
+    doubled = tmp_path / "doubled.jsonl"
+    second = [{**r, "output_ids": r["output_ids"][::-1]} for r in rows]
+    doubled.write_text("".join(json.dumps(r) + "\n" for r in rows + second))
+    two = load_data(doubled, 300, 64, 20.0)
+    val_prompts = {tuple(s.ids[:s.output_start]) for s in two.val}
+    train_prompts = {tuple(s.ids[:s.output_start]) for s in two.train}
+    assert not val_prompts & train_prompts
+    assert val_prompts == {tuple(s.ids[:s.output_start]) for s in one.val}
+    assert len(two.val) == 2 * len(one.val) and len(two.train) == 2 * len(one.train)
+    assert [s.ids for s in two.val[:len(one.val)]] == [s.ids for s in one.val]  # the old ones first
+
+
+def test_init_from_starts_at_the_given_drafter(qwen3_ckpt, data_file, tmp_path) -> None:
+    """--init-from: the first step starts from the saved drafter's weights (its first loss is the loss
+    the saved drafter reaches, far below a fresh start's), a resume keeps the run's own weights, and a
+    drafter of another shape is refused with the keys that differ."""
+    from dspark.errors import CheckpointError
+
+    first = tmp_path / "first"
+    train(tiny(qwen3_ckpt, data_file, first, steps=24))
+    fresh_losses = losses(first)
+    second = tmp_path / "second"
+    train(tiny(qwen3_ckpt, data_file, second, steps=8, init_from=str(first)))
+    log = json.loads((second / "training_log.json").read_text())
+    assert log["init_from"] == str(first)
+    assert log["train_losses"][0] < fresh_losses[0] - 0.5 * (fresh_losses[0] - min(fresh_losses))
+    assert "Started from the drafter" in (second / "README.md").read_text()
+    # Resume: raising --steps continues from the run's checkpoint, not from the starting drafter.
+    train(tiny(qwen3_ckpt, data_file, second, steps=10, init_from=str(first)))
+    assert losses(second)[:8] == log["train_losses"] and len(losses(second)) == 10
+    with pytest.raises(CheckpointError, match="block_size"):
+        train(tiny(qwen3_ckpt, data_file, tmp_path / "third", block_size=3, init_from=str(first)))
+
+
+def test_normaliser_keys_tell_two_datagen_files_apart() -> None:
+    """Two datagen files merged into one data file have the same batch file names and sequence ids in
+    their own .hidden folders; the cached log-normalisers must not mix them up."""
+    from dspark.train.train_drafter import Sequence, TargetNormalisers
+
+    a = Sequence(ids=[1, 2, 3, 4], output_start=2, hidden=("runs/x/a.jsonl.hidden/batch_000000.safetensors", "seq_0"))
+    b = Sequence(ids=[1, 2, 3, 4], output_start=2, hidden=("runs/x/b.jsonl.hidden/batch_000000.safetensors", "seq_0"))
+    assert TargetNormalisers._store_key(a) != TargetNormalisers._store_key(b)
+    assert TargetNormalisers._store_key(a) == TargetNormalisers._store_key(
+        Sequence(ids=[1, 2, 3, 4], output_start=2, hidden=("elsewhere/a.jsonl.hidden/batch_000000.safetensors", "seq_0")))

@@ -50,7 +50,7 @@ from dspark.errors import DSparkError
 from dspark.train.checkpoint import atomic_write_text
 from dspark.train.common import (OPTIMISER_OPTIONS, RUN_OPTIONS, RunConfig, adamw, add_config_options,
                                  add_output_options, card_header, command_line, data_parallel, dist_info, due,
-                                 lr_at, optimizer_step, progress_bar, resume, reuse_freed_memory, save_checkpoint,
+                                 lr_at, optimizer_step, previous_checkpoint, progress_bar, resume, reuse_freed_memory, save_checkpoint,
                                  stop_requested)
 from dspark.train.losses import LossTerms, LossWeights, loss_terms, total_loss
 
@@ -90,6 +90,7 @@ class TrainDrafterConfig(RunConfig):
     eval_seqs: int = 64                   # validation sequences per evaluation (at most)
     draft_vocab_size: int | None = None   # predict only the N most frequent response tokens (None: all)
     online: bool = False                  # run the target even when the data has stored hidden states
+    init_from: str | None = None          # start from this drafter's weights (fine-tuning; not when resuming)
 
     def validate(self) -> None:
         if self.drafter not in TRAINABLE_DRAFTERS:
@@ -198,11 +199,20 @@ def load_data(path: str | Path, vocab_size: int, max_seq_len: int, val_percent: 
         raise DataError(f"{path}: {n_stored} of {len(seqs)} sequences have stored hidden states"
                         f"{' with different layers ' + ', '.join(sorted(stored_layers)) if len(stored_layers) > 1 else ''}; "
                         "regenerate the file with one `dspark datagen --store-hidden` setting")
-    n_val = min(len(seqs) - 1, max(1, round(len(seqs) * val_percent / 100)))
-    order = np.random.default_rng(_VAL_SPLIT_SEED).permutation(len(seqs))
-    val_idx = set(order[:n_val].tolist())
-    return Dataset(train=[s for i, s in enumerate(seqs) if i not in val_idx],
-                   val=[s for i, s in enumerate(seqs) if i in val_idx],
+    # The split is by prompt: responses to one prompt (several samples, another temperature) are all
+    # training or all held out. Prompts are numbered in order of first appearance, so a file with one
+    # response per prompt splits as it always did, and appending responses keeps the held-out prompts.
+    group_of: dict[tuple[int, ...], int] = {}
+    groups = [group_of.setdefault(tuple(s.ids[:s.output_start]), len(group_of)) for s in seqs]
+    n_groups = len(group_of)
+    if n_groups < 2:
+        raise DataError(f"{path} has responses to {n_groups} distinct prompt; need at least 2 (one is held out "
+                        "for validation)")
+    n_val = min(n_groups - 1, max(1, round(n_groups * val_percent / 100)))
+    order = np.random.default_rng(_VAL_SPLIT_SEED).permutation(n_groups)
+    val_groups = set(order[:n_val].tolist())
+    return Dataset(train=[s for s, g in zip(seqs, groups) if g not in val_groups],
+                   val=[s for s, g in zip(seqs, groups) if g in val_groups],
                    hidden_layers=json.loads(stored_layers.pop()) if n_stored else None)
 
 
@@ -389,7 +399,8 @@ class TargetNormalisers:
     @staticmethod
     def _store_key(seq: Sequence) -> str:
         file, key = seq.hidden
-        return f"{Path(file).name}/{key}/{len(seq.ids)}/{seq.output_start}"
+        # The folder too: two datagen files in one place have the same batch file names and ids.
+        return f"{Path(file).parent.name}/{Path(file).name}/{key}/{len(seq.ids)}/{seq.output_start}"
 
     def fill(self, seqs: list[Sequence], stored: "StoredFeatures", show_progress: bool = True) -> None:
         """Compute (or read from `store`) every sequence's log-normalisers now, with a progress bar, and
@@ -539,6 +550,40 @@ def frequent_tokens(seqs: list[Sequence], n: int, vocab_size: int) -> tuple[torc
     return torch.from_numpy(np.sort(order).astype(np.int64)), covered
 
 
+def vocab_coverage(seqs: list[Sequence], ids: torch.Tensor) -> float:
+    """The share of the training responses' tokens that the draft vocabulary `ids` holds."""
+    keep = set(ids.tolist())
+    total = hit = 0
+    for s in seqs:
+        out = s.ids[s.output_start:]
+        total += len(out)
+        hit += sum(t in keep for t in out)
+    return hit / max(total, 1)
+
+
+def init_from_drafter(model, path: str | Path, target, load_weights: bool = True) -> torch.Tensor | None:
+    """Start training from the drafter in `path` (fine-tuning it, e.g. on more data): its weights are
+    copied into `model` when `load_weights`, and its draft vocabulary (target ids) is returned for a
+    reduced-vocabulary drafter (None otherwise). The two must have the same shape: same kind, layers,
+    block size, target layers, heads and draft vocabulary size; an error names what differs."""
+    from dspark.errors import CheckpointError
+
+    try:
+        start = type(model).load(path, target, dtype=torch.float32)
+    except (CheckpointError, OSError, ValueError) as e:
+        raise CheckpointError(f"--init-from {path}: {e}") from None
+    mine, theirs = model.config.to_json_dict(), start.config.to_json_dict()
+    diffs = [f"{k} {theirs.get(k)!r} (this run: {mine.get(k)!r})" for k in sorted(set(mine) | set(theirs))
+             if k not in ("torch_dtype", "dtype") and mine.get(k) != theirs.get(k)]
+    if diffs:
+        raise CheckpointError(f"--init-from {path} is another drafter shape: {'; '.join(diffs)}")
+    if load_weights:
+        with torch.no_grad():
+            for key, value in start.state_dict().items():
+                model.state_dict()[key].copy_(value)
+    return None if start.draft_ids is None else start.draft_ids.detach().clone().cpu()
+
+
 @dataclass(frozen=True)
 class TrainableDrafter:
     """How the trainer builds one kind of drafter; data, target features, losses, resume and DDP are
@@ -618,6 +663,15 @@ def _train(cfg: TrainDrafterConfig, rank: int, world: int, load_target) -> Path:
     if dcfg.reduced_vocab:
         ids, covered = frequent_tokens(data.train, dcfg.draft_vocab, target.vocab_size)
         log["draft_vocab_coverage"] = round(covered, 6)
+    if cfg.init_from:
+        # Weights only at a fresh start (a resumed run has its own); the vocabulary on every start.
+        fresh = not (ckpt_path.exists() or previous_checkpoint(ckpt_path).exists())
+        init_ids = init_from_drafter(model, cfg.init_from, target, load_weights=fresh)
+        if init_ids is not None:
+            # The starting drafter's draft vocabulary is kept: its LM-head and Markov rows are those tokens'.
+            ids = init_ids
+            log["draft_vocab_coverage"] = round(vocab_coverage(data.train, ids), 6)
+        log["init_from"] = str(cfg.init_from)
     log = resume(ckpt_path, model, opt, log, rank, world, cfg)
     if dcfg.reduced_vocab:
         # After a resume too: the same choice (same data), and it slices the LM head to those rows.
@@ -719,7 +773,7 @@ def model_card(cfg: TrainDrafterConfig, log: dict) -> str:
         f"confidence head {'on' if d.get('enable_confidence_head') else 'off'}. The target's embedding and LM "
         "head are shared and frozen (not stored here).",
         *([f"- Draft vocabulary: the {d['draft_vocab_size']:,} target tokens most frequent in the training "
-           f"responses (`draft_vocab_size`, with `d2t` in the weights), covering "
+           f"responses{' of the starting drafter' if cfg.init_from else ''} (`draft_vocab_size`, with `d2t` in the weights), covering "
            f"{100 * log.get('draft_vocab_coverage', float('nan')):.2f}% of their tokens; the drafter never "
            "proposes the others, and verification stays exact for the distribution it does draft."]
           if d.get("draft_vocab_size") else []),
@@ -727,6 +781,8 @@ def model_card(cfg: TrainDrafterConfig, log: dict) -> str:
         f"{cfg.lr} (warm-up {cfg.warmup_steps}, cosine to {cfg.min_lr_ratio}x), loss {cfg.ce_weight}·CE + "
         f"{cfg.tv_weight}·TV + {cfg.conf_weight}·BCE{f' + {cfg.kl_weight}·KL' if cfg.kl_weight else ''} with decay γ_decay={cfg.decay:g}; seed {cfg.seed}; "
         f"{log['world_size']} process(es) x {log['threads']} thread(s).",
+        *([f"- Started from the drafter `{cfg.init_from}` (its weights and draft vocabulary; `--init-from`): the "
+           "steps and wall time here are this run's only."] if cfg.init_from else []),
         f"- Wall time: {log['wall_seconds'] / 60:.1f} minutes (sum over resumed runs).",
         f"- Held-out τ̂ (expected accepted length from 1 − TV, bonus included, γ={cfg.block_size}): "
         f"{last.get('val_tau', float('nan')):.3f} at step {last.get('step', 0)}; validation loss "
@@ -777,6 +833,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--online", action="store_true",
                    help="run the target every step even when --data stores its hidden states (default: offline "
                         "when the data has them: `dspark datagen --store-hidden`)")
+    p.add_argument("--init-from", default=None, metavar="DIR",
+                   help="start from this drafter's weights and draft vocabulary (same shape), e.g. to go on "
+                        "training the bundled drafter on more data; a resumed run keeps its own weights "
+                        "(default: a fresh initialisation)")
     p.add_argument("--loss-decay", type=float, default=None,
                    help="γ_decay of the position weights exp(-(k-1)/γ_decay) (default: block size)")
     add_config_options(p, d, [
