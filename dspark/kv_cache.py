@@ -231,6 +231,10 @@ class KVCache:
             return k_layer[lo:hi, :, : batch.kv_len], v_layer[lo:hi, :, : batch.kv_len]
         return k_layer[batch.slot_index, :, : batch.kv_len], v_layer[batch.slot_index, :, : batch.kv_len]
 
+    def layer_tensors(self, layer: int) -> tuple[Tensor, Tensor]:
+        """One layer's whole key and value tensors `[max_seqs, num_kv_heads, max_len, head_dim]` (views)."""
+        return self._k_layers[layer], self._v_layers[layer]
+
     def write(self, layer: int, batch: CacheBatch, k_new: Tensor, v_new: Tensor) -> tuple[Tensor, Tensor]:
         """Write one layer's new keys/values (as `update`) and return the layer's whole cache tensors
         `[max_seqs, num_kv_heads, max_len, head_dim]` (views, no copy)."""

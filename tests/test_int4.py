@@ -304,6 +304,49 @@ def test_fused_layers_match_the_per_op_path(q4_file, monkeypatch):
     assert torch_kernel.transformer.update_fused_layers(True) == 0
 
 
+def test_whole_layer_call_gives_the_bits_of_the_three_part_path(q4_file, monkeypatch):
+    """The whole layer in one C call (parts, cache write and row attention) where every row of a call is
+    on the row kernel: logits, taps and the KV cache bit-identical to the layer parts with the cache
+    write and attention in Python, on decode steps of 2 sequences, a verification-sized call of 4 tokens
+    and a ragged call (padding: the parts path); DSPARK_WHOLE_LAYER=0 turns the one call off."""
+    if not int4_gemm.available():
+        pytest.skip(f"no int4 kernel here: {int4_gemm.unavailable_reason()}")
+    target = load_target(q4_file, cpu_gemm="int4")
+    t = target.transformer
+    assert all(layer.whole is not None for layer in t.layers)
+    calls = [[[11], [12]], [[13, 14, 15, 16], [17, 18, 19, 20]], [[21, 22], [23]], [[24], [25]]]
+    used = []
+    real = int4_gemm.layer
+    monkeypatch.setattr(int4_gemm, "layer", lambda *a: (used.append(a[0].shape[0]), real(*a))[1])
+
+    def run():
+        cache = target.new_cache(2, 64)
+        a, b = cache.allocate(), cache.allocate()
+        outs = []
+        with torch.inference_mode():
+            target.forward(cache, [a, b], [[5, 17, 33, 40, 99], [120, 7, 8]])
+            for ids in calls:
+                out = target.forward(cache, [a, b], ids, hidden_layer_ids=[0, 1])
+                outs.append((out.logits, out.hidden))
+        return outs, cache.k.clone(), cache.v.clone()
+
+    whole = run()
+    assert used and set(used) == {2, 8}  # the 1-token steps and the 4-token call; not the ragged one
+    monkeypatch.setenv("DSPARK_WHOLE_LAYER", "0")
+    t.update_fused_layers(True)
+    try:
+        assert all(layer.fused and layer.whole is None for layer in t.layers)
+        used.clear()
+        parts = run()
+        assert not used
+    finally:
+        monkeypatch.delenv("DSPARK_WHOLE_LAYER")
+        t.update_fused_layers(True)
+    for (lw, hw), (lp, hp) in zip(whole[0], parts[0]):
+        assert torch.equal(lw, lp) and torch.equal(hw, hp)
+    assert torch.equal(whole[1], parts[1]) and torch.equal(whole[2], parts[2])
+
+
 def test_fused_silu_and_norm_are_accurate():
     """The fused parts' own SiLU (a polynomial exp) and RMSNorm against torch's, over a wide range."""
     if not int4_gemm.available():

@@ -17,6 +17,7 @@
 
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #include <immintrin.h>
 
 #if !defined(__AVX2__) || !defined(__FMA__)
@@ -311,5 +312,62 @@ int dspark_layer_out(int64_t M, int64_t K, float *x, int64_t xs, const float *at
         for (int64_t r = 0; r < M; r++) add_row(K, x + r * xs, t + r * K);
     free(t);
     free(gu);
+    return rc;
+}
+
+/* ---- A whole decoder layer in one call ------------------------------------------------------------
+ * dspark_layer_in, then each row's new key and value written into the KV cache, then attention by a row
+ * kernel passed in (dspark_row_attention of row_attention.c: the same function the per-part path calls),
+ * then dspark_layer_out. The same operations in the same order as the three calls with the cache write
+ * and the attention call between them in Python, so the same bits; what it saves is the Python between
+ * them (a dozen tensor ops and two library calls a layer, ~40 us). The layer's weights are described
+ * once, in a struct built when the layer is set up. */
+
+struct dspark_layer_weights {
+    const float *norm_in, *norm_post;
+    float eps;
+    struct q4w qkv, o, gu, dn; /* qkv.n = (H + 2 Hkv) D, o.n = dn.n = K, gu.n = 2 I */
+    int64_t K, H, Hkv, D, I;
+};
+
+typedef int (*row_attention_fn)(int64_t, int64_t, int64_t, int64_t, const float *, int64_t, int64_t, const float *,
+                                const float *, int64_t, int64_t, int64_t, const int64_t *, const int64_t *,
+                                const int64_t *, float *, int64_t, int64_t, float);
+
+/* x [M, K] contiguous, in place. rope [M, D / 2] (cos, sin) pairs. Row r of x is the token at position
+ * row_len[r] - 1 of cache slot row_slot[r]; its key and value go there (k_cache / v_cache: slot, kv head,
+ * position at the given strides), and it attends to positions 0 .. row_len[r] - 1 of that slot.
+ * Returns 0, or the first failing part's code (-1 bad sizes, -2 no memory, else the attention's). */
+int dspark_layer(const struct dspark_layer_weights *w, int64_t M, float *x, const float *rope, float *k_cache,
+                 float *v_cache, int64_t slot_stride, int64_t head_stride, int64_t pos_stride, const int64_t *row_slot,
+                 const int64_t *row_len, row_attention_fn attention, float scale, int64_t threads) {
+    if (M < 1) return M == 0 ? 0 : -1;
+    int64_t N = w->qkv.n, H = w->H, Hkv = w->Hkv, D = w->D, A = H * D;
+    if (N != (H + 2 * Hkv) * D) return -1;
+    float *qkv = malloc(sizeof(float) * (size_t)M * (size_t)N), *att = malloc(sizeof(float) * (size_t)M * (size_t)A);
+    int64_t *row_q = malloc(sizeof(int64_t) * (size_t)M);
+    int rc = (!qkv || !att || !row_q) ? -2 : 0;
+    if (rc == 0)
+        rc = dspark_layer_in(M, w->K, x, w->K, w->norm_in, w->eps, w->qkv.codes, w->qkv.d, w->qkv.m, w->qkv.bias, N,
+                             rope, H + Hkv, D, qkv, threads);
+    if (rc == 0) {
+        for (int64_t r = 0; r < M; r++) {
+            row_q[r] = r;
+            int64_t at = row_slot[r] * slot_stride + (row_len[r] - 1) * pos_stride;
+            for (int64_t g = 0; g < Hkv; g++) {
+                memcpy(k_cache + at + g * head_stride, qkv + r * N + (H + g) * D, sizeof(float) * (size_t)D);
+                memcpy(v_cache + at + g * head_stride, qkv + r * N + (H + Hkv + g) * D, sizeof(float) * (size_t)D);
+            }
+        }
+        rc = attention(M, H, Hkv, D, qkv, N, D, k_cache, v_cache, slot_stride, head_stride, pos_stride, row_q,
+                       row_slot, row_len, att, A, D, scale);
+    }
+    if (rc == 0)
+        rc = dspark_layer_out(M, w->K, x, w->K, att, A, w->o.codes, w->o.d, w->o.m, w->o.bias, w->norm_post, w->eps,
+                              w->gu.codes, w->gu.d, w->gu.m, w->gu.bias, w->I, w->dn.codes, w->dn.d, w->dn.m,
+                              w->dn.bias, threads);
+    free(qkv);
+    free(att);
+    free(row_q);
     return rc;
 }

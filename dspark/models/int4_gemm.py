@@ -81,6 +81,8 @@ def _setup(lib: ctypes.CDLL) -> bool:
     lib.dspark_layer_out.argtypes = [i64, i64, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, f32,
                                      ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, i64]
     lib.dspark_layer_out.restype = ctypes.c_int
+    lib.dspark_layer.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, f32, i64]
+    lib.dspark_layer.restype = ctypes.c_int
     g = torch.Generator().manual_seed(0)
     n, k = 13, 96  # a column tail (13 = 3 blocks of 4 + 1) and three groups
     q4 = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
@@ -155,3 +157,48 @@ def layer_out(x: Tensor, attn: Tensor, o, norm_w: Tensor, eps: float, gate_up, d
         torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"fused layer kernel (out) returned {rc} (width {k}, attention width {attn.shape[1]})")
+
+
+class _Q4W(ctypes.Structure):
+    _fields_ = [("codes", ctypes.c_void_p), ("d", ctypes.c_void_p), ("m", ctypes.c_void_p), ("bias", ctypes.c_void_p),
+                ("n", ctypes.c_int64)]
+
+
+class LayerWeights(ctypes.Structure):
+    """What `dspark_layer` reads of one decoder layer (C's `struct dspark_layer_weights`): pointers into
+    the layer's tensors, which the layer keeps alive; built once when the layer is set up."""
+
+    _fields_ = [("norm_in", ctypes.c_void_p), ("norm_post", ctypes.c_void_p), ("eps", ctypes.c_float),
+                ("qkv", _Q4W), ("o", _Q4W), ("gu", _Q4W), ("dn", _Q4W),
+                ("K", ctypes.c_int64), ("H", ctypes.c_int64), ("Hkv", ctypes.c_int64), ("D", ctypes.c_int64),
+                ("I", ctypes.c_int64)]
+
+    @classmethod
+    def of(cls, norm_in: Tensor, norm_post: Tensor, eps: float, qkv, o, gate_up, down, heads: int, kv_heads: int,
+           head_dim: int) -> "LayerWeights":
+        """qkv, o, gate_up, down: `Int4Linear`s on this kernel; the norms float32 contiguous."""
+        norms = [t.detach() for t in (norm_in, norm_post)]
+        if any(t.dtype != torch.float32 or not t.is_contiguous() for t in norms):
+            raise ValueError("the fused layer needs float32 contiguous norm weights")
+
+        def q4(lin) -> _Q4W:
+            return _Q4W(lin.packed.data_ptr(), lin.d.data_ptr(), lin.m.data_ptr(), _ptr(lin.bias), lin.out_features)
+        w = cls(norms[0].data_ptr(), norms[1].data_ptr(), eps, q4(qkv), q4(o), q4(gate_up), q4(down),
+                norm_in.shape[0], heads, kv_heads, head_dim, gate_up.out_features // 2)
+        w.keep = (norms, qkv, o, gate_up, down)  # the memory the pointers point into stays alive
+        return w
+
+
+def layer(x: Tensor, w: LayerWeights, rope: Tensor, k_cache: Tensor, v_cache: Tensor, row_slot: Tensor,
+          row_len: Tensor, attention: int, scale: float) -> None:
+    """A whole decoder layer in one call (`dspark_layer`), in place on x [rows, K] float32 contiguous:
+    the part before attention, each row's key and value written at position row_len[r] - 1 of cache
+    slot row_slot[r] (k_cache / v_cache: [slots, kv heads, positions, D] float32, D contiguous), attention
+    over positions 0 .. row_len[r] - 1 by the row kernel at address `attention`
+    (`dspark_row_attention`), the part after it. rope: [rows, D / 2] complex64."""
+    rc = KERNEL.loaded.dspark_layer(
+        ctypes.addressof(w), x.shape[0], x.data_ptr(), torch.view_as_real(rope).data_ptr(), k_cache.data_ptr(),
+        v_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), row_slot.data_ptr(),
+        row_len.data_ptr(), attention, scale, torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"fused layer kernel returned {rc} (width {w.K}, heads {w.H}/{w.Hkv} x {w.D})")

@@ -139,6 +139,11 @@ def plan(slots: list[int], start: list[int], num_new: list[int], k_max: int) -> 
     return AttentionPlan(rows, long, any(n != k_max for n in num_new))
 
 
+def kernel_address() -> int:
+    """The address of `dspark_row_attention` (for C code that calls it: `int4_gemm.layer`)."""
+    return ctypes.cast((KERNEL.loaded or _library()).dspark_row_attention, ctypes.c_void_p).value  # type: ignore[union-attr]
+
+
 def attention(q: Tensor, k_layer: Tensor, v_layer: Tensor, p: AttentionPlan, scale: float) -> Tensor:
     """q: [batch, k_max, H, D] float32 with D contiguous and rows evenly strided; k_layer, v_layer:
     the cache's [max_seqs, Hkv, max_len, D] tensors for this layer, new keys already written.

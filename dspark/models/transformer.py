@@ -418,6 +418,10 @@ class DecoderLayer(nn.Module):
         # Run on the fused C layer parts (int4_gemm.layer_in / layer_out) when every projection is on
         # this project's Q4 kernel (set by Transformer.update_fused_layers).
         self.fused = False
+        # The same parts and the attention between them in one C call (int4_gemm.layer) where the call's
+        # attention is all on the row kernel: its weights described once (set with `fused`).
+        self.whole: int4_gemm.LayerWeights | None = None
+        self.row_kernel = 0  # the address of the row attention kernel the one call uses
 
     def fusable(self) -> bool:
         """Whether the fused layer parts can run this layer: all four projections on this project's Q4
@@ -426,6 +430,12 @@ class DecoderLayer(nn.Module):
         packs = [a.packed.get("qkv"), a.packed.get("o"), m.packed.get("gate_up"), m.packed.get("down")]
         return a.qk_norm is None and a.D % 8 == 0 and \
             all(isinstance(p, Int4Linear) and p.kernel == "dspark" for p in packs) and int4_gemm.KERNEL.loaded is not None
+
+    def whole_layer_weights(self) -> "int4_gemm.LayerWeights":
+        a, m = self.attn, self.mlp
+        return int4_gemm.LayerWeights.of(self.input_norm, self.post_attn_norm, self.eps,
+                                         a.packed["qkv"], a.packed["o"], m.packed["gate_up"], m.packed["down"],
+                                         a.H, a.Hkv, a.D)
 
     def forward(self, x: Tensor, rope: Tensor, cache: KVCache, batch: CacheBatch) -> Tensor:
         if self.fused and x.dtype == torch.float32 and not torch.is_grad_enabled():
@@ -442,6 +452,14 @@ class DecoderLayer(nn.Module):
         # A contiguous copy: the input of the part before attention, then the output the part after it
         # writes in place (x itself may be a kept hidden-state tap).
         y = x.reshape(rows, hid).clone(memory_format=torch.contiguous_format)
+        plan = batch.attention_plan
+        if self.whole is not None and plan is not None and plan.rows is not None and plan.rows.n == rows \
+                and not plan.long and not plan.padded:
+            # Every row on the row kernel, in order (no padding): the whole layer in one call.
+            k_layer, v_layer = cache.layer_tensors(a.layer)
+            int4_gemm.layer(y, self.whole, rope.reshape(rows, a.D // 2), k_layer, v_layer, plan.rows.row_slot,
+                            plan.rows.row_len, self.row_kernel, a.D ** -0.5)
+            return y.view(b, k, hid)
         qkv = int4_gemm.layer_in(y, self.input_norm, self.eps, a.packed["qkv"],
                                  rope.reshape(rows, a.D // 2), a.H + a.Hkv, a.D).view(b, k, a.H + 2 * a.Hkv, a.D)
         q, k_new, v = qkv.split([a.H, a.Hkv, a.Hkv], dim=2)
@@ -538,8 +556,11 @@ class Transformer(nn.Module):
         if enable is not None:
             self.fused_layers_enabled = enable
         on = getattr(self, "fused_layers_enabled", os.environ.get("DSPARK_FUSED_LAYERS", "1") != "0")
+        whole = bool(on) and os.environ.get("DSPARK_WHOLE_LAYER", "1") != "0" and row_attention.available()
         for layer in self.layers:
             layer.fused = bool(on) and layer.fusable()
+            layer.whole = layer.whole_layer_weights() if layer.fused and whole else None
+            layer.row_kernel = row_attention.kernel_address() if layer.whole is not None else 0
         return self.num_fused_layers
 
     @property
