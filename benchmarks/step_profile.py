@@ -3,8 +3,9 @@
     python benchmarks/step_profile.py --threads 2 [--model M] [--steps 40] [--out runs/step_profile.json]
 
 Prints: the median step time; with the fused layer parts (the default on a Q4 file), the time in them
-(the four projections of every layer with its norms, RoPE, SiLU and residual adds, one C call before
-attention and one after); the time in the weight GEMMs (this project's int4/int8 kernels timed
+(the four projections of every layer with its norms, RoPE, SiLU and residual adds; by default the
+whole layer, KV-cache write and attention included, is one C call; with DSPARK_WHOLE_LAYER=0 one C call
+before attention and one after); the time in the weight GEMMs (this project's int4/int8 kernels timed
 directly, torch's GEMM ops from torch.profiler: fbgemm's fp16-weight GEMM, aten's int4 kernel, or
 aten::linear/addmm/mm) as a share of profiled steps, and in everything else; the bytes of weights one step
 reads; this machine's read bandwidth (a sum over a 1 GiB tensor); and the floor
@@ -95,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     # is measured directly over the timed (unprofiled) steps; torch's GEMM ops' share comes from the
     # profiler. With the fused layer parts (the default on a Q4 file) the projections run inside
     # int4_gemm.layer_in / layer_out together with the norms, RoPE, SiLU and residual adds: that time is
-    # reported as `fused_layer_ms` (GEMMs and those small ops, which it does not separate).
+    # reported as `fused_layer_ms` (GEMMs and those small ops, which it does not separate). With the whole
+    # layer in one call (int4_gemm.layer, the default where every row is on the row kernel, as in a decode
+    # step) the KV-cache write and the attention are inside it too, and `attention_ms` is then 0.
     from dspark.models import int4_gemm, row_attention
 
     spent = {"gemm": 0.0, "fused": 0.0, "attention": 0.0}
@@ -111,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(5):
         step()
     patched = [(int4_gemm, "mm", "gemm"), (int4_gemm, "mm8", "gemm"), (int4_gemm, "layer_in", "fused"),
-               (int4_gemm, "layer_out", "fused"), (row_attention, "attention", "attention")]
+               (int4_gemm, "layer_out", "fused"), (int4_gemm, "layer", "fused"),
+               (row_attention, "attention", "attention")]
     saved = [(mod, name, getattr(mod, name)) for mod, name, _ in patched]
     for mod, name, label in patched:
         setattr(mod, name, timed(getattr(mod, name), label))
