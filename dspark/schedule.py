@@ -167,14 +167,20 @@ def _machine() -> dict[str, Any]:
 
 
 def step_cost_key(target, hidden_layer_ids: Sequence[int] = ()) -> dict[str, Any]:
-    """What a step-cost table depends on: the model (files, dtype, CPU GEMM), torch's thread count,
-    the hidden-state taps read, the device and the machine."""
+    """What a step-cost table depends on: the model (files, dtype, CPU GEMM), the whole-layer C call,
+    torch's thread count, the hidden-state taps read, the device and the machine."""
     from dspark.eval.acceptance import target_identity
 
     dev = torch.device(target.device)
     device = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
     key = {"model": target_identity(target), "threads": torch.get_num_threads(),
            "hidden_layer_ids": [int(i) for i in hidden_layer_ids], "device": device, "machine": _machine()}
+    # The whole-layer C call gives the bits of the two-part path (so it is not in the model's identity)
+    # but not its speed; named only when on, so other tables keep their keys.
+    layers = getattr(getattr(target, "transformer", None), "layers", ())
+    whole = sum(getattr(layer, "whole", None) is not None for layer in layers)
+    if whole:
+        key["whole_layers"] = whole
     return json.loads(json.dumps(key, default=str))  # as it reads back from the cache file
 
 

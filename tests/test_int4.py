@@ -332,10 +332,13 @@ def test_whole_layer_call_gives_the_bits_of_the_three_part_path(q4_file, monkeyp
 
     whole = run()
     assert used and set(used) == {2, 8}  # the 1-token steps and the 4-token call; not the ragged one
+    from dspark.schedule import step_cost_key
+    assert step_cost_key(target)["whole_layers"] == 2  # same bits, not the same speed: its own step costs
     monkeypatch.setenv("DSPARK_WHOLE_LAYER", "0")
     t.update_fused_layers(True)
     try:
         assert all(layer.fused and layer.whole is None for layer in t.layers)
+        assert "whole_layers" not in step_cost_key(target)
         used.clear()
         parts = run()
         assert not used
