@@ -18,5 +18,6 @@ done
 # The fused layer parts against the per-op layer (A/B in one process), this project's weight GEMM against
 # torch's int4 kernel at the row counts decoding and verification use, and whether torch.compile pays.
 python benchmarks/fused_ab.py --threads 2 --out runs/fused_ab.json
+python benchmarks/prefill_share.py --threads 2 --policy confidence --out runs/prefill_share.json
 python benchmarks/int4_gemm_bench.py --threads 2 --rows 1,3,5,7,8 --calls 200 --out runs/int4_gemm_bench_rows.json
 python benchmarks/compile_probe.py --threads 2 --out runs/compile_probe.json
