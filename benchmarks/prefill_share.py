@@ -2,6 +2,7 @@
 
     python benchmarks/prefill_share.py --threads 2 [--model M] [--max-tokens 64] [--repeats 2]
     python benchmarks/prefill_share.py --threads 2 --policy confidence [--drafter dspark]
+    python benchmarks/prefill_share.py --threads 2 --slack-ab 8
 
 The 8 chat requests of `plain_vs_transformers.py` (through the chat template), greedy, `--max-tokens`
 new tokens each (eos ignored), decoded by `LLM.generate` one at a time and then as one batch of 8,
@@ -10,6 +11,8 @@ over the one-at-a-time requests; the largest in the batch, whose prompts are pre
 the rest is decoding. Prints tokens/s with and without the prefill and writes JSON. With `--policy`
 the batch of 8 is also decoded with that drafter and policy, alternating with plain decoding, to time
 what the policy costs (its rounds are counted: a gate that drafts nothing shows as one round a token).
+With `--slack-ab N` it only times the 8 prompts admitted together (one new token each) N times with the
+CPU prefill padding slack of `dspark/engine.py` at 0.25 and at 0 alternately, and checks the tokens agree.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=2, help="alternating repeats (default: 2)")
     ap.add_argument("--policy", default=None, help="also time batch 8 with this policy (default: none)")
     ap.add_argument("--drafter", default="dspark", help="the drafter for --policy (default: dspark)")
+    ap.add_argument("--slack-ab", type=int, default=0, metavar="N",
+                    help="time the batch-8 prefill at CPU padding slack 0.25 and 0, N times each (default: off)")
     ap.add_argument("--out", default="runs/prefill_share.json", help="results JSON (default: runs/prefill_share.json)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -51,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     ids = [plain.tokenizer.encode(plain.render_chat([{"role": "user", "content": p}])) for p in CHAT_PROMPTS]
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
     n_tokens = len(ids) * args.max_tokens
+    if args.slack_ab:
+        return slack_ab(plain, ids, args)
     runs: list[dict] = []
     for rep in range(args.repeats):
         for batch in (1, 8):
@@ -88,6 +95,36 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_text(Path(args.out), json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0
+
+
+def slack_ab(llm, ids, args) -> int:
+    import dspark.engine as engine
+    from dspark import SamplingParams
+
+    one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    times: dict[float, list[float]] = {0.25: [], 0.0: []}
+    tokens: dict[float, list] = {}
+    saved = engine.PREFILL_PAD_SLACK_CPU
+    try:
+        for _ in range(args.slack_ab + 1):  # the first round warms up
+            for slack in times:
+                engine.PREFILL_PAD_SLACK_CPU = slack
+                t0 = time.perf_counter()
+                outs = llm.generate(ids, one)
+                times[slack].append(time.perf_counter() - t0)
+                tokens[slack] = [o.token_ids for o in outs]
+    finally:
+        engine.PREFILL_PAD_SLACK_CPU = saved
+    med = {s: statistics.median(v[1:]) for s, v in times.items()}
+    same = tokens[0.25] == tokens[0.0]
+    print(f"8 prompts admitted together, prefill + 1 token: slack 0.25 {med[0.25]:.3f} s, slack 0 {med[0.0]:.3f} s "
+          f"({med[0.25] / med[0.0]:.2f}x); same tokens: {same}")
+    report = {"threads": args.threads, "prompt_tokens": [len(i) for i in ids], "repeats": args.slack_ab,
+              "seconds": {str(s): [round(x, 4) for x in v[1:]] for s, v in times.items()},
+              "median_seconds": {str(s): round(v, 4) for s, v in med.items()}, "same_tokens": same}
+    atomic_write_text(Path(args.out), json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0 if same else 1
 
 
 if __name__ == "__main__":

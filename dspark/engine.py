@@ -230,8 +230,8 @@ class PrefillChunk:
 # while padding them to the longest costs at most this share of extra rows (plus 16 rows).
 PREFILL_PAD_SLACK = 0.25
 # On CPU the GEMMs are arithmetic-bound from a few rows on, so a padded row costs as much as a real one
-# and sharing a forward saves only its per-call overhead: pad (almost) nothing. Measured on SmolLM2 with
-# the 8 chat requests of benchmarks/plain_vs_transformers.py admitted together: 1.15 s at 0.25, 0.93 s here.
+# and sharing a forward saves only its per-call overhead: pad (almost) nothing (SmolLM2, the 8 chat
+# requests admitted together: 1.24x faster than at 0.25, `python benchmarks/prefill_share.py --slack-ab 8`).
 PREFILL_PAD_SLACK_CPU = 0.0
 
 
