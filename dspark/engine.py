@@ -499,7 +499,7 @@ class Engine:
     def _run(self, sched: ScheduledStep) -> None:
         """The model runner: prefill chunks, then one batched forward for the decoding requests. A
         failure fails the requests of the forward that raised, nothing else."""
-        slack = PREFILL_PAD_SLACK_CPU if torch.device(self.device).type == "cpu" else PREFILL_PAD_SLACK
+        slack = PREFILL_PAD_SLACK_CPU if self.device.type == "cpu" else PREFILL_PAD_SLACK
         for group in _prefill_groups(sched.prefill, slack):
             try:
                 self._prefill(group)

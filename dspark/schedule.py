@@ -177,8 +177,7 @@ def step_cost_key(target, hidden_layer_ids: Sequence[int] = ()) -> dict[str, Any
            "hidden_layer_ids": [int(i) for i in hidden_layer_ids], "device": device, "machine": _machine()}
     # The whole-layer C call gives the bits of the two-part path (so it is not in the model's identity)
     # but not its speed; named only when on, so other tables keep their keys.
-    layers = getattr(getattr(target, "transformer", None), "layers", ())
-    whole = sum(getattr(layer, "whole", None) is not None for layer in layers)
+    whole = getattr(getattr(target, "transformer", None), "num_whole_layers", 0)
     if whole:
         key["whole_layers"] = whole
     return json.loads(json.dumps(key, default=str))  # as it reads back from the cache file

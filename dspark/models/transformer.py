@@ -557,16 +557,22 @@ class Transformer(nn.Module):
             self.fused_layers_enabled = enable
         on = getattr(self, "fused_layers_enabled", os.environ.get("DSPARK_FUSED_LAYERS", "1") != "0")
         whole = bool(on) and os.environ.get("DSPARK_WHOLE_LAYER", "1") != "0" and row_attention.available()
+        row_kernel = row_attention.kernel_address() if whole else 0
         for layer in self.layers:
             layer.fused = bool(on) and layer.fusable()
             layer.whole = layer.whole_layer_weights() if layer.fused and whole else None
-            layer.row_kernel = row_attention.kernel_address() if layer.whole is not None else 0
+            layer.row_kernel = row_kernel if layer.whole is not None else 0
         return self.num_fused_layers
 
     @property
     def num_fused_layers(self) -> int:
         """How many layers run on the fused C layer parts."""
         return sum(layer.fused for layer in self.layers)
+
+    @property
+    def num_whole_layers(self) -> int:
+        """How many of them run as one C call where a forward's attention is all on the row kernel."""
+        return sum(layer.whole is not None for layer in self.layers)
 
     def pack_int8_lm_head(self, quant: dict[str, Tensor]) -> bool:
         """Run the LM head on the int8 GEMM when the checkpoint stores it (or the tied embedding) in

@@ -50,8 +50,8 @@ from dspark.errors import DSparkError
 from dspark.train.checkpoint import atomic_write_text
 from dspark.train.common import (OPTIMISER_OPTIONS, RUN_OPTIONS, RunConfig, adamw, add_config_options,
                                  add_output_options, card_header, command_line, data_parallel, dist_info, due,
-                                 lr_at, optimizer_step, previous_checkpoint, progress_bar, resume, reuse_freed_memory, save_checkpoint,
-                                 stop_requested)
+                                 lr_at, optimizer_step, previous_checkpoint, progress_bar, resume, reuse_freed_memory,
+                                 save_checkpoint, stop_requested)
 from dspark.train.losses import LossTerms, LossWeights, loss_terms, total_loss
 
 # Held-out split: fixed, independent of --seed, so runs with different seeds validate on the same data.
@@ -536,29 +536,28 @@ def _draft_vocab_size(cfg: TrainDrafterConfig, target) -> int | None:
     return n
 
 
-def frequent_tokens(seqs: list[Sequence], n: int, vocab_size: int) -> tuple[torch.Tensor, float]:
-    """The draft vocabulary: the `n` target tokens most frequent in the training responses (ties and
-    the rest by frequency in the prompts, then by id), and the share of response tokens it covers."""
+def token_counts(seqs: list[Sequence], vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """How often each target token occurs in the responses and in the prompts of `seqs` ([vocab] each)."""
     out = np.zeros(vocab_size, dtype=np.float64)
     prompt = np.zeros(vocab_size, dtype=np.float64)
     for s in seqs:
         np.add.at(out, np.asarray(s.ids[s.output_start:], dtype=np.int64), 1.0)
         np.add.at(prompt, np.asarray(s.ids[:s.output_start], dtype=np.int64), 1.0)
+    return out, prompt
+
+
+def vocab_coverage(response_counts: np.ndarray, ids) -> float:
+    """The share of the response tokens counted in `response_counts` that the draft vocabulary `ids` holds."""
+    return float(response_counts[np.asarray(ids, dtype=np.int64)].sum() / max(response_counts.sum(), 1.0))
+
+
+def frequent_tokens(seqs: list[Sequence], n: int, vocab_size: int) -> tuple[torch.Tensor, float]:
+    """The draft vocabulary: the `n` target tokens most frequent in the training responses (ties and
+    the rest by frequency in the prompts, then by id), and the share of response tokens it covers."""
+    out, prompt = token_counts(seqs, vocab_size)
     # Lexicographic (response count, prompt count, -id): stable sort on the keys from last to first.
     order = np.lexsort((np.arange(vocab_size), -prompt, -out))[:n]
-    covered = float(out[order].sum() / max(out.sum(), 1.0))
-    return torch.from_numpy(np.sort(order).astype(np.int64)), covered
-
-
-def vocab_coverage(seqs: list[Sequence], ids: torch.Tensor) -> float:
-    """The share of the training responses' tokens that the draft vocabulary `ids` holds."""
-    keep = set(ids.tolist())
-    total = hit = 0
-    for s in seqs:
-        out = s.ids[s.output_start:]
-        total += len(out)
-        hit += sum(t in keep for t in out)
-    return hit / max(total, 1)
+    return torch.from_numpy(np.sort(order).astype(np.int64)), vocab_coverage(out, order)
 
 
 def init_from_drafter(model, path: str | Path, target, load_weights: bool = True) -> torch.Tensor | None:
@@ -660,18 +659,19 @@ def _train(cfg: TrainDrafterConfig, rank: int, world: int, load_target) -> Path:
            "world_size": world, "threads": torch.get_num_threads(),
            "num_params": sum(p.numel() for p in model.parameters()),
            "drafter": dcfg.to_json_dict(), "train_seqs": len(data.train), "val_seqs": len(data.val)}
-    if dcfg.reduced_vocab:
-        ids, covered = frequent_tokens(data.train, dcfg.draft_vocab, target.vocab_size)
-        log["draft_vocab_coverage"] = round(covered, 6)
+    init_ids = None
     if cfg.init_from:
         # Weights only at a fresh start (a resumed run has its own); the vocabulary on every start.
         fresh = not (ckpt_path.exists() or previous_checkpoint(ckpt_path).exists())
         init_ids = init_from_drafter(model, cfg.init_from, target, load_weights=fresh)
-        if init_ids is not None:
-            # The starting drafter's draft vocabulary is kept: its LM-head and Markov rows are those tokens'.
-            ids = init_ids
-            log["draft_vocab_coverage"] = round(vocab_coverage(data.train, ids), 6)
         log["init_from"] = str(cfg.init_from)
+    if dcfg.reduced_vocab:
+        if init_ids is None:
+            ids, covered = frequent_tokens(data.train, dcfg.draft_vocab, target.vocab_size)
+        else:
+            # The starting drafter's draft vocabulary is kept: its LM-head and Markov rows are those tokens'.
+            ids, covered = init_ids, vocab_coverage(token_counts(data.train, target.vocab_size)[0], init_ids)
+        log["draft_vocab_coverage"] = round(covered, 6)
     log = resume(ckpt_path, model, opt, log, rank, world, cfg)
     if dcfg.reduced_vocab:
         # After a resume too: the same choice (same data), and it slices the LM head to those rows.
