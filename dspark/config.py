@@ -127,16 +127,20 @@ class EngineConfig:
 # ---- runtime kernels (what load_target's cpu_gemm and attention take) ----------------------------
 
 # "fp16": projections on the packed fp16-weight GEMM when their weights are fp16-exact, else F.linear;
-# "int4": also the 4-bit codes of a GGUF's Q4_0/Q4_1 matrices on the int4 GEMM; "auto": int4 when the
-# attention is the batch-invariant row kernel (then int4 outputs do not depend on batching, see
-# dspark.models.transformer), else fp16; "off": F.linear everywhere.
-CPU_GEMM_MODES = ("auto", "fp16", "int4", "off")
+# "int4": also the 4-bit codes of a GGUF's Q4_0/Q4_1 matrices (and a Q8_0 LM head) on the int4/int8 GEMM,
+# float32 activations; "int4-a8": the same weights times activations quantized to 8 bits per group of 32
+# (llama.cpp's numerics, integer dot products); "auto": int4-a8 when the attention is the batch-invariant
+# row kernel (then int4 outputs do not depend on batching, see dspark.models.transformer), else fp16;
+# "off": F.linear everywhere.
+CPU_GEMM_MODES = ("auto", "fp16", "int4", "int4-a8", "off")
 # "auto": the batch-invariant row kernel (dspark.models.row_attention) on float32 CPU models when it
 # builds; "sdpa": torch's scaled_dot_product_attention.
 ATTENTION_MODES = ("auto", "sdpa")
-CPU_GEMM_HELP = ("CPU projections: auto = a 4-bit GGUF's codes on the int4 GEMM when the attention is "
-                 "batch-invariant, other fp16-exact weights on the packed fp16 GEMM; fp16 = never int4; int4 = "
-                 "int4 even with SDPA (outputs then depend on batching); off = plain float GEMMs (default: auto)")
+CPU_GEMM_HELP = ("CPU projections: auto = a 4-bit GGUF's codes on the int4 GEMM with 8-bit activations (int4-a8) "
+                 "when the attention is batch-invariant, other fp16-exact weights on the packed fp16 GEMM; fp16 = "
+                 "never int4; int4 = the 4-bit codes with float32 activations; int4-a8 = with 8-bit activations "
+                 "(llama.cpp's numerics); either even with SDPA (outputs then depend on batching); off = plain "
+                 "float GEMMs (default: auto)")
 ATTENTION_HELP = ("attention kernel: auto = the batch-invariant row kernel on CPU (built with the C compiler at "
                   "first use; a token's outputs do not depend on its batch); sdpa = torch's SDPA (default: auto)")
 

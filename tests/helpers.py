@@ -78,15 +78,15 @@ def exact_joint(hf_model, prompt_ids: list[int], top_k: int) -> dict[tuple[int, 
 
 
 def sampled_pairs_pvalue(llm: LLM, hf_model, n: int = 1000, top_k: int = 4, max_tokens: int = 3,
-                         gammas: list[int] | None = None) -> tuple[float, int]:
+                         gammas: list[int] | None = None, text: str = "the quick brown") -> tuple[float, int]:
     """Sample (x1, x2) n times through `llm` (γ from the LLM) and chi-square them against the exact
     target distribution; returns (p-value, accepted drafts).
 
     The prompt ends in the target's own greedy continuation, so drafts carry real target mass and
     both the acceptance and the residual branches of verification run. `gammas`: request i asks for
     γ = gammas[i % len(gammas)] (mixed ℓ in one batch); `max_tokens` > 3 lets the first round verify
-    more than one draft."""
-    base = llm.tokenizer.encode("the quick brown")
+    more than one draft. `text`: the prompt's start."""
+    base = llm.tokenizer.encode(text)
     greedy = llm.generate([base], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), speculative=False)
     prompt = base + greedy[0].token_ids
     exact = exact_joint(hf_model, prompt, top_k)

@@ -404,3 +404,72 @@ def test_propose_checks_arguments(target) -> None:
         d.propose([5], [1], 2, sampling(GREEDY), [None])
     d.free(0)
     d.add_sequence(0, [1], taps(d.model, 1))  # the slot is reusable after free
+
+
+# ---------------------------------------------------------------------------------------------------
+# The greedy Markov kernel (markov_greedy.c) and the int8 packing of inference projections
+
+
+@pytest.mark.parametrize("reduced", [False, True], ids=["full-vocab", "draft-vocab"])
+@pytest.mark.parametrize("with_stop", [False, True])
+def test_greedy_kernel_drafts_what_the_torch_loop_drafts(target, monkeypatch, reduced, with_stop) -> None:
+    """The one-call greedy loop gives the torch loop's tokens, logits and confidences, and stops where
+    it stops (the scheduler's `stop` sees the same confidences, position by position)."""
+    from dspark.drafters import markov_kernel
+
+    if not markov_kernel.available():
+        pytest.skip(f"no greedy Markov kernel here: {markov_kernel.KERNEL.unavailable_reason()}")
+    overrides = {"draft_vocab_size": 64} if reduced else {}
+    out = {}
+    seen = {}
+    for kernel in (True, False):
+        d = DSparkDrafter(make_model(target, seed=4, markov_rank=16, **overrides), max_seqs=3, max_len=64)
+        if reduced:
+            d.model.set_draft_vocab(torch.arange(3, 3 + 4 * 64, 4))
+        for s, n in enumerate((9, 5, 12)):
+            d.add_sequence(s, list(range(10 + s, 10 + s + n)), taps(d.model, n, seed=s))
+        calls: list[torch.Tensor] = []
+
+        def stop(conf: torch.Tensor) -> int | None:  # settles at the second position: verify 3
+            calls.append(conf.clone())
+            return 3 if conf.shape[1] >= 2 else None
+        monkeypatch.setattr(markov_kernel, "available", lambda: kernel)
+        with torch.inference_mode():
+            assert d._greedy_kernel_fits(sampling(GREEDY, GREEDY, GREEDY), torch.zeros(1)) == kernel
+        out[kernel] = d.draft_block([0, 1, 2], [42, 7, 99], G, sampling(GREEDY, GREEDY, GREEDY), [None] * 3,
+                                    stop=stop if with_stop else None)
+        seen[kernel] = calls
+    a, b = out[True], out[False]
+    assert a.token_ids.shape == b.token_ids.shape == (3, 3 if with_stop else G)
+    assert torch.equal(a.token_ids, b.token_ids)
+    assert torch.allclose(a.logits, b.logits, atol=1e-4) and torch.equal(a.base_logits, b.base_logits)
+    assert torch.allclose(a.confidence, b.confidence, atol=1e-5)
+    assert len(seen[True]) == len(seen[False]) == (2 if with_stop else 0)
+    for x, y in zip(seen[True], seen[False]):
+        assert torch.allclose(x, y, atol=1e-5)
+
+
+def test_inference_projections_run_int8_close_to_float(target) -> None:
+    """`pack_fp16_weights` puts a drafter's projections on the int8 GEMM (Q8_0 weights, 8-bit
+    activations) where it builds: under inference_mode they stay within a percent of the float32
+    projections; with gradients enabled (training) they are exactly F.linear."""
+    from dspark.models import int4_gemm
+    from dspark.models.transformer import Int8Linear
+
+    if not int4_gemm.available():
+        pytest.skip(f"no int8 kernel here: {int4_gemm.unavailable_reason()}")
+    model = make_model(target, seed=2, markov_rank=16)
+    model.float()
+    lin = model.layers[0].mlp.gate_proj
+    assert lin.in_features % 32 == 0
+    x = torch.randn(3, 5, lin.in_features, generator=torch.Generator().manual_seed(1))
+    exact = F.linear(x, lin.weight, lin.bias)
+    assert model.pack_fp16_weights() > 0
+    packed = lin.forward.args[1]
+    assert isinstance(packed, Int8Linear) and packed.act8
+    with torch.inference_mode():
+        fast = lin(x)
+    err = (fast - exact).abs().max().item()
+    assert 0 < err <= 0.01 * exact.abs().max().item()
+    with torch.enable_grad():
+        assert torch.equal(lin(x), exact)

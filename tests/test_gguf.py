@@ -94,7 +94,8 @@ def test_k_quants_match_transformers(tmp_path):
              "blk.0.ffn_up.weight": "Q6_K", "blk.0.ffn_down.weight": "Q4_K"}
     path = write_gguf(ck.path, tmp_path / "k.gguf", qtype="Q8_0", hf_model=ck.hf_model, tensor_qtypes=types)
     hf = _hf_from_gguf(path)
-    target = load_target(path, dtype="float32")
+    # cpu_gemm="fp16": the dequantized weights (by default the Q8_0 LM head runs on 8-bit activations)
+    target = load_target(path, dtype="float32", cpu_gemm="fp16")
     with torch.no_grad():
         ref = hf(torch.tensor([IDS])).logits[0].float()
     assert (_logits(target, IDS) - ref).abs().max().item() < 1e-4
@@ -146,7 +147,7 @@ def test_cache_reused_and_keyed_by_file_and_dtype(ckpts, tmp_path, monkeypatch):
     assert d16 != d32 and (d16 / "source.json").is_file() and (d32 / "config.json").is_file()
     # The default dtype stores fp16 values: the CPU runtime then uses the packed fp16-weight GEMM (and
     # the int8 GEMM for the Q8_0 LM head, where it builds).
-    assert load_target(path).cpu_gemm in ("fp16-weights", "fp32", "int8-head+fp16-weights")
+    assert load_target(path).cpu_gemm in ("fp16-weights", "fp32", "int8-head-a8+fp16-weights")
     from safetensors import safe_open
     with safe_open(str(d16 / "model.safetensors"), "pt") as f:
         assert f.get_tensor("model.layers.0.self_attn.q_proj.weight").dtype == torch.float16

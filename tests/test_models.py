@@ -269,5 +269,5 @@ def test_packed_fp16_weight_gemm_is_opt_out_and_exact(qwen3_bf16_ckpt: TinyCheck
     w = torch.tensor([1.0, 0.1, 2.0 ** -20])
     assert fp16_exact(w.bfloat16().float()) and not fp16_exact(torch.tensor([0.1])) and \
         not fp16_exact(torch.tensor([1e6]))
-    with pytest.raises(ValueError, match="cpu_gemm must be one of auto, fp16, int4, off"):
+    with pytest.raises(ValueError, match="cpu_gemm must be one of auto, fp16, int4, int4-a8, off"):
         load_target(qwen3_bf16_ckpt.path, cpu_gemm="fast")

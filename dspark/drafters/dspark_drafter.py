@@ -44,6 +44,8 @@ from dspark.drafters.common import CommitOne, SlotTable, check_propose_args, che
 from dspark.errors import CheckpointError
 from dspark.kv_cache import KVCache
 from dspark.models.config import ModelConfig, RopeScaling, _rope
+from dspark.drafters import markov_kernel
+from dspark.models import int4_gemm
 from dspark.models.transformer import Int8Linear, PackedLinear, fp16_gemm_available, linear, rms_norm
 from dspark.sampling import SamplingTensors
 
@@ -578,6 +580,25 @@ def _packed_linear_forward(mod: nn.Linear, packed: PackedLinear, x: Tensor) -> T
     return linear(x, mod.weight, mod.bias, packed)
 
 
+def quantize_q8_0(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """A float weight [N, K] (K a multiple of 32) in GGUF Q8_0's form: int8 codes [N, K] and a scale per
+    group of 32 [N, K / 32], d = max|w| / 127, codes = round(w / d)."""
+    n, k = weight.shape
+    w = weight.detach().float().reshape(n, k // 32, 32)
+    d = w.abs().amax(-1) / 127.0
+    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    codes = torch.round(w * inv.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8).reshape(n, k)
+    return codes, d.contiguous()
+
+
+def _int8_linear_forward(mod: nn.Linear, q8: Int8Linear, x: Tensor) -> Tensor:
+    # inference on the int8 GEMM; training (grad enabled) and other devices/dtypes on the float weights
+    if torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != torch.float32:
+        return F.linear(x, mod.weight, mod.bias)
+    y = q8(x)
+    return y if mod.bias is None else y + mod.bias
+
+
 @dataclass
 class SharedWeights:
     """The target's embedding and LM head: frozen, shared, never saved with the drafter."""
@@ -830,19 +851,32 @@ class FeatureDrafterModel(nn.Module):
         return x
 
     def pack_fp16_weights(self) -> int:
-        """Run this drafter's projections through the packed fp16-weight GEMM at inference (the
-        target's CPU GEMM). Unlike the target's, a drafter's weights need not be exact fp16 values:
-        rounding them changes the proposals slightly, never the output distribution, because draft
-        probabilities stay exactly those the tokens are sampled from. Training (grad enabled) still
-        runs F.linear on the float32 weights. Returns the number of projections packed."""
-        if self.device.type != "cpu" or self.dtype != torch.float32 or not fp16_gemm_available():
+        """Run this drafter's projections on a packed CPU GEMM at inference: its weights rounded to
+        GGUF's Q8_0 (int8 per group of 32) on the int8 GEMM with 8-bit activations where that kernel
+        builds (`dspark.models.int4_gemm`: 3-6x faster than the fp16-weight GEMM at the few rows a
+        draft block has), else the packed fp16-weight GEMM. Unlike the target's, a drafter's weights
+        need not be exact: rounding them changes the proposals slightly, never the output
+        distribution, because draft probabilities stay exactly those the tokens are sampled from.
+        Training (grad enabled) still runs F.linear on the float32 weights. Returns the number of
+        projections packed."""
+        if self.device.type != "cpu" or self.dtype != torch.float32:
+            return 0
+        q8 = int4_gemm.available()
+        if not q8 and not fp16_gemm_available():
             return 0
         n = 0
         for mod in self.modules():
-            if isinstance(mod, nn.Linear) and mod.out_features >= 8:
+            if not isinstance(mod, nn.Linear) or mod.out_features < 8:
+                continue
+            if q8 and mod.in_features % 32 == 0:
+                packed8 = Int8Linear(*quantize_q8_0(mod.weight), act8=True)
+                mod.forward = functools.partial(_int8_linear_forward, mod, packed8)  # type: ignore[method-assign]
+            elif fp16_gemm_available():
                 packed = PackedLinear(mod.weight, mod.bias)
                 mod.forward = functools.partial(_packed_linear_forward, mod, packed)  # type: ignore[method-assign]
-                n += 1
+            else:
+                continue
+            n += 1
         return n
 
     # ---- checkpoints --------------------------------------------------------------------------------
@@ -1212,13 +1246,15 @@ class DSparkDrafter(FeatureDrafter):
         base = model.lm_head(h)  # [n, gamma, V]
 
         head = model.markov_head
+        if stop is not None and model.confidence_head is None:
+            raise ValueError(f"the {self.name} drafter has no confidence head to stop drafting early with")
+        if self._greedy_kernel_fits(sampling, base):
+            return self._draft_greedy_kernel(h, base, anchor_t, gamma, stop)
         prev = anchor_t
         state = head.init_state(n, h) if head is not None else None
         tokens, step_logits, step_probs, prevs = [], [], [], []
         confs: list[Tensor] = []  # c_k computed step by step (only with `stop`)
         need: int | None = None  # drafts the scheduler will verify at most, once settled
-        if stop is not None and model.confidence_head is None:
-            raise ValueError(f"the {self.name} drafter has no confidence head to stop drafting early with")
         for k in range(gamma):
             if stop is not None and need is None:
                 confs.append(model.confidence_logits(h[:, k], prev))
@@ -1255,6 +1291,46 @@ class DSparkDrafter(FeatureDrafter):
             confidence=None if conf is None else self._calibrated(conf),
             confidence_logits=conf,
         )
+
+
+    def _greedy_kernel_fits(self, sampling: SamplingTensors, base: Tensor) -> bool:
+        """Whether this block can be drafted by the greedy Markov kernel (`markov_kernel`): every row
+        greedy, the vanilla Markov head (rank a multiple of 8), a confidence head (if any) reading the
+        Markov embedding, float32 on the CPU, no gradient."""
+        model = self.model
+        head, conf = model.markov_head, model.confidence_head
+        return (type(head) is MarkovHead and head.markov_w1.weight.shape[1] % 8 == 0 and all(sampling.greedy)
+                and base.device.type == "cpu" and base.dtype == torch.float32 and not torch.is_grad_enabled()
+                and (conf is None or self.config.confidence_head_with_markov) and markov_kernel.available())
+
+    def _draft_greedy_kernel(self, h: Tensor, base: Tensor, anchor_t: Tensor, gamma: int,
+                             stop: DraftStop | None) -> BlockDraft:
+        """The greedy left-to-right loop of `draft_block` in one C call: the same tokens (up to float
+        rounding in the transition bias), confidences and early stop."""
+        model = self.model
+        head = model.markov_head
+        ch = model.confidence_head
+        cw = cb = None
+        if ch is not None:
+            cw = ch.proj.weight.detach()[0]
+            cb = float(ch.proj.bias) if ch.proj.bias is not None else 0.0
+        logits, _, tokens, conf = markov_kernel.markov_greedy(
+            base, head.markov_w1.weight, head.markov_w2.weight, model.draft_ids, anchor_t, h, cw, cb or 0.0)
+        m, settled = gamma, gamma
+        if stop is not None:  # what the step-by-step loop decides, on the same confidences
+            assert conf is not None
+            for k in range(gamma):
+                need = stop(self._calibrated(conf[:, :k + 1]))
+                if need is not None:
+                    m, settled = min(need, gamma), k + 1
+                    break
+        n = base.shape[0]
+        if m == 0:  # the scheduler settled on verifying no draft at all
+            return BlockDraft(token_ids=tokens[:, :0], logits=base[:, :0], base_logits=base, probs=None,
+                              confidence=base.new_zeros(n, 0), confidence_logits=base.new_zeros(n, 0))
+        conf_m = None if conf is None else conf[:, :min(m, settled)]
+        return BlockDraft(token_ids=tokens[:, :m], logits=logits[:, :m], base_logits=base, probs=None,
+                          confidence=None if conf_m is None else self._calibrated(conf_m), confidence_logits=conf_m)
 
 
 @register_drafter("dflash")

@@ -18,6 +18,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <math.h>
 #include <immintrin.h>
 
 #if !defined(__AVX2__) || !defined(__FMA__)
@@ -180,6 +181,184 @@ int dspark_int8_mm(int64_t M, int64_t N, int64_t K, const float *x, int64_t xs, 
     return run(&Q8, GROUP, M, N, K, x, xs, (const uint8_t *)codes, d, m, y, ys, threads);
 }
 
+/* ---- 8-bit activations (llama.cpp's numerics) --------------------------------------------------------
+ * The same weights, with each activation row quantized per group of 32 to 8-bit integers first:
+ * dx = max|x| / 127, qx = round-half-even(x / dx) (all 0 when max|x| = 0), sx = dx * sum(qx). A group's
+ * dot product is then integer: sum(q * qx) exactly (AVX2's maddubs/madd), and
+ *     y = sum over groups of fl(d * dx) * sum(q * qx)   (one 8-lane float chain, then the fixed hsum)
+ *       + sum over groups of m * sx                      (one scalar chain, group order)
+ * for Q4_0 / Q4_1 (Q4_0's m = -8 d), and the first term alone for Q8_0 (signed codes: |w| times the
+ * activations with w's sign). This is what llama.cpp computes for these types (Q8_1 / Q8_0 activations),
+ * with its own rounding details. Per-row quantization and fixed chains keep a row's bits independent of
+ * the other rows in the call, as above. Fewer instructions per weight than converting 4-bit codes to
+ * float: 1.5-2x faster at 1-8 rows here. */
+
+static void quant_row8(int64_t K, const float *x, int8_t *q, float *dx, float *sx) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int64_t g = 0; g < K / GROUP; g++) {
+        const float *xg = x + g * GROUP;
+        __m256 v[4], a = _mm256_setzero_ps();
+        for (int j = 0; j < 4; j++) {
+            v[j] = _mm256_loadu_ps(xg + j * 8);
+            a = _mm256_max_ps(a, _mm256_andnot_ps(sign, v[j]));
+        }
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_max_ss(h, _mm_movehdup_ps(h));
+        float amax = _mm_cvtss_f32(h);
+        float d = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
+        __m256 idv = _mm256_set1_ps(id);
+        __m256i i32[4];
+        for (int j = 0; j < 4; j++)
+            i32[j] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[j], idv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        /* sum of the codes (exact in int32) */
+        __m256i s = _mm256_add_epi32(_mm256_add_epi32(i32[0], i32[1]), _mm256_add_epi32(i32[2], i32[3]));
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+        s4 = _mm_hadd_epi32(s4, s4);
+        s4 = _mm_hadd_epi32(s4, s4);
+        /* pack 32 int32 -> 32 int8 in element order */
+        __m256i p01 = _mm256_packs_epi32(i32[0], i32[1]), p23 = _mm256_packs_epi32(i32[2], i32[3]);
+        __m256i p = _mm256_packs_epi16(p01, p23);
+        p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i *)(q + g * GROUP), p);
+        dx[g] = d;
+        sx[g] = d * (float)_mm_cvtsi128_si32(s4);
+    }
+}
+
+/* 32 codes of a Q4 group as bytes in element order: low nibbles (elements 0..15), then high (16..31) */
+static inline __m256i q4bytes(const uint8_t *p) {
+    __m128i b = _mm_loadu_si128((const __m128i *)p);
+    __m256i v = _mm256_set_m128i(_mm_srli_epi16(b, 4), b);
+    return _mm256_and_si256(v, _mm256_set1_epi8(15));
+}
+
+/* The scales of 4 outputs side by side, group by group (`sc4`): for outputs n..n+3 (a block) and group
+ * g, 8 floats d[n..n+3, g], m[n..n+3, g] (Q4: SC = 8) or 4 floats d[n..n+3, g] (Q8_0: SC = 4), so one
+ * load reads a block's scales for a group; the last block is padded with zeros. */
+
+/* R rows x 4 outputs (columns n..n+3 of W). Per group g and row r: p_c = madd(maddubs(w_c, qx_r), 1)
+ * holds 8 exact int32 partial sums of output c (elements 4i..4i+3 in lane i); two rounds of hadd put
+ * sum(elements 0..15) of output c in lane c and sum(16..31) in lane c + 4, exactly. One float chain per
+ * row and lane: acc = fma(float(those sums), fl(d_c * dx_r), acc), then (Q4, lanes 0..3 only)
+ * acc = fma(m_c, sx_r, acc). Output c is lane c + lane c + 4. A lane's operations do not depend on R or
+ * on the other outputs, so a row gets the same bits in any call. */
+#define QKERNEL(NAME, R, LOADW, DOT, SC)                                                              \
+static void NAME##_##R(int64_t G, const uint8_t *codes, int64_t gb, int64_t row, const float *sc4,    \
+                       const int8_t *qx, int64_t qs, const float *dx, const float *sx, int64_t ds,     \
+                       float *y, int64_t ys) {                                                         \
+    __m256 acc[R];                                                                                    \
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();                \
+    const __m256i ones = _mm256_set1_epi16(1);                                                        \
+    for (int64_t g = 0; g < G; g++) {                                                                 \
+        __m256i w0 = LOADW(codes + g * gb), w1 = LOADW(codes + row + g * gb);                         \
+        __m256i w2 = LOADW(codes + 2 * row + g * gb), w3 = LOADW(codes + 3 * row + g * gb);           \
+        __m256 dw, mw;                                                                                \
+        if (SC == 8) {                                                                                \
+            __m256 dm = _mm256_loadu_ps(sc4 + g * 8);                                                 \
+            dw = _mm256_permute2f128_ps(dm, dm, 0x00);   /* d0..d3 | d0..d3 */                        \
+            mw = _mm256_permute2f128_ps(dm, dm, 0x81);   /* m0..m3 | 0 */                             \
+        } else {                                                                                      \
+            dw = _mm256_broadcast_ps((const __m128 *)(sc4 + g * 4));                                  \
+            mw = _mm256_setzero_ps();                                                                 \
+        }                                                                                             \
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                                         \
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(qx + r * qs + g * GROUP));              \
+            __m256i p0 = _mm256_madd_epi16(DOT(w0, xv), ones), p1 = _mm256_madd_epi16(DOT(w1, xv), ones); \
+            __m256i p2 = _mm256_madd_epi16(DOT(w2, xv), ones), p3 = _mm256_madd_epi16(DOT(w3, xv), ones); \
+            __m256i s = _mm256_hadd_epi32(_mm256_hadd_epi32(p0, p1), _mm256_hadd_epi32(p2, p3));      \
+            __m256 sc = _mm256_mul_ps(dw, _mm256_broadcast_ss(dx + r * ds + g));                      \
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), sc, acc[r]);                              \
+            if (SC == 8) acc[r] = _mm256_fmadd_ps(mw, _mm256_broadcast_ss(sx + r * ds + g), acc[r]);  \
+        }                                                                                             \
+    }                                                                                                 \
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                                               \
+        _mm_storeu_ps(y + r * ys, _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1))); \
+}
+#define Q4DOT(w, x) _mm256_maddubs_epi16(w, x)
+#define Q8LOAD(p) _mm256_loadu_si256((const __m256i *)(p))
+#define Q8DOT(w, x) _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w))
+QKERNEL(qa4, 4, q4bytes, Q4DOT, 8)
+QKERNEL(qa4, 3, q4bytes, Q4DOT, 8)
+QKERNEL(qa4, 2, q4bytes, Q4DOT, 8)
+QKERNEL(qa4, 1, q4bytes, Q4DOT, 8)
+QKERNEL(qa8, 4, Q8LOAD, Q8DOT, 4)
+QKERNEL(qa8, 3, Q8LOAD, Q8DOT, 4)
+QKERNEL(qa8, 2, Q8LOAD, Q8DOT, 4)
+QKERNEL(qa8, 1, Q8LOAD, Q8DOT, 4)
+
+typedef void (*qkern_fn)(int64_t, const uint8_t *, int64_t, int64_t, const float *, const int8_t *, int64_t,
+                         const float *, const float *, int64_t, float *, int64_t);
+static const qkern_fn QA4[5] = {0, qa4_1, qa4_2, qa4_3, qa4_4};
+static const qkern_fn QA8[5] = {0, qa8_1, qa8_2, qa8_3, qa8_4};
+
+/* One output of the chains above, one row at a time (the last N % 4 outputs, lane c of their block):
+ * the same integer sums, the same float operations, so the same bits. */
+static float qa_one(int64_t G, const uint8_t *codes, int64_t gb, int64_t SC, const float *sc4, int c,
+                    const int8_t *qx, const float *dx, const float *sx) {
+    float lo = 0.0f, hi = 0.0f;
+    for (int64_t g = 0; g < G; g++) {
+        const uint8_t *w = codes + g * gb;
+        const int8_t *xq = qx + g * GROUP;
+        int32_t a = 0, b = 0;
+        for (int j = 0; j < 16; j++) {
+            int wl = SC == 4 ? (int)(int8_t)w[j] : (w[j] & 15), wh = SC == 4 ? (int)(int8_t)w[16 + j] : (w[j] >> 4);
+            a += wl * xq[j];
+            b += wh * xq[16 + j];
+        }
+        float sc = sc4[g * SC + c] * dx[g];
+        lo = fmaf((float)a, sc, lo);
+        hi = fmaf((float)b, sc, hi);
+        if (SC == 8) lo = fmaf(sc4[g * SC + 4 + c], sx[g], lo);
+    }
+    return lo + hi;
+}
+
+/* y[M, N] = x @ W^T with 8-bit activations. codes as for the float kernels; sc4: the scales by block. */
+static int run_a8(const qkern_fn *k, int64_t SC, int64_t gb, int64_t M, int64_t N, int64_t K, const float *x,
+                  int64_t xs, const uint8_t *codes, const float *sc4, float *y, int64_t ys, int64_t threads) {
+    if (K % GROUP || M < 0 || N < 0) return -1;
+    if (M == 0 || N == 0) return 0;
+    int64_t G = K / GROUP, row = G * gb, bsc = G * SC; /* floats of scales per block */
+    int8_t *qx = malloc((size_t)M * (size_t)K);
+    float *dx = malloc(sizeof(float) * (size_t)M * (size_t)G * 2);
+    if (!qx || !dx) { free(qx); free(dx); return -2; }
+    float *sx = dx + M * G;
+#pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : 1) if (M >= 16)
+    for (int64_t r = 0; r < M; r++) quant_row8(K, x + r * xs, qx + r * K, dx + r * G, sx + r * G);
+    int64_t NB = N / 4;
+#pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : 1)
+    for (int64_t nb = 0; nb < NB; nb++) {
+        int64_t n = nb * 4;
+        for (int64_t r = 0; r < M; r += 4) {
+            int64_t t = M - r < 4 ? M - r : 4;
+            k[t](G, codes + n * row, gb, row, sc4 + nb * bsc, qx + r * K, K, dx + r * G, sx + r * G, G,
+                 y + r * ys + n, ys);
+        }
+    }
+    for (int64_t n = NB * 4; n < N; n++)
+        for (int64_t r = 0; r < M; r++)
+            y[r * ys + n] = qa_one(G, codes + n * row, gb, SC, sc4 + NB * bsc, (int)(n - NB * 4), qx + r * K,
+                                   dx + r * G, sx + r * G);
+    free(qx);
+    free(dx);
+    return 0;
+}
+
+/* y[M, N] (row stride ys) = x[M, K] (row stride xs) @ W^T on 8-bit activations (see above), W a Q4
+ * weight: codes as dspark_int4_mm takes them, scales and offsets as sc4 [ceil(N / 4)][K / 32][8] (see
+ * above). Returns 0, -1 when K is not a multiple of 32, -2 without memory. */
+int dspark_int4_mm_a8(int64_t M, int64_t N, int64_t K, const float *x, int64_t xs, const uint8_t *codes,
+                      const float *sc4, float *y, int64_t ys, int64_t threads) {
+    return run_a8(QA4, 8, 16, M, N, K, x, xs, codes, sc4, y, ys, threads);
+}
+
+/* The same for a Q8_0 weight: codes int8 [N][K], scales sc4 [ceil(N / 4)][K / 32][4]. */
+int dspark_int8_mm_a8(int64_t M, int64_t N, int64_t K, const float *x, int64_t xs, const int8_t *codes,
+                      const float *sc4, float *y, int64_t ys, int64_t threads) {
+    return run_a8(QA8, 4, GROUP, M, N, K, x, xs, (const uint8_t *)codes, sc4, y, ys, threads);
+}
+
 /* ---- Fused decoder-layer parts on the Q4 GEMM ------------------------------------------------------
  * A decode step of a small model spends as long in its per-layer small ops (norms, RoPE, SiLU, residual
  * adds: a dozen torch calls a layer, each a few microseconds of dispatch) as in its weight GEMMs. These
@@ -236,10 +415,13 @@ static void silu_mul_row(int64_t I, const float *gu, float *out) {
 }
 
 /* One Q4 projection as the layer functions take it: codes, scales, offsets, optional bias [N]. */
-struct q4w { const uint8_t *codes; const float *d, *m, *bias; int64_t n; };
+/* sc4: the scales and offsets by block of 4 outputs (see run_a8) when the projection runs on 8-bit
+ * activations, else NULL */
+struct q4w { const uint8_t *codes; const float *d, *m, *sc4, *bias; int64_t n; };
 
 static int q4_mm(const struct q4w *w, int64_t M, int64_t K, const float *x, float *y, int64_t threads) {
-    int rc = run(&Q4, 16, M, w->n, K, x, K, w->codes, w->d, w->m, y, w->n, threads);
+    int rc = w->sc4 ? run_a8(QA4, 8, 16, M, w->n, K, x, K, w->codes, w->sc4, y, w->n, threads)
+                   : run(&Q4, 16, M, w->n, K, x, K, w->codes, w->d, w->m, y, w->n, threads);
     if (rc == 0 && w->bias)
         for (int64_t r = 0; r < M; r++)
             for (int64_t j = 0; j < w->n; j++) y[r * w->n + j] += w->bias[j];
@@ -250,14 +432,14 @@ static int q4_mm(const struct q4w *w, int64_t M, int64_t K, const float *x, floa
  * heads, pairs (2i, 2i + 1) rotated by rope[r, i] = (cos, sin)); the Hv value heads are left as they are.
  * x: [M, K] (row stride xs). Returns 0, or -1 on bad sizes or no memory. */
 int dspark_layer_in(int64_t M, int64_t K, const float *x, int64_t xs, const float *norm_w, float eps,
-                    const uint8_t *codes, const float *d, const float *m, const float *bias, int64_t N,
-                    const float *rope, int64_t Hr, int64_t D, float *qkv, int64_t threads) {
+                    const uint8_t *codes, const float *d, const float *m, const float *sc4, const float *bias,
+                    int64_t N, const float *rope, int64_t Hr, int64_t D, float *qkv, int64_t threads) {
     if (K % GROUP || D % 8 || Hr * D > N || M < 0) return -1;
     float *h = malloc(sizeof(float) * (size_t)(M > 0 ? M : 1) * (size_t)K);
     if (!h) return -1;
 #pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : 1) if (M >= 16)
     for (int64_t r = 0; r < M; r++) rms_row(K, x + r * xs, norm_w, eps, h + r * K);
-    struct q4w w = {codes, d, m, bias, N};
+    struct q4w w = {codes, d, m, sc4, bias, N};
     int rc = q4_mm(&w, M, K, h, qkv, threads);
     free(h);
     if (rc) return rc;
@@ -282,18 +464,19 @@ int dspark_layer_in(int64_t M, int64_t K, const float *x, int64_t xs, const floa
  * x += (silu(g) * u) @ Wdown^T + bdown with [g | u] = rmsnorm(x) @ Wgu^T + bgu (I = gate width).
  * attn: [M, A] contiguous. Returns 0, or -1 on bad sizes or no memory. */
 int dspark_layer_out(int64_t M, int64_t K, float *x, int64_t xs, const float *attn, int64_t A,
-                     const uint8_t *o_codes, const float *o_d, const float *o_m, const float *o_bias,
+                     const uint8_t *o_codes, const float *o_d, const float *o_m, const float *o_sc4, const float *o_bias,
                      const float *norm_w, float eps,
-                     const uint8_t *gu_codes, const float *gu_d, const float *gu_m, const float *gu_bias, int64_t I,
-                     const uint8_t *dn_codes, const float *dn_d, const float *dn_m, const float *dn_bias,
+                     const uint8_t *gu_codes, const float *gu_d, const float *gu_m, const float *gu_sc4,
+                     const float *gu_bias, int64_t I, const uint8_t *dn_codes, const float *dn_d, const float *dn_m,
+                     const float *dn_sc4, const float *dn_bias,
                      int64_t threads) {
     if (K % GROUP || A % GROUP || I % GROUP || M < 0) return -1;
     size_t rows = (size_t)(M > 0 ? M : 1);
     float *t = malloc(sizeof(float) * rows * (size_t)K), *gu = malloc(sizeof(float) * rows * (size_t)(3 * I));
     if (!t || !gu) { free(t); free(gu); return -1; }
     float *act = gu + rows * (size_t)(2 * I);
-    struct q4w wo = {o_codes, o_d, o_m, o_bias, K}, wgu = {gu_codes, gu_d, gu_m, gu_bias, 2 * I},
-               wdn = {dn_codes, dn_d, dn_m, dn_bias, K};
+    struct q4w wo = {o_codes, o_d, o_m, o_sc4, o_bias, K}, wgu = {gu_codes, gu_d, gu_m, gu_sc4, gu_bias, 2 * I},
+               wdn = {dn_codes, dn_d, dn_m, dn_sc4, dn_bias, K};
     int rc = q4_mm(&wo, M, A, attn, t, threads);
     if (rc == 0) {
 #pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : 1) if (M >= 16)
@@ -348,7 +531,7 @@ int dspark_layer(const struct dspark_layer_weights *w, int64_t M, float *x, cons
     int64_t *row_q = malloc(sizeof(int64_t) * (size_t)M);
     int rc = (!qkv || !att || !row_q) ? -2 : 0;
     if (rc == 0)
-        rc = dspark_layer_in(M, w->K, x, w->K, w->norm_in, w->eps, w->qkv.codes, w->qkv.d, w->qkv.m, w->qkv.bias, N,
+        rc = dspark_layer_in(M, w->K, x, w->K, w->norm_in, w->eps, w->qkv.codes, w->qkv.d, w->qkv.m, w->qkv.sc4, w->qkv.bias, N,
                              rope, H + Hkv, D, qkv, threads);
     if (rc == 0) {
         for (int64_t r = 0; r < M; r++) {
@@ -363,9 +546,9 @@ int dspark_layer(const struct dspark_layer_weights *w, int64_t M, float *x, cons
                        row_slot, row_len, att, A, D, scale);
     }
     if (rc == 0)
-        rc = dspark_layer_out(M, w->K, x, w->K, att, A, w->o.codes, w->o.d, w->o.m, w->o.bias, w->norm_post, w->eps,
-                              w->gu.codes, w->gu.d, w->gu.m, w->gu.bias, w->I, w->dn.codes, w->dn.d, w->dn.m,
-                              w->dn.bias, threads);
+        rc = dspark_layer_out(M, w->K, x, w->K, att, A, w->o.codes, w->o.d, w->o.m, w->o.sc4, w->o.bias, w->norm_post,
+                              w->eps, w->gu.codes, w->gu.d, w->gu.m, w->gu.sc4, w->gu.bias, w->I, w->dn.codes, w->dn.d,
+                              w->dn.m, w->dn.sc4, w->dn.bias, threads);
     free(qkv);
     free(att);
     free(row_q);

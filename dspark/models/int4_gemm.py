@@ -1,5 +1,7 @@
 """The weight-only GEMMs of `int4_gemm.c`: float32 activations times GGUF Q4_0 / Q4_1 codes (`mm`) or
-Q8_0 codes (`mm8`, for the LM head, which Q4 files usually store in Q8_0).
+Q8_0 codes (`mm8`, for the LM head, which Q4 files usually store in Q8_0); and the same weights times
+activations quantized to 8 bits per group of 32 (`mm_a8`, `mm8_a8`: llama.cpp's numerics for these types,
+integer dot products, faster at the few rows decoding and verification run).
 
 `dspark.models.transformer.Int4Linear` runs on it when it builds (an x86-64 CPU with AVX2 and FMA and a
 C compiler), else on torch's `aten._weight_int4pack_mm_for_cpu`. Against torch's kernel it reads the
@@ -28,6 +30,12 @@ def pack_codes(codes: Tensor) -> Tensor:
     n, k = codes.shape
     c = codes.to(torch.uint8).view(n, k // GROUP, 2, GROUP // 2)
     return (c[:, :, 0] | (c[:, :, 1] << 4)).contiguous()
+
+
+def unpack_codes(packed: Tensor) -> Tensor:
+    """`pack_codes`'s inverse: [N, K / 32, 16] bytes -> codes [N, K] (0..15, uint8)."""
+    n, groups, _ = packed.shape
+    return torch.stack([packed & 15, packed >> 4], dim=2).reshape(n, groups * GROUP)
 
 
 def _run(fn, x: Tensor, codes: Tensor, d: Tensor, m: Tensor, threads: int) -> Tensor:
@@ -60,6 +68,32 @@ def weights(codes: Tensor, d: Tensor, m: Tensor) -> Tensor:
     return (q * d.unsqueeze(-1) + m.unsqueeze(-1)).view(n, k)
 
 
+def quantize_rows8(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The 8-bit activations the `_a8` kernels compute with, per row and group of 32 (as the C code does):
+    dx = max|x| / 127, qx = round-half-even(x * (127 / max|x|)) (0 where max|x| = 0), sx = dx * sum(qx).
+    x [M, K] float32 -> qx [M, K / 32, 32] (float32 holding integers), dx, sx [M, K / 32]."""
+    rows, k = x.shape
+    xg = x.float().reshape(rows, k // GROUP, GROUP)
+    amax = xg.abs().amax(-1)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    qx = torch.round(xg * inv.unsqueeze(-1))
+    dx = amax / 127.0
+    return qx, dx, dx * qx.sum(-1)
+
+
+def reference_a8(x: Tensor, codes: Tensor, d: Tensor, m: Tensor | None) -> Tensor:
+    """What the `_a8` kernels compute, in float64 torch ops (their float32 rounding aside): codes [N, K]
+    (0..15 for Q4 with offsets m [N, K / 32]; int8 for Q8_0 with m None), scales d [N, K / 32]."""
+    qx, dx, sx = quantize_rows8(x)
+    n, k = codes.shape
+    q = codes.view(n, k // GROUP, GROUP).double()
+    isum = torch.einsum("ngk,mgk->mng", q, qx.double())  # exact integers
+    y = (isum * (d.double().unsqueeze(0) * dx.double().unsqueeze(1))).sum(-1)
+    if m is not None:
+        y = y + sx.double() @ m.double().t()
+    return y.float()
+
+
 def _self_test(fn, codes: Tensor, d: Tensor, m: Tensor, w: Tensor) -> bool:
     """The kernel on `codes` (as it reads them) against x @ w^T, and every row count giving every row the
     same bits."""
@@ -70,16 +104,36 @@ def _self_test(fn, codes: Tensor, d: Tensor, m: Tensor, w: Tensor) -> bool:
     return all(torch.equal(_run(fn, x[i:i + r], codes, d, m, 1), y[i:i + r]) for i, r in ((0, 1), (3, 2), (5, 6)))
 
 
+def _self_test_a8(fn, codes: Tensor, sc4: Tensor, reference) -> bool:
+    """An `_a8` kernel against its reference, and every row count giving every row the same bits."""
+    n = codes.shape[0]
+    k = codes.shape[1] * GROUP if codes.dim() == 3 else codes.shape[1]  # Q4 packed [N, K / 32, 16], Q8 [N, K]
+    x = torch.randn(11, k, generator=torch.Generator().manual_seed(2))
+
+    def run(rows: Tensor, threads: int) -> Tensor:
+        y = torch.empty(rows.shape[0], n)
+        fn(rows.shape[0], n, rows.shape[1], rows.data_ptr(), rows.stride(0), codes.data_ptr(), sc4.data_ptr(),
+           y.data_ptr(), n, threads)
+        return y
+    y = run(x, 2)
+    if not torch.allclose(y, reference(x), atol=1e-5, rtol=1e-5):
+        return False
+    return all(torch.equal(run(x[i:i + r].contiguous(), 1), y[i:i + r]) for i, r in ((0, 1), (3, 2), (5, 6)))
+
+
 def _setup(lib: ctypes.CDLL) -> bool:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     for fn in (lib.dspark_int4_mm, lib.dspark_int8_mm):
         fn.argtypes = [i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, i64, i64]
         fn.restype = ctypes.c_int
+    for fn in (lib.dspark_int4_mm_a8, lib.dspark_int8_mm_a8):
+        fn.argtypes = [i64, i64, i64, ptr, i64, ptr, ptr, ptr, i64, i64]
+        fn.restype = ctypes.c_int
     f32 = ctypes.c_float
-    lib.dspark_layer_in.argtypes = [i64, i64, ptr, i64, ptr, f32, ptr, ptr, ptr, ptr, i64, ptr, i64, i64, ptr, i64]
+    lib.dspark_layer_in.argtypes = [i64, i64, ptr, i64, ptr, f32, ptr, ptr, ptr, ptr, ptr, i64, ptr, i64, i64, ptr, i64]
     lib.dspark_layer_in.restype = ctypes.c_int
-    lib.dspark_layer_out.argtypes = [i64, i64, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, f32,
-                                     ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, i64]
+    lib.dspark_layer_out.argtypes = [i64, i64, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, f32,
+                                     ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, i64]
     lib.dspark_layer_out.restype = ctypes.c_int
     lib.dspark_layer.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, f32, i64]
     lib.dspark_layer.restype = ctypes.c_int
@@ -89,7 +143,9 @@ def _setup(lib: ctypes.CDLL) -> bool:
     q8 = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
     d, m = torch.rand(n, k // GROUP, generator=g) * 0.05, torch.randn(n, k // GROUP, generator=g) * 0.05
     return _self_test(lib.dspark_int4_mm, pack_codes(q4), d, m, weights(q4, d, m)) and \
-        _self_test(lib.dspark_int8_mm, q8, d, d, weights8(q8, d))
+        _self_test(lib.dspark_int8_mm, q8, d, d, weights8(q8, d)) and \
+        _self_test_a8(lib.dspark_int4_mm_a8, pack_codes(q4), scales4(d, m), lambda x: reference_a8(x, q4, d, m)) and \
+        _self_test_a8(lib.dspark_int8_mm_a8, q8, scales4(d, None), lambda x: reference_a8(x, q8, d, None))
 
 
 KERNEL = CKernel(SOURCE, FLAG_SETS, _setup, env="DSPARK_INT4_GEMM")
@@ -124,6 +180,42 @@ def mm8(x: Tensor, codes: Tensor, d: Tensor) -> Tensor:
     return _call("dspark_int8_mm", x, codes, d, d)
 
 
+def scales4(d: Tensor, m: Tensor | None) -> Tensor:
+    """The `_a8` kernels' scales: d (and m) [N, K / 32] -> [ceil(N / 4), K / 32, 8] (d of 4 outputs, then
+    their m) or [.., 4] (d alone, for Q8_0), float32 contiguous, the last block padded with zeros."""
+    n, groups = d.shape
+    parts = [d] if m is None else [d, m]
+    pad = (-n) % 4
+    blocks = [torch.cat([t.float(), t.new_zeros(pad, groups, dtype=torch.float32)]).view(-1, 4, groups).transpose(1, 2)
+              for t in parts]
+    return torch.cat(blocks, dim=2).contiguous()
+
+
+def _call_a8(name: str, x: Tensor, codes: Tensor, sc4: Tensor, n: int) -> Tensor:
+    lib = KERNEL.loaded or KERNEL.library()
+    if lib is None:
+        raise RuntimeError(f"the weight GEMM kernels are unavailable: {unavailable_reason()}")
+    if x.dtype != torch.float32 or x.dim() != 2 or x.stride(1) != 1:
+        x = x.float().contiguous().view(-1, x.shape[-1])
+    rows, k = x.shape
+    y = torch.empty(rows, n, dtype=torch.float32)
+    rc = getattr(lib, name)(rows, n, k, x.data_ptr(), x.stride(0), codes.data_ptr(), sc4.data_ptr(), y.data_ptr(), n,
+                            torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"weight GEMM kernel returned {rc} (input width {k} is not a multiple of {GROUP})")
+    return y
+
+
+def mm_a8(x: Tensor, packed: Tensor, sc4: Tensor, n: int) -> Tensor:
+    """`mm` on 8-bit activations (`reference_a8`) for n outputs: sc4 = `scales4(d, m)`."""
+    return _call_a8("dspark_int4_mm_a8", x, packed, sc4, n)
+
+
+def mm8_a8(x: Tensor, codes: Tensor, sc4: Tensor) -> Tensor:
+    """`mm8` on 8-bit activations (`reference_a8` with m None): sc4 = `scales4(d, None)`."""
+    return _call_a8("dspark_int8_mm_a8", x, codes, sc4, codes.shape[0])
+
+
 def _ptr(t: Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
@@ -137,7 +229,7 @@ def layer_in(x: Tensor, norm_w: Tensor, eps: float, qkv, rope: Tensor, rope_head
     rope_f = torch.view_as_real(rope)
     rc = KERNEL.loaded.dspark_layer_in(
         rows, k, x.data_ptr(), x.stride(0), norm_w.data_ptr(), eps, qkv.packed.data_ptr(), qkv.d.data_ptr(),
-        qkv.m.data_ptr(), _ptr(qkv.bias), qkv.out_features, rope_f.data_ptr(), rope_heads, head_dim, y.data_ptr(),
+        qkv.m.data_ptr(), _ptr(qkv.sc4), _ptr(qkv.bias), qkv.out_features, rope_f.data_ptr(), rope_heads, head_dim, y.data_ptr(),
         torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"fused layer kernel (in) returned {rc} (width {k}, head dim {head_dim})")
@@ -151,17 +243,18 @@ def layer_out(x: Tensor, attn: Tensor, o, norm_w: Tensor, eps: float, gate_up, d
     rows, k = x.shape
     rc = KERNEL.loaded.dspark_layer_out(
         rows, k, x.data_ptr(), x.stride(0), attn.data_ptr(), attn.shape[1],
-        o.packed.data_ptr(), o.d.data_ptr(), o.m.data_ptr(), _ptr(o.bias), norm_w.data_ptr(), eps,
-        gate_up.packed.data_ptr(), gate_up.d.data_ptr(), gate_up.m.data_ptr(), _ptr(gate_up.bias),
-        gate_up.out_features // 2, down.packed.data_ptr(), down.d.data_ptr(), down.m.data_ptr(), _ptr(down.bias),
+        o.packed.data_ptr(), o.d.data_ptr(), o.m.data_ptr(), _ptr(o.sc4), _ptr(o.bias), norm_w.data_ptr(), eps,
+        gate_up.packed.data_ptr(), gate_up.d.data_ptr(), gate_up.m.data_ptr(), _ptr(gate_up.sc4), _ptr(gate_up.bias),
+        gate_up.out_features // 2, down.packed.data_ptr(), down.d.data_ptr(), down.m.data_ptr(), _ptr(down.sc4),
+        _ptr(down.bias),
         torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"fused layer kernel (out) returned {rc} (width {k}, attention width {attn.shape[1]})")
 
 
 class _Q4W(ctypes.Structure):
-    _fields_ = [("codes", ctypes.c_void_p), ("d", ctypes.c_void_p), ("m", ctypes.c_void_p), ("bias", ctypes.c_void_p),
-                ("n", ctypes.c_int64)]
+    _fields_ = [("codes", ctypes.c_void_p), ("d", ctypes.c_void_p), ("m", ctypes.c_void_p), ("mT", ctypes.c_void_p),
+                ("bias", ctypes.c_void_p), ("n", ctypes.c_int64)]
 
 
 class LayerWeights(ctypes.Structure):
@@ -182,7 +275,8 @@ class LayerWeights(ctypes.Structure):
             raise ValueError("the fused layer needs float32 contiguous norm weights")
 
         def q4(lin) -> _Q4W:
-            return _Q4W(lin.packed.data_ptr(), lin.d.data_ptr(), lin.m.data_ptr(), _ptr(lin.bias), lin.out_features)
+            return _Q4W(lin.packed.data_ptr(), lin.d.data_ptr(), lin.m.data_ptr(), _ptr(lin.sc4), _ptr(lin.bias),
+                        lin.out_features)
         w = cls(norms[0].data_ptr(), norms[1].data_ptr(), eps, q4(qkv), q4(o), q4(gate_up), q4(down),
                 norm_in.shape[0], heads, kv_heads, head_dim, gate_up.out_features // 2)
         w.keep = (norms, qkv, o, gate_up, down)  # the memory the pointers point into stays alive

@@ -104,16 +104,18 @@ class TargetModel:
     @property
     def cpu_gemm(self) -> str:
         """Which GEMMs the projections and the LM head use, joined by "+": "int4" (4-bit codes of the
-        checkpoint), "int8-head" (its Q8_0 LM head on the int8 GEMM), "fp16-weights" (the packed
-        fp16-weight GEMM); "fp32" when none. The default on SmolLM2's Q4_1 file: "int4+int8-head"."""
-        from dspark.models.transformer import Int8Linear, PackedLinear
+        checkpoint), "int8-head" (its Q8_0 LM head on the int8 GEMM), each with "-a8" on 8-bit
+        activations, "fp16-weights" (the packed fp16-weight GEMM); "fp32" when none. The default on
+        SmolLM2's Q4_1 file: "int4-a8+int8-head-a8"."""
+        from dspark.models.transformer import Int4Linear, Int8Linear, PackedLinear
 
         t = self.transformer
         parts = []
         if getattr(t, "int4_packed", 0):
-            parts.append("int4")
+            a8 = any(isinstance(p, Int4Linear) and p.act8 for layer in t.layers for p in layer.attn.packed.values())
+            parts.append("int4-a8" if a8 else "int4")
         if isinstance(t.packed_lm_head, Int8Linear):
-            parts.append("int8-head")
+            parts.append("int8-head-a8" if t.packed_lm_head.act8 else "int8-head")
         packs = [t.packed_lm_head] + [p for layer in t.layers for p in (*layer.attn.packed.values(),
                                                                      *layer.mlp.packed.values())]
         if any(isinstance(p, PackedLinear) for p in packs):
@@ -381,9 +383,10 @@ def load_target(
     cpu_gemm: "fp16" runs inference projections through fbgemm's fp16-weight GEMM when the model is
     float32 on CPU and its weights are exactly fp16 values (true of bf16 checkpoints such as the demo
     target, and of GGUF files converted with the default dtype): half the bytes read per step, the same
-    weight values and fp32 accumulation. "int4" also runs a 4-bit GGUF's Q4_0/Q4_1 matrices on the int4
-    GEMM, the model described in `dspark.models.transformer` (scales rounded to bf16; bf16 activations
-    and outputs at those matrices). "auto" is "int4" when the attention is the batch-invariant row
+    weight values and fp32 accumulation. "int4" also runs a 4-bit GGUF's Q4_0/Q4_1 matrices (and a Q8_0
+    LM head) on the int4/int8 GEMM, the model described in `dspark.models.transformer` (the file's
+    weights, float32 activations); "int4-a8" the same weights times activations quantized to 8 bits per
+    group of 32 (llama.cpp's numerics). "auto" is "int4-a8" when the attention is the batch-invariant row
     kernel (with SDPA, int4 outputs would depend on batching), else "fp16". "off" always uses F.linear.
     `TargetModel.cpu_gemm` says which one is in use.
 
@@ -431,13 +434,14 @@ def load_target(
     # A 4-bit checkpoint's codes (GGUF Q4_0 / Q4_1) on the int4 GEMM: asked for, or by default when the
     # attention is batch-invariant (so the bf16 rounding at the int4 GEMM cannot make outputs depend on
     # batching).
-    if (cpu_gemm == "int4" or (cpu_gemm == "auto" and rows)) and quant_file.is_file() and \
+    if (cpu_gemm in ("int4", "int4-a8") or (cpu_gemm == "auto" and rows)) and quant_file.is_file() and \
             torch_dtype == torch.float32:
         from safetensors.torch import load_file
 
         quant = load_file(str(quant_file))
-        model.pack_int4_weights(quant)
-        model.pack_int8_lm_head(quant)
+        act8 = cpu_gemm != "int4"
+        model.pack_int4_weights(quant, act8=act8)
+        model.pack_int8_lm_head(quant, act8=act8)
     model.pack_fp16_weights("off" if cpu_gemm == "off" else "auto", stored=stored)
     return TargetModel(cfg, model, tokenizer, generation_config, path, source=source)
 

@@ -181,6 +181,10 @@ class PackedLinear:
 # - "dspark" (`dspark.models.int4_gemm`, built at first use; x86-64 with AVX2 and FMA): the model is the
 #   file's weights exactly, w = fl(d * q + m) in float32 (d = scale, m = zero - 8 * scale), with float32
 #   activations and sums, so it is the model `--cpu-gemm fp16` runs, up to summation order.
+#   With `act8` (`--cpu-gemm int4-a8`, the default on a Q4 file): the same weights times activations
+#   quantized to 8 bits per group of 32 at every projection's input (dx = max|x| / 127, round half to
+#   even), integer dot products per group, y = sum_g fl(d dx) * sum(q qx) + sum_g m * (dx sum qx):
+#   llama.cpp's numerics for Q4_0/Q4_1/Q8_0 weights (`int4_gemm.reference_a8`).
 # - "torch" (`aten._weight_int4pack_mm_for_cpu`, where the first does not build): bfloat16
 #   activations, scales, zeros and outputs. The model: y = bf16(bf16(x) @ W^T) with
 #   W = (q - 8) * bf16(scale) + bf16(zero).
@@ -219,11 +223,14 @@ class Int4Linear:
     GROUP = 32
 
     def __init__(self, codes: Tensor, scale: Tensor, zero: Tensor, bias: Tensor | None,
-                 kernel: str | None = None) -> None:
+                 kernel: str | None = None, act8: bool = False) -> None:
         self.kernel = kernel or ("dspark" if int4_gemm.available() else "torch")
+        if act8 and self.kernel != "dspark":
+            raise ValueError("8-bit activations (act8) need this project's int4 kernel (kernel='dspark')")
+        self.act8 = act8
         self._pack(codes, scale, zero, bias)
-        self.plan = RowPlan.probe(f"int4-{self.kernel}", codes.shape[1],
-                                  lambda w: Int4Linear._probe_kernel(w, self.kernel))
+        name = f"int4-{self.kernel}" + ("-a8" if act8 else "")
+        self.plan = RowPlan.probe(name, codes.shape[1], lambda w: Int4Linear._probe_kernel(w, self.kernel, act8))
 
     def _pack(self, codes: Tensor, scale: Tensor, zero: Tensor, bias: Tensor | None) -> None:
         # codes: [N, K] uint8; scale, zero: [N, K / GROUP] float32
@@ -234,6 +241,8 @@ class Int4Linear:
             self.packed = int4_gemm.pack_codes(codes)
             self.d = scale.float().contiguous()
             self.m = (zero.float() - 8 * self.d).contiguous()  # d * q + m == d * (q - 8) + zero
+            # the 8-bit-activation kernel reads scales and offsets by block of 4 outputs
+            self.sc4 = int4_gemm.scales4(self.d, self.m) if getattr(self, "act8", False) else None
         elif self.kernel == "torch":
             self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
             self.scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
@@ -243,13 +252,14 @@ class Int4Linear:
         self.out_features = n
 
     @staticmethod
-    def _probe_kernel(w: Tensor, kernel: str) -> Callable[[Tensor], Tensor]:
+    def _probe_kernel(w: Tensor, kernel: str, act8: bool = False) -> Callable[[Tensor], Tensor]:
         # For RowPlan: the kernel on random codes, scales and zeros of w's shape, called directly
         # (an Int4Linear built without a plan: building one with a plan would probe again).
         g = torch.Generator().manual_seed(1)
         n, k = w.shape
         lin = Int4Linear.__new__(Int4Linear)
         lin.kernel = kernel
+        lin.act8 = act8
         lin._pack(torch.randint(0, 16, (n, k), generator=g), torch.rand(n, k // Int4Linear.GROUP, generator=g) * 0.01,
                   torch.randn(n, k // Int4Linear.GROUP, generator=g) * 0.01, None)
         return lin._call
@@ -264,8 +274,13 @@ class Int4Linear:
         return groups.mul_(s.unsqueeze(-1)).add_(z.unsqueeze(-1)).view(n, k)
 
     def reference(self, x: Tensor, weight: Tensor) -> Tensor:
-        """What this layer computes, in plain ops, given its dequantized float32 `weight`."""
-        if self.kernel == "dspark":
+        """What this layer computes, in plain ops, given its dequantized float32 `weight` (with `act8`:
+        the same weights, read from its codes, times the 8-bit activations)."""
+        if self.kernel == "dspark" and self.act8:
+            # the same weights (its codes, scales and offsets) times 8-bit activations
+            y = int4_gemm.reference_a8(x.reshape(-1, x.shape[-1]), int4_gemm.unpack_codes(self.packed), self.d, self.m)
+            y = y.view(*x.shape[:-1], -1)
+        elif self.kernel == "dspark":
             y = x.float() @ weight.t()
         else:
             y = (x.to(torch.bfloat16).float() @ weight.t()).to(torch.bfloat16).float()
@@ -276,7 +291,9 @@ class Int4Linear:
 
     def _call(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        if self.kernel == "dspark":
+        if self.kernel == "dspark" and self.act8:
+            y = int4_gemm.mm_a8(x2, self.packed, self.sc4, self.out_features)
+        elif self.kernel == "dspark":
             y = int4_gemm.mm(x2, self.packed, self.d, self.m)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
@@ -287,25 +304,32 @@ class Int4Linear:
 
 class Int8Linear:
     """A GGUF Q8_0 weight [out, in] (int8 codes, a float32 scale per group of 32) on `int4_gemm.mm8`: the
-    file's weights exactly (d * q), float32 activations and sums. Used for the LM head of Q4 files."""
+    file's weights exactly (d * q), float32 activations and sums; with `act8` on `int4_gemm.mm8_a8`
+    (8-bit activations, as `Int4Linear`'s). Used for the LM head of Q4 files."""
 
     GROUP = 32
 
-    def __init__(self, codes: Tensor, scale: Tensor) -> None:
+    def __init__(self, codes: Tensor, scale: Tensor, act8: bool = False) -> None:
         n, k = codes.shape
         if k % self.GROUP or scale.shape != (n, k // self.GROUP):
             raise ValueError(f"int8 weight of shape {tuple(codes.shape)} needs scale [N, K/{self.GROUP}]")
         self.codes = codes.to(torch.int8).contiguous()
         self.d = scale.float().contiguous()
         self.out_features = n
-        self.plan = RowPlan.probe("int8-dspark", k, Int8Linear._probe_kernel)
+        self.act8 = act8
+        self.sc4 = int4_gemm.scales4(self.d, None) if act8 else None
+        self.plan = RowPlan.probe("int8-dspark" + ("-a8" if act8 else ""), k,
+                                  lambda w: Int8Linear._probe_kernel(w, act8))
 
     @staticmethod
-    def _probe_kernel(w: Tensor) -> Callable[[Tensor], Tensor]:
+    def _probe_kernel(w: Tensor, act8: bool = False) -> Callable[[Tensor], Tensor]:
         g = torch.Generator().manual_seed(1)
         n, k = w.shape
         codes = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
         d = torch.rand(n, k // Int8Linear.GROUP, generator=g) * 0.01
+        if act8:
+            sc4 = int4_gemm.scales4(d, None)
+            return lambda x: int4_gemm.mm8_a8(x.reshape(-1, k), codes, sc4).view(*x.shape[:-1], n)
         return lambda x: int4_gemm.mm8(x.reshape(-1, k), codes, d).view(*x.shape[:-1], n)
 
     def dequantized(self) -> Tensor:
@@ -314,13 +338,14 @@ class Int8Linear:
 
     def rows(self, ids: Tensor) -> "Int8Linear":
         """The same weights restricted to output rows `ids` (a drafter's reduced vocabulary)."""
-        return Int8Linear(self.codes[ids], self.d[ids])
+        return Int8Linear(self.codes[ids], self.d[ids], act8=self.act8)
 
     def __call__(self, x: Tensor) -> Tensor:
         return self.plan(self._call, x)
 
     def _call(self, x: Tensor) -> Tensor:
-        y = int4_gemm.mm8(x.reshape(-1, x.shape[-1]), self.codes, self.d)
+        x2 = x.reshape(-1, x.shape[-1])
+        y = int4_gemm.mm8_a8(x2, self.codes, self.sc4) if self.act8 else int4_gemm.mm8(x2, self.codes, self.d)
         return y.view(*x.shape[:-1], self.out_features)
 
 
@@ -503,7 +528,7 @@ class Transformer(nn.Module):
             row_attention.supports(c.num_heads, c.num_kv_heads, c.head_dim) and row_attention.available()
         return self.row_attention
 
-    def pack_int4_weights(self, quant: dict[str, Tensor]) -> int:
+    def pack_int4_weights(self, quant: dict[str, Tensor], act8: bool = False) -> int:
         """Run every fused projection whose parts all have 4-bit codes in `quant` (HF names + ".q4",
         ".q4_scale", ".q4_zero", as `dspark.models.gguf` writes them) on the int4 GEMM, and set its
         float32 weight to the values that kernel uses (so the F.linear path is the same model).
@@ -541,7 +566,7 @@ class Transformer(nn.Module):
                 if tuple(codes.shape) != tuple(weight.shape):
                     raise ValueError(f"int4 codes for layer {i} {key} have shape {tuple(codes.shape)}, "
                                      f"the weight {tuple(weight.shape)}")
-                packed = Int4Linear(codes, scale, zero, bias)
+                packed = Int4Linear(codes, scale, zero, bias, act8=act8 and int4_gemm.available())
                 weight.data = packed.dequantized(codes)
                 mod.packed[key] = packed
                 n += 1
@@ -574,7 +599,7 @@ class Transformer(nn.Module):
         """How many of them run as one C call where a forward's attention is all on the row kernel."""
         return sum(layer.whole is not None for layer in self.layers)
 
-    def pack_int8_lm_head(self, quant: dict[str, Tensor]) -> bool:
+    def pack_int8_lm_head(self, quant: dict[str, Tensor], act8: bool = False) -> bool:
         """Run the LM head on the int8 GEMM when the checkpoint stores it (or the tied embedding) in
         Q8_0 (`quant` keys + ".q8", ".q8_scale"), and set its float32 weight (and the tied embedding's)
         to the file's values. Returns whether it did."""
@@ -584,7 +609,7 @@ class Transformer(nn.Module):
         name = "model.embed_tokens.weight" if self.cfg.tie_word_embeddings else "lm_head.weight"
         if name + ".q8" not in quant:
             return False
-        head = Int8Linear(quant[name + ".q8"], quant[name + ".q8_scale"])
+        head = Int8Linear(quant[name + ".q8"], quant[name + ".q8_scale"], act8=act8)
         if tuple(head.codes.shape) != tuple(self.lm_head_weight.shape):
             raise ValueError(f"int8 codes for the LM head have shape {tuple(head.codes.shape)}, "
                              f"the weight {tuple(self.lm_head_weight.shape)}")
