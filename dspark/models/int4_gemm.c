@@ -243,6 +243,11 @@ static inline __m256i q4bytes(const uint8_t *p) {
  * row and lane: acc = fma(float(those sums), fl(d_c * dx_r), acc), then (Q4, lanes 0..3 only)
  * acc = fma(m_c, sx_r, acc). Output c is lane c + lane c + 4. A lane's operations do not depend on R or
  * on the other outputs, so a row gets the same bits in any call. */
+/* Codes are prefetched PFB blocks of 4 outputs ahead: at one row the kernel streams weights faster than
+ * the hardware prefetcher fetches them (a SmolLM2 decode step 9.75 -> 8.5 ms here, median of 3 A/B pairs) */
+#ifndef PFB
+#define PFB 4
+#endif
 #define QKERNEL(NAME, R, LOADW, DOT, SC)                                                              \
 static void NAME##_##R(int64_t G, const uint8_t *codes, int64_t gb, int64_t row, const float *sc4,    \
                        const int8_t *qx, int64_t qs, const float *dx, const float *sx, int64_t ds,     \
@@ -251,6 +256,8 @@ static void NAME##_##R(int64_t G, const uint8_t *codes, int64_t gb, int64_t row,
     _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();                \
     const __m256i ones = _mm256_set1_epi16(1);                                                        \
     for (int64_t g = 0; g < G; g++) {                                                                 \
+        if (PFB && (g * gb) % 64 == 0) /* the same bytes PFB blocks of 4 outputs ahead */             \
+            for (int c = 0; c < 4; c++) _mm_prefetch((const char *)(codes + (4 * PFB + c) * row + g * gb), _MM_HINT_T0); \
         __m256i w0 = LOADW(codes + g * gb), w1 = LOADW(codes + row + g * gb);                         \
         __m256i w2 = LOADW(codes + 2 * row + g * gb), w3 = LOADW(codes + 3 * row + g * gb);           \
         __m256 dw, mw;                                                                                \
