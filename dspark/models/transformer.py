@@ -237,6 +237,7 @@ class Int4Linear:
         n, k = codes.shape
         if k % self.GROUP or scale.shape != (n, k // self.GROUP) or zero.shape != scale.shape:
             raise ValueError(f"int4 weight of shape {tuple(codes.shape)} needs scale/zero [N, K/{self.GROUP}]")
+        self.sc4 = None  # the 8-bit-activation kernel's scales (act8 only)
         if self.kernel == "dspark":
             self.packed = int4_gemm.pack_codes(codes)
             self.d = scale.float().contiguous()
