@@ -1292,7 +1292,6 @@ class DSparkDrafter(FeatureDrafter):
             confidence_logits=conf,
         )
 
-
     def _greedy_kernel_fits(self, sampling: SamplingTensors, base: Tensor) -> bool:
         """Whether this block can be drafted by the greedy Markov kernel (`markov_kernel`): every row
         greedy, the vanilla Markov head (rank a multiple of 8), a confidence head (if any) reading the
@@ -1310,12 +1309,12 @@ class DSparkDrafter(FeatureDrafter):
         model = self.model
         head = model.markov_head
         ch = model.confidence_head
-        cw = cb = None
+        cw, cb = None, 0.0
         if ch is not None:
             cw = ch.proj.weight.detach()[0]
             cb = float(ch.proj.bias) if ch.proj.bias is not None else 0.0
         logits, _, tokens, conf = markov_kernel.markov_greedy(
-            base, head.markov_w1.weight, head.markov_w2.weight, model.draft_ids, anchor_t, h, cw, cb or 0.0)
+            base, head.markov_w1.weight, head.markov_w2.weight, model.draft_ids, anchor_t, h, cw, cb)
         m, settled = gamma, gamma
         if stop is not None:  # what the step-by-step loop decides, on the same confidences
             assert conf is not None

@@ -12,6 +12,7 @@ at every row count measured (`benchmarks/int4_gemm_bench.py`). `DSPARK_INT4_GEMM
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -94,31 +95,14 @@ def reference_a8(x: Tensor, codes: Tensor, d: Tensor, m: Tensor | None) -> Tenso
     return y.float()
 
 
-def _self_test(fn, codes: Tensor, d: Tensor, m: Tensor, w: Tensor) -> bool:
-    """The kernel on `codes` (as it reads them) against x @ w^T, and every row count giving every row the
-    same bits."""
-    x = torch.randn(11, w.shape[1], generator=torch.Generator().manual_seed(2))
-    y = _run(fn, x, codes, d, m, 2)
-    if not torch.allclose(y, x @ w.t(), atol=1e-5, rtol=1e-5):
-        return False
-    return all(torch.equal(_run(fn, x[i:i + r], codes, d, m, 1), y[i:i + r]) for i, r in ((0, 1), (3, 2), (5, 6)))
-
-
-def _self_test_a8(fn, codes: Tensor, sc4: Tensor, reference) -> bool:
-    """An `_a8` kernel against its reference, and every row count giving every row the same bits."""
-    n = codes.shape[0]
-    k = codes.shape[1] * GROUP if codes.dim() == 3 else codes.shape[1]  # Q4 packed [N, K / 32, 16], Q8 [N, K]
+def _self_test(run: Callable[[Tensor, int], Tensor], reference: Callable[[Tensor], Tensor], k: int) -> bool:
+    """A kernel (`run(x, threads)`) against its reference on x [11, k], and every row count giving every
+    row the same bits."""
     x = torch.randn(11, k, generator=torch.Generator().manual_seed(2))
-
-    def run(rows: Tensor, threads: int) -> Tensor:
-        y = torch.empty(rows.shape[0], n)
-        fn(rows.shape[0], n, rows.shape[1], rows.data_ptr(), rows.stride(0), codes.data_ptr(), sc4.data_ptr(),
-           y.data_ptr(), n, threads)
-        return y
     y = run(x, 2)
     if not torch.allclose(y, reference(x), atol=1e-5, rtol=1e-5):
         return False
-    return all(torch.equal(run(x[i:i + r].contiguous(), 1), y[i:i + r]) for i, r in ((0, 1), (3, 2), (5, 6)))
+    return all(torch.equal(run(x[i:i + r], 1), y[i:i + r]) for i, r in ((0, 1), (3, 2), (5, 6)))
 
 
 def _setup(lib: ctypes.CDLL) -> bool:
@@ -142,10 +126,13 @@ def _setup(lib: ctypes.CDLL) -> bool:
     q4 = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
     q8 = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
     d, m = torch.rand(n, k // GROUP, generator=g) * 0.05, torch.randn(n, k // GROUP, generator=g) * 0.05
-    return _self_test(lib.dspark_int4_mm, pack_codes(q4), d, m, weights(q4, d, m)) and \
-        _self_test(lib.dspark_int8_mm, q8, d, d, weights8(q8, d)) and \
-        _self_test_a8(lib.dspark_int4_mm_a8, pack_codes(q4), scales4(d, m), lambda x: reference_a8(x, q4, d, m)) and \
-        _self_test_a8(lib.dspark_int8_mm_a8, q8, scales4(d, None), lambda x: reference_a8(x, q8, d, None))
+    p4, s4, s8 = pack_codes(q4), scales4(d, m), scales4(d, None)
+    return _self_test(lambda x, t: _run(lib.dspark_int4_mm, x, p4, d, m, t), lambda x: reference(x, q4, d, m), k) and \
+        _self_test(lambda x, t: _run(lib.dspark_int8_mm, x, q8, d, d, t), lambda x: x @ weights8(q8, d).t(), k) and \
+        _self_test(lambda x, t: _run_a8(lib.dspark_int4_mm_a8, x, p4, s4, n, t),
+                   lambda x: reference_a8(x, q4, d, m), k) and \
+        _self_test(lambda x, t: _run_a8(lib.dspark_int8_mm_a8, x, q8, s8, n, t),
+                   lambda x: reference_a8(x, q8, d, None), k)
 
 
 KERNEL = CKernel(SOURCE, FLAG_SETS, _setup, env="DSPARK_INT4_GEMM")
@@ -160,13 +147,19 @@ def unavailable_reason() -> str | None:
     return KERNEL.unavailable_reason()
 
 
-def _call(name: str, x: Tensor, codes: Tensor, d: Tensor, m: Tensor) -> Tensor:
+def _kernel(name: str, x: Tensor):
+    """The library's function `name` and x as the GEMMs take it ([rows, K] float32, K contiguous)."""
     lib = KERNEL.loaded or KERNEL.library()  # layers built before the kernel was turned off keep it
     if lib is None:
         raise RuntimeError(f"the weight GEMM kernels are unavailable: {unavailable_reason()}")
     if x.dtype != torch.float32 or x.dim() != 2 or x.stride(1) != 1:
         x = x.float().contiguous().view(-1, x.shape[-1])
-    return _run(getattr(lib, name), x, codes, d, m, torch.get_num_threads())
+    return getattr(lib, name), x
+
+
+def _call(name: str, x: Tensor, codes: Tensor, d: Tensor, m: Tensor) -> Tensor:
+    fn, x = _kernel(name, x)
+    return _run(fn, x, codes, d, m, torch.get_num_threads())
 
 
 def mm(x: Tensor, packed: Tensor, d: Tensor, m: Tensor) -> Tensor:
@@ -191,19 +184,18 @@ def scales4(d: Tensor, m: Tensor | None) -> Tensor:
     return torch.cat(blocks, dim=2).contiguous()
 
 
-def _call_a8(name: str, x: Tensor, codes: Tensor, sc4: Tensor, n: int) -> Tensor:
-    lib = KERNEL.loaded or KERNEL.library()
-    if lib is None:
-        raise RuntimeError(f"the weight GEMM kernels are unavailable: {unavailable_reason()}")
-    if x.dtype != torch.float32 or x.dim() != 2 or x.stride(1) != 1:
-        x = x.float().contiguous().view(-1, x.shape[-1])
+def _run_a8(fn, x: Tensor, codes: Tensor, sc4: Tensor, n: int, threads: int) -> Tensor:
     rows, k = x.shape
     y = torch.empty(rows, n, dtype=torch.float32)
-    rc = getattr(lib, name)(rows, n, k, x.data_ptr(), x.stride(0), codes.data_ptr(), sc4.data_ptr(), y.data_ptr(), n,
-                            torch.get_num_threads())
+    rc = fn(rows, n, k, x.data_ptr(), x.stride(0), codes.data_ptr(), sc4.data_ptr(), y.data_ptr(), n, threads)
     if rc != 0:
         raise RuntimeError(f"weight GEMM kernel returned {rc} (input width {k} is not a multiple of {GROUP})")
     return y
+
+
+def _call_a8(name: str, x: Tensor, codes: Tensor, sc4: Tensor, n: int) -> Tensor:
+    fn, x = _kernel(name, x)
+    return _run_a8(fn, x, codes, sc4, n, torch.get_num_threads())
 
 
 def mm_a8(x: Tensor, packed: Tensor, sc4: Tensor, n: int) -> Tensor:

@@ -242,8 +242,8 @@ class Int4Linear:
             self.packed = int4_gemm.pack_codes(codes)
             self.d = scale.float().contiguous()
             self.m = (zero.float() - 8 * self.d).contiguous()  # d * q + m == d * (q - 8) + zero
-            # the 8-bit-activation kernel reads scales and offsets by block of 4 outputs
-            self.sc4 = int4_gemm.scales4(self.d, self.m) if getattr(self, "act8", False) else None
+            if self.act8:  # the 8-bit-activation kernel reads scales and offsets by block of 4 outputs
+                self.sc4 = int4_gemm.scales4(self.d, self.m)
         elif self.kernel == "torch":
             self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
             self.scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
