@@ -442,11 +442,42 @@ def test_greedy_kernel_drafts_what_the_torch_loop_drafts(target, monkeypatch, re
     a, b = out[True], out[False]
     assert a.token_ids.shape == b.token_ids.shape == (3, 3 if with_stop else G)
     assert torch.equal(a.token_ids, b.token_ids)
-    assert torch.allclose(a.logits, b.logits, atol=1e-4) and torch.equal(a.base_logits, b.base_logits)
+    # with a stop the kernel computes the LM head only for the positions it reaches (2, then 1 more)
+    assert a.base_logits.shape[1] == (3 if with_stop else G)
+    assert torch.allclose(a.logits, b.logits, atol=1e-4)
+    assert torch.allclose(a.base_logits, b.base_logits[:, :a.base_logits.shape[1]], atol=1e-5)
     assert torch.allclose(a.confidence, b.confidence, atol=1e-5)
     assert len(seen[True]) == len(seen[False]) == (2 if with_stop else 0)
     for x, y in zip(seen[True], seen[False]):
         assert torch.allclose(x, y, atol=1e-5)
+
+
+def test_block_attention_on_the_row_kernel_matches_sdpa(target) -> None:
+    """At inference the block's attention runs on the row kernel (each block row against its own
+    sequence's context and whole block, read in place from the cache); it drafts what SDPA with the
+    block mask drafts, for sequences of different context lengths in one call."""
+    from dspark.models import row_attention
+
+    if not row_attention.available():
+        pytest.skip(f"no row attention kernel here: {row_attention.unavailable_reason()}")
+    out = {}
+    for use in (True, False):
+        d = DSparkDrafter(make_model(target, seed=5), max_seqs=3, max_len=64)
+        d.use_row_attention = use
+        for s, n in enumerate((9, 2, 17)):
+            d.add_sequence(s, list(range(10 + s, 10 + s + n)), taps(d.model, n, seed=s))
+        calls = []
+        orig = row_attention.attention
+        try:
+            row_attention.attention = lambda *a, **k: calls.append(1) or orig(*a, **k)  # type: ignore[assignment]
+            out[use] = d.draft_block([0, 1, 2], [42, 7, 99], G, sampling(GREEDY, GREEDY, GREEDY), [None] * 3)
+        finally:
+            row_attention.attention = orig  # type: ignore[assignment]
+        assert bool(calls) == use  # the kernel ran (once per draft layer) only when asked
+    a, b = out[True], out[False]
+    assert torch.equal(a.token_ids, b.token_ids)
+    assert torch.allclose(a.base_logits, b.base_logits, atol=1e-4), (a.base_logits - b.base_logits).abs().max()
+    assert torch.allclose(a.confidence, b.confidence, atol=1e-5)
 
 
 def test_inference_projections_run_int8_close_to_float(target) -> None:

@@ -45,7 +45,7 @@ from dspark.errors import CheckpointError
 from dspark.kv_cache import KVCache
 from dspark.models.config import ModelConfig, RopeScaling, _rope
 from dspark.drafters import markov_kernel
-from dspark.models import int4_gemm
+from dspark.models import int4_gemm, row_attention
 from dspark.models.transformer import Int8Linear, PackedLinear, fp16_gemm_available, linear, rms_norm
 from dspark.sampling import SamplingTensors
 
@@ -456,6 +456,9 @@ class DraftLayer(nn.Module):
 # Given (layer index, new keys, new values) [b, S, Hkv, D], return every key/value the block attends
 # to, [b, Hkv, kv_len, D]: context first (or wherever the mask says), block included.
 KeyValueSource = Callable[[int, Tensor, Tensor], tuple[Tensor, Tensor]]
+# Given (layer index, queries [b, S, Hq, D], new keys, new values [b, S, Hkv, D]), return the layer's
+# attention output [b, S, Hq * D] (stores the new keys/values wherever the caller keeps them).
+Attend = Callable[[int, Tensor, Tensor, Tensor], Tensor]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -831,22 +834,29 @@ class FeatureDrafterModel(nn.Module):
                 self._rope_cos, self._rope_sin = rope_tables(self._inv_freq.to(self.device), size, self.dtype)
         return self._rope_cos[positions].unsqueeze(-2), self._rope_sin[positions].unsqueeze(-2)
 
-    def run_layers(self, x: Tensor, positions: Tensor, kv: KeyValueSource, mask: Tensor) -> Tensor:
+    def run_layers(self, x: Tensor, positions: Tensor, kv: KeyValueSource | None, mask: Tensor | None,
+                   attend: "Attend | None" = None) -> Tensor:
         """The draft layers over inputs x [b, S, H] at positions [b, S], before the final norm.
 
         `kv` supplies each layer's full key/value set [b, Hkv, kv_len, D] given the new ones; mask
-        [b, 1, S|1, kv_len] bool, True = may attend."""
+        [b, 1, S|1, kv_len] bool, True = may attend. Or `attend` computes each layer's attention
+        itself from its queries and new keys/values (the row kernel at inference, see `Attend`)."""
         cos, sin = self.rope(positions)
         b, s, _ = x.shape
         for i, layer in enumerate(self.layers):
             a = layer.self_attn
             hn = layer.input_layernorm(x)
             q = a.query(hn, cos, sin)
-            keys, values = kv(i, *a.keys_values(hn, cos, sin))
-            out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=a.Hq != a.Hkv
-            )  # [b, Hq, S, D]
-            x = x + a.o_proj(out.transpose(1, 2).reshape(b, s, a.Hq * a.D))
+            if attend is not None:
+                out = attend(i, q, *a.keys_values(hn, cos, sin))  # [b, S, Hq * D]
+                x = x + a.o_proj(out)
+            else:
+                assert kv is not None
+                keys, values = kv(i, *a.keys_values(hn, cos, sin))
+                out = F.scaled_dot_product_attention(
+                    q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=a.Hq != a.Hkv
+                )  # [b, Hq, S, D]
+                x = x + a.o_proj(out.transpose(1, 2).reshape(b, s, a.Hq * a.D))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return x
 
@@ -991,10 +1001,11 @@ class DSparkModel(FeatureDrafterModel):
         cos, sin = self.rope(positions)
         return [layer.self_attn.keys_values(features, cos, sin) for layer in self.layers]
 
-    def run_block(self, x: Tensor, positions: Tensor, kv: KeyValueSource, mask: Tensor) -> Tensor:
+    def run_block(self, x: Tensor, positions: Tensor, kv: KeyValueSource | None, mask: Tensor | None,
+                  attend: Attend | None = None) -> Tensor:
         """The draft layers over block inputs x [b, S, H] at positions [b, S] (see `run_layers`).
         Returns h [b, S, H] after the final norm."""
-        return self.norm(self.run_layers(x, positions, kv, mask))
+        return self.norm(self.run_layers(x, positions, kv, mask, attend))
 
     def block_inputs(self, anchor_ids: Tensor) -> Tensor:
         """anchor_ids [...] -> block token ids [..., G]: the anchor, then G-1 mask tokens."""
@@ -1238,18 +1249,22 @@ class DSparkDrafter(FeatureDrafter):
 
         # The whole block is always run (the backbone was trained on G inputs); only gamma are drafted.
         batch = self.cache.prepare(cslots, [G] * n, max_position=self.cache.max_len)
-        ends = torch.tensor(batch.start, device=dev) + G  # each row sees its context and its block
-        mask = (torch.arange(batch.kv_len, device=dev)[None, :] < ends[:, None])[:, None, None, :]  # [n,1,1,kv]
         x = model.embed(model.block_inputs(anchor_t))  # [n, G, H]
-        h = model.run_block(x, batch.positions, lambda i, k, v: self.cache.update(i, batch, k, v), mask)
+        attend = self._row_attend(batch, cslots, G)
+        if attend is not None:
+            h = model.run_block(x, batch.positions, None, None, attend)
+        else:
+            ends = torch.tensor(batch.start, device=dev) + G  # each row sees its context and its block
+            mask = (torch.arange(batch.kv_len, device=dev)[None, :] < ends[:, None])[:, None, None, :]  # [n,1,1,kv]
+            h = model.run_block(x, batch.positions, lambda i, k, v: self.cache.update(i, batch, k, v), mask)
         h = h[:, :gamma]  # [n, gamma, H]
-        base = model.lm_head(h)  # [n, gamma, V]
 
         head = model.markov_head
         if stop is not None and model.confidence_head is None:
             raise ValueError(f"the {self.name} drafter has no confidence head to stop drafting early with")
-        if self._greedy_kernel_fits(sampling, base):
-            return self._draft_greedy_kernel(h, base, anchor_t, gamma, stop)
+        if self._greedy_kernel_fits(sampling, h):
+            return self._draft_greedy_kernel(h, anchor_t, gamma, stop)
+        base = model.lm_head(h)  # [n, gamma, V]
         prev = anchor_t
         state = head.init_state(n, h) if head is not None else None
         tokens, step_logits, step_probs, prevs = [], [], [], []
@@ -1292,20 +1307,48 @@ class DSparkDrafter(FeatureDrafter):
             confidence_logits=conf,
         )
 
-    def _greedy_kernel_fits(self, sampling: SamplingTensors, base: Tensor) -> bool:
+    # The block's attention on the row kernel (`dspark.models.row_attention`) where it runs: each block
+    # row against its sequence's context and whole block, read in place from the cache (SDPA with a
+    # mask copied keys, values and mask every layer: ~1 ms of a 2-7 ms proposal at 100+ context
+    # tokens). False turns it off (tests compare both).
+    use_row_attention = True
+
+    def _row_attend(self, batch: Any, cslots: list[int], G: int) -> Attend | None:
+        model = self.model
+        a = model.layers[0].self_attn
+        if not (self.use_row_attention and self.cache.device.type == "cpu" and model.dtype == torch.float32
+                and row_attention.supports(a.Hq, a.Hkv, a.D) and row_attention.available()):
+            return None
+        rows = row_attention.RowPlan.from_lists(
+            [b * G + j for b in range(len(cslots)) for j in range(G)],
+            [c for c in cslots for _ in range(G)], [s + G for s in batch.start for _ in range(G)])
+        plan = row_attention.AttentionPlan(rows, [], False)
+        scale = a.D ** -0.5
+
+        def attend(i: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            k_layer, v_layer = self.cache.write(i, batch, k, v)
+            return row_attention.attention(q.contiguous(), k_layer, v_layer, plan, scale)
+        return attend
+
+    def _greedy_kernel_fits(self, sampling: SamplingTensors, h: Tensor) -> bool:
         """Whether this block can be drafted by the greedy Markov kernel (`markov_kernel`): every row
         greedy, the vanilla Markov head (rank a multiple of 8), a confidence head (if any) reading the
         Markov embedding, float32 on the CPU, no gradient."""
         model = self.model
         head, conf = model.markov_head, model.confidence_head
         return (type(head) is MarkovHead and head.markov_w1.weight.shape[1] % 8 == 0 and all(sampling.greedy)
-                and base.device.type == "cpu" and base.dtype == torch.float32 and not torch.is_grad_enabled()
+                and h.device.type == "cpu" and not torch.is_grad_enabled()
                 and (conf is None or self.config.confidence_head_with_markov) and markov_kernel.available())
 
-    def _draft_greedy_kernel(self, h: Tensor, base: Tensor, anchor_t: Tensor, gamma: int,
-                             stop: DraftStop | None) -> BlockDraft:
-        """The greedy left-to-right loop of `draft_block` in one C call: the same tokens (up to float
-        rounding in the transition bias), confidences and early stop."""
+    # With `stop`, the greedy kernel drafts the block in chunks of positions [0, 2), [2, gamma): a
+    # position's LM head row is computed only once the scheduler has not settled before it (most rounds
+    # the confidence policy verifies 1-2 drafts; the draft-vocabulary LM head is ~40% of a proposal).
+    # Every step reads only its own position and the previous token, so chunks draft what one call would.
+    FIRST_CHUNK = 2
+
+    def _draft_greedy_kernel(self, h: Tensor, anchor_t: Tensor, gamma: int, stop: DraftStop | None) -> BlockDraft:
+        """The greedy left-to-right loop of `draft_block` in C: the same tokens (up to float rounding in
+        the transition bias), confidences and early stop."""
         model = self.model
         head = model.markov_head
         ch = model.confidence_head
@@ -1313,17 +1356,31 @@ class DSparkDrafter(FeatureDrafter):
         if ch is not None:
             cw = ch.proj.weight.detach()[0]
             cb = float(ch.proj.bias) if ch.proj.bias is not None else 0.0
-        logits, _, tokens, conf = markov_kernel.markov_greedy(
-            base, head.markov_w1.weight, head.markov_w2.weight, model.draft_ids, anchor_t, h, cw, cb)
-        m, settled = gamma, gamma
-        if stop is not None:  # what the step-by-step loop decides, on the same confidences
-            assert conf is not None
-            for k in range(gamma):
-                need = stop(self._calibrated(conf[:, :k + 1]))
-                if need is not None:
-                    m, settled = min(need, gamma), k + 1
-                    break
-        n = base.shape[0]
+        parts: list[tuple[Tensor, Tensor, Tensor, Tensor | None]] = []
+        prev = anchor_t
+        m, settled = gamma, None  # drafts to return; confidences the scheduler read when it settled
+        k0 = 0
+        while k0 < m:
+            k1 = min(m, self.FIRST_CHUNK) if stop is not None and settled is None and k0 == 0 else m
+            hk = h[:, k0:k1]
+            base_k = model.lm_head(hk)  # [n, k1 - k0, V]
+            logits, _, tokens, conf = markov_kernel.markov_greedy(
+                base_k, head.markov_w1.weight, head.markov_w2.weight, model.draft_ids, prev, hk, cw, cb)
+            parts.append((base_k, logits, tokens, conf))
+            prev = tokens[:, -1]
+            if stop is not None and settled is None:
+                assert conf is not None
+                conf_all = torch.cat([p[3] for p in parts], dim=1)  # type: ignore[misc]
+                for k in range(k0, k1):  # what the step-by-step loop decides, on the same confidences
+                    need = stop(self._calibrated(conf_all[:, :k + 1]))
+                    if need is not None:  # drafting goes on (without stop) up to `need` drafts
+                        m, settled = min(need, gamma), k + 1
+                        break
+            k0 = k1
+        settled = gamma if settled is None else settled
+        base, logits, tokens = (torch.cat([p[i] for p in parts], dim=1) for i in range(3))
+        conf = None if ch is None else torch.cat([p[3] for p in parts], dim=1)  # type: ignore[misc]
+        n = h.shape[0]
         if m == 0:  # the scheduler settled on verifying no draft at all
             return BlockDraft(token_ids=tokens[:, :0], logits=base[:, :0], base_logits=base, probs=None,
                               confidence=base.new_zeros(n, 0), confidence_logits=base.new_zeros(n, 0))
