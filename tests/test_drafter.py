@@ -480,6 +480,39 @@ def test_block_attention_on_the_row_kernel_matches_sdpa(target) -> None:
     assert torch.allclose(a.confidence, b.confidence, atol=1e-5)
 
 
+def test_draft_layers_in_one_c_call_match_the_torch_ops(target) -> None:
+    """With the projections on the int8 GEMM, each draft layer runs as one C call (`c_layers`: q|k|v and
+    gate|up fused, q/k head norms, half-rotating RoPE, the block rows' keys written at their positions,
+    row attention over context and block); it drafts what the same layers in torch ops draft."""
+    from dspark.models import int4_gemm, row_attention
+
+    if not (int4_gemm.available() and row_attention.available()):
+        pytest.skip("no int8 GEMM or row attention kernel here")
+    out, calls = {}, []
+    orig = int4_gemm.draft_layer
+    for use in (True, False):
+        model = make_model(target, seed=6, intermediate_size=96)
+        model.float()
+        assert model.pack_fp16_weights() > 0
+        assert model.c_layers is not None and len(model.c_layers) == 2
+        d = DSparkDrafter(model, max_seqs=3, max_len=64)
+        d.use_c_layers = use
+        for s, n in enumerate((9, 2, 17)):
+            d.add_sequence(s, list(range(10 + s, 10 + s + n)), taps(d.model, n, seed=s))
+        calls.clear()
+        try:
+            int4_gemm.draft_layer = lambda *a, **k: calls.append(1) or orig(*a, **k)  # type: ignore[assignment]
+            with torch.inference_mode():
+                out[use] = d.draft_block([0, 1, 2], [42, 7, 99], G, sampling(GREEDY, GREEDY, GREEDY), [None] * 3)
+        finally:
+            int4_gemm.draft_layer = orig  # type: ignore[assignment]
+        assert len(calls) == (2 if use else 0)  # once per draft layer, only when asked
+    a, b = out[True], out[False]
+    assert torch.equal(a.token_ids, b.token_ids)
+    assert torch.allclose(a.base_logits, b.base_logits, atol=2e-3), (a.base_logits - b.base_logits).abs().max()
+    assert torch.allclose(a.confidence, b.confidence, atol=1e-3)
+
+
 def test_inference_projections_run_int8_close_to_float(target) -> None:
     """`pack_fp16_weights` puts a drafter's projections on the int8 GEMM (Q8_0 weights, 8-bit
     activations) where it builds: under inference_mode they stay within a percent of the float32

@@ -33,6 +33,7 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Protocol
 
 import torch
@@ -881,6 +882,7 @@ class FeatureDrafterModel(nn.Module):
             if q8 and mod.in_features % 32 == 0:
                 packed8 = Int8Linear(*quantize_q8_0(mod.weight), act8=True)
                 mod.forward = functools.partial(_int8_linear_forward, mod, packed8)  # type: ignore[method-assign]
+                mod.q8 = packed8  # what a fused C layer reads (DSparkModel.c_layers)
             elif fp16_gemm_available():
                 packed = PackedLinear(mod.weight, mod.bias)
                 mod.forward = functools.partial(_packed_linear_forward, mod, packed)  # type: ignore[method-assign]
@@ -981,6 +983,43 @@ class DSparkModel(FeatureDrafterModel):
         if cfg.enable_confidence_head:
             extra = cfg.markov_rank if cfg.confidence_head_with_markov else 0
             self.confidence_head = ConfidenceHead(cfg.hidden_size + extra)
+
+    c_layers: "list[int4_gemm.DraftLayerWeights] | None" = None  # set by pack_fp16_weights where it can
+
+    def pack_fp16_weights(self) -> int:
+        """As `FeatureDrafterModel.pack_fp16_weights`; then, where every projection went to the int8 GEMM and
+        the row attention kernel runs, each draft layer is also described for `int4_gemm.draft_layer`
+        (q|k|v and gate|up fused by rows: the same codes and scales, so the same outputs) in `c_layers`."""
+        n = super().pack_fp16_weights()
+        self.c_layers = None
+        if not n:
+            return n
+        a = self.layers[0].self_attn
+        mods = [m for layer in self.layers for m in (layer.self_attn.q_proj, layer.self_attn.k_proj,
+                                                      layer.self_attn.v_proj, layer.self_attn.o_proj,
+                                                      layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)]
+        if not (all(hasattr(m, "q8") for m in mods) and a.D % 16 == 0 and a.D <= 256 and row_attention.available()
+                and row_attention.supports(a.Hq, a.Hkv, a.D)):
+            return n
+
+        def fuse(*ms: nn.Linear) -> Any:
+            codes = torch.cat([m.q8.codes for m in ms])
+            d = torch.cat([m.q8.d for m in ms])
+            bias = None
+            if any(m.bias is not None for m in ms):
+                bias = torch.cat([m.bias.detach().float() if m.bias is not None else torch.zeros(m.out_features)
+                                  for m in ms]).contiguous()
+            return SimpleNamespace(codes=codes, d=d, sc4=int4_gemm.scales4(d, None), out_features=codes.shape[0],
+                                   bias=bias)
+        eps = self.config.rms_norm_eps
+        self.c_layers = [
+            int4_gemm.DraftLayerWeights.of(
+                (layer.input_layernorm.weight, layer.post_attention_layernorm.weight, layer.self_attn.q_norm.weight,
+                 layer.self_attn.k_norm.weight), eps,
+                fuse(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj), fuse(layer.self_attn.o_proj),
+                fuse(layer.mlp.gate_proj, layer.mlp.up_proj), fuse(layer.mlp.down_proj), a.Hq, a.Hkv, a.D)
+            for layer in self.layers]
+        return n
 
     @classmethod
     def _config_from_json(cls, raw: Mapping[str, Any], source: str, target: "TargetModel") -> DSparkConfig:
@@ -1250,8 +1289,10 @@ class DSparkDrafter(FeatureDrafter):
         # The whole block is always run (the backbone was trained on G inputs); only gamma are drafted.
         batch = self.cache.prepare(cslots, [G] * n, max_position=self.cache.max_len)
         x = model.embed(model.block_inputs(anchor_t))  # [n, G, H]
-        attend = self._row_attend(batch, cslots, G)
-        if attend is not None:
+        attend = None
+        if self.use_c_layers and model.c_layers is not None and self._row_kernel_runs():
+            h = self._run_block_c(x, batch, cslots, G)
+        elif (attend := self._row_attend(batch, cslots, G)) is not None:
             h = model.run_block(x, batch.positions, None, None, attend)
         else:
             ends = torch.tensor(batch.start, device=dev) + G  # each row sees its context and its block
@@ -1313,12 +1354,16 @@ class DSparkDrafter(FeatureDrafter):
     # tokens). False turns it off (tests compare both).
     use_row_attention = True
 
-    def _row_attend(self, batch: Any, cslots: list[int], G: int) -> Attend | None:
+    def _row_kernel_runs(self) -> bool:
         model = self.model
         a = model.layers[0].self_attn
-        if not (self.use_row_attention and self.cache.device.type == "cpu" and model.dtype == torch.float32
-                and row_attention.supports(a.Hq, a.Hkv, a.D) and row_attention.available()):
+        return (self.use_row_attention and self.cache.device.type == "cpu" and model.dtype == torch.float32
+                and row_attention.supports(a.Hq, a.Hkv, a.D) and row_attention.available())
+
+    def _row_attend(self, batch: Any, cslots: list[int], G: int) -> Attend | None:
+        if not self._row_kernel_runs():
             return None
+        a = self.model.layers[0].self_attn
         rows = row_attention.RowPlan.from_lists(
             [b * G + j for b in range(len(cslots)) for j in range(G)],
             [c for c in cslots for _ in range(G)], [s + G for s in batch.start for _ in range(G)])
@@ -1329,6 +1374,26 @@ class DSparkDrafter(FeatureDrafter):
             k_layer, v_layer = self.cache.write(i, batch, k, v)
             return row_attention.attention(q.contiguous(), k_layer, v_layer, plan, scale)
         return attend
+
+    # Each draft layer in one C call (`int4_gemm.draft_layer`) where `DSparkModel.c_layers` is set (the
+    # int8 projections and the row kernel, as above, without the ~25 torch calls a layer between them).
+    use_c_layers = True
+
+    def _run_block_c(self, x: Tensor, batch: Any, cslots: list[int], G: int) -> Tensor:
+        model = self.model
+        n, _, H = x.shape
+        D = model.layers[0].self_attn.D
+        xf = x.reshape(n * G, H).float().contiguous()  # a fresh tensor (the embedding's output): updated in place
+        cos, sin = model.rope(batch.positions)  # [n, G, 1, D]
+        cos, sin = cos.reshape(n * G, D).float().contiguous(), sin.reshape(n * G, D).float().contiguous()
+        row_slot = torch.tensor([c for c in cslots for _ in range(G)], dtype=torch.int64)
+        row_pos = torch.tensor([s + j for s in batch.start for j in range(G)], dtype=torch.int64)
+        row_len = torch.tensor([s + G for s in batch.start for _ in range(G)], dtype=torch.int64)
+        attn = row_attention.kernel_address()
+        for i, w in enumerate(model.c_layers):  # type: ignore[union-attr]
+            k_layer, v_layer = self.cache.layer_tensors(i)
+            int4_gemm.draft_layer(xf, w, cos, sin, k_layer, v_layer, row_slot, row_pos, row_len, attn, D ** -0.5)
+        return model.norm(xf.view(n, G, H))
 
     def _greedy_kernel_fits(self, sampling: SamplingTensors, h: Tensor) -> bool:
         """Whether this block can be drafted by the greedy Markov kernel (`markov_kernel`): every row

@@ -424,11 +424,13 @@ static void silu_mul_row(int64_t I, const float *gu, float *out) {
 /* One Q4 projection as the layer functions take it: codes, scales, offsets, optional bias [N]. */
 /* sc4: the scales and offsets by block of 4 outputs (see run_a8) when the projection runs on 8-bit
  * activations, else NULL */
-struct q4w { const uint8_t *codes; const float *d, *m, *sc4, *bias; int64_t n; };
+/* q8: the codes are Q8_0's (int8 [N][K], scales only; sc4 required: 8-bit activations) */
+struct q4w { const uint8_t *codes; const float *d, *m, *sc4, *bias; int64_t n, q8; };
 
 static int q4_mm(const struct q4w *w, int64_t M, int64_t K, const float *x, float *y, int64_t threads) {
-    int rc = w->sc4 ? run_a8(QA4, 8, 16, M, w->n, K, x, K, w->codes, w->sc4, y, w->n, threads)
-                   : run(&Q4, 16, M, w->n, K, x, K, w->codes, w->d, w->m, y, w->n, threads);
+    int rc = w->q8 ? (w->sc4 ? run_a8(QA8, 4, GROUP, M, w->n, K, x, K, w->codes, w->sc4, y, w->n, threads) : -1)
+           : w->sc4 ? run_a8(QA4, 8, 16, M, w->n, K, x, K, w->codes, w->sc4, y, w->n, threads)
+                    : run(&Q4, 16, M, w->n, K, x, K, w->codes, w->d, w->m, y, w->n, threads);
     if (rc == 0 && w->bias)
         for (int64_t r = 0; r < M; r++)
             for (int64_t j = 0; j < w->n; j++) y[r * w->n + j] += w->bias[j];
@@ -467,6 +469,10 @@ int dspark_layer_in(int64_t M, int64_t K, const float *x, int64_t xs, const floa
     return 0;
 }
 
+static int layer_out(int64_t M, int64_t K, float *x, int64_t xs, const float *attn, int64_t A, const struct q4w *wo,
+                     const float *norm_w, float eps, const struct q4w *wgu, int64_t I, const struct q4w *wdn,
+                     int64_t threads);
+
 /* After attention, in place on x [M, K] (row stride xs): x += attn @ Wo^T + bo; then
  * x += (silu(g) * u) @ Wdown^T + bdown with [g | u] = rmsnorm(x) @ Wgu^T + bgu (I = gate width).
  * attn: [M, A] contiguous. Returns 0, or -1 on bad sizes or no memory. */
@@ -477,26 +483,32 @@ int dspark_layer_out(int64_t M, int64_t K, float *x, int64_t xs, const float *at
                      const float *gu_bias, int64_t I, const uint8_t *dn_codes, const float *dn_d, const float *dn_m,
                      const float *dn_sc4, const float *dn_bias,
                      int64_t threads) {
+    struct q4w wo = {o_codes, o_d, o_m, o_sc4, o_bias, K, 0}, wgu = {gu_codes, gu_d, gu_m, gu_sc4, gu_bias, 2 * I, 0},
+               wdn = {dn_codes, dn_d, dn_m, dn_sc4, dn_bias, K, 0};
+    return layer_out(M, K, x, xs, attn, A, &wo, norm_w, eps, &wgu, I, &wdn, threads);
+}
+
+static int layer_out(int64_t M, int64_t K, float *x, int64_t xs, const float *attn, int64_t A, const struct q4w *wo,
+                     const float *norm_w, float eps, const struct q4w *wgu, int64_t I, const struct q4w *wdn,
+                     int64_t threads) {
     if (K % GROUP || A % GROUP || I % GROUP || M < 0) return -1;
     size_t rows = (size_t)(M > 0 ? M : 1);
     float *t = malloc(sizeof(float) * rows * (size_t)K), *gu = malloc(sizeof(float) * rows * (size_t)(3 * I));
     if (!t || !gu) { free(t); free(gu); return -1; }
     float *act = gu + rows * (size_t)(2 * I);
-    struct q4w wo = {o_codes, o_d, o_m, o_sc4, o_bias, K}, wgu = {gu_codes, gu_d, gu_m, gu_sc4, gu_bias, 2 * I},
-               wdn = {dn_codes, dn_d, dn_m, dn_sc4, dn_bias, K};
-    int rc = q4_mm(&wo, M, A, attn, t, threads);
+    int rc = q4_mm(wo, M, A, attn, t, threads);
     if (rc == 0) {
 #pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : 1) if (M >= 16)
         for (int64_t r = 0; r < M; r++) {
             add_row(K, x + r * xs, t + r * K);
             rms_row(K, x + r * xs, norm_w, eps, t + r * K);
         }
-        rc = q4_mm(&wgu, M, K, t, gu, threads);
+        rc = q4_mm(wgu, M, K, t, gu, threads);
     }
     if (rc == 0) {
 #pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : 1) if (M >= 16)
         for (int64_t r = 0; r < M; r++) silu_mul_row(I, gu + r * 2 * I, act + r * I);
-        rc = q4_mm(&wdn, M, I, act, t, threads);
+        rc = q4_mm(wdn, M, I, act, t, threads);
     }
     if (rc == 0)
         for (int64_t r = 0; r < M; r++) add_row(K, x + r * xs, t + r * K);
@@ -553,9 +565,72 @@ int dspark_layer(const struct dspark_layer_weights *w, int64_t M, float *x, cons
                        row_slot, row_len, att, A, D, scale);
     }
     if (rc == 0)
-        rc = dspark_layer_out(M, w->K, x, w->K, att, A, w->o.codes, w->o.d, w->o.m, w->o.sc4, w->o.bias, w->norm_post,
-                              w->eps, w->gu.codes, w->gu.d, w->gu.m, w->gu.sc4, w->gu.bias, w->I, w->dn.codes, w->dn.d,
-                              w->dn.m, w->dn.sc4, w->dn.bias, threads);
+        rc = layer_out(M, w->K, x, w->K, att, A, &w->o, w->norm_post, w->eps, &w->gu, w->I, &w->dn, threads);
+    free(qkv);
+    free(att);
+    free(row_q);
+    return rc;
+}
+
+/* ---- A DSpark draft layer in one call ------------------------------------------------------------
+ * The drafter's decoder layer (Qwen3-style: an RMSNorm over each query and key head before RoPE; RoPE
+ * rotating halves, out = v * cos + roll(v, D / 2) * sin with the sign folded into sin's first half, as
+ * `dspark.drafters.dspark_drafter.rope_tables` builds them) on Q8_0 weights and 8-bit activations
+ * (qkv, o, gu, dn with q8 = 1), over the rows of draft blocks. Row r's key and value are written at
+ * position row_pos[r] of cache slot row_slot[r], and it attends to positions 0 .. row_len[r] - 1 of that
+ * slot (its context and its whole block). What it saves against the same layer in torch ops is the
+ * Python and dispatch between them (~25 calls a layer). */
+
+struct dspark_draft_layer_weights {
+    const float *norm_in, *norm_post, *q_norm, *k_norm;
+    float eps;
+    struct q4w qkv, o, gu, dn; /* qkv.n = (H + 2 Hkv) D, o.n = dn.n = K, gu.n = 2 I */
+    int64_t K, H, Hkv, D, I;
+};
+
+#define MAX_D 256
+
+/* x [M, K] contiguous, in place; cos, sin [M, D] (each row's position). Returns 0, or the first failing
+ * part's code (-1 bad sizes, -2 no memory, else the attention's). */
+int dspark_draft_layer(const struct dspark_draft_layer_weights *w, int64_t M, float *x, const float *cos,
+                       const float *sin, float *k_cache, float *v_cache, int64_t slot_stride, int64_t head_stride,
+                       int64_t pos_stride, const int64_t *row_slot, const int64_t *row_pos, const int64_t *row_len,
+                       row_attention_fn attention, float scale, int64_t threads) {
+    if (M < 1) return M == 0 ? 0 : -1;
+    int64_t K = w->K, N = w->qkv.n, H = w->H, Hkv = w->Hkv, D = w->D, A = H * D, half = D / 2;
+    if (N != (H + 2 * Hkv) * D || D % 16 || D > MAX_D || K % GROUP) return -1;
+    float *h = malloc(sizeof(float) * (size_t)M * (size_t)K), *qkv = malloc(sizeof(float) * (size_t)M * (size_t)N);
+    float *att = malloc(sizeof(float) * (size_t)M * (size_t)A);
+    int64_t *row_q = malloc(sizeof(int64_t) * (size_t)M);
+    int rc = (!h || !qkv || !att || !row_q) ? -2 : 0;
+    if (rc == 0) {
+        for (int64_t r = 0; r < M; r++) rms_row(K, x + r * K, w->norm_in, w->eps, h + r * K);
+        rc = q4_mm(&w->qkv, M, K, h, qkv, threads);
+    }
+    if (rc == 0) {
+        for (int64_t r = 0; r < M; r++) {
+            const float *cs = cos + r * D, *sn = sin + r * D;
+            for (int64_t hd = 0; hd < H + Hkv; hd++) {
+                float *v = qkv + r * N + hd * D, t[MAX_D];
+                rms_row(D, v, hd < H ? w->q_norm : w->k_norm, w->eps, t);
+                for (int64_t i = 0; i < D; i += 8) {
+                    int64_t j = i < half ? i + half : i - half; /* roll(t, D / 2)[i] = t[i - D / 2 mod D] */
+                    __m256 a = _mm256_mul_ps(_mm256_loadu_ps(t + i), _mm256_loadu_ps(cs + i));
+                    _mm256_storeu_ps(v + i, _mm256_add_ps(a, _mm256_mul_ps(_mm256_loadu_ps(t + j), _mm256_loadu_ps(sn + i))));
+                }
+            }
+            row_q[r] = r;
+            int64_t at = row_slot[r] * slot_stride + row_pos[r] * pos_stride;
+            for (int64_t g = 0; g < Hkv; g++) {
+                memcpy(k_cache + at + g * head_stride, qkv + r * N + (H + g) * D, sizeof(float) * (size_t)D);
+                memcpy(v_cache + at + g * head_stride, qkv + r * N + (H + Hkv + g) * D, sizeof(float) * (size_t)D);
+            }
+        }
+        rc = attention(M, H, Hkv, D, qkv, N, D, k_cache, v_cache, slot_stride, head_stride, pos_stride, row_q,
+                       row_slot, row_len, att, A, D, scale);
+    }
+    if (rc == 0) rc = layer_out(M, K, x, K, att, A, &w->o, w->norm_post, w->eps, &w->gu, w->I, &w->dn, threads);
+    free(h);
     free(qkv);
     free(att);
     free(row_q);

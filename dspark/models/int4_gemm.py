@@ -121,6 +121,8 @@ def _setup(lib: ctypes.CDLL) -> bool:
     lib.dspark_layer_out.restype = ctypes.c_int
     lib.dspark_layer.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, f32, i64]
     lib.dspark_layer.restype = ctypes.c_int
+    lib.dspark_draft_layer.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, f32, i64]
+    lib.dspark_draft_layer.restype = ctypes.c_int
     g = torch.Generator().manual_seed(0)
     n, k = 13, 96  # a column tail (13 = 3 blocks of 4 + 1) and three groups
     q4 = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
@@ -245,8 +247,9 @@ def layer_out(x: Tensor, attn: Tensor, o, norm_w: Tensor, eps: float, gate_up, d
 
 
 class _Q4W(ctypes.Structure):
-    _fields_ = [("codes", ctypes.c_void_p), ("d", ctypes.c_void_p), ("m", ctypes.c_void_p), ("mT", ctypes.c_void_p),
-                ("bias", ctypes.c_void_p), ("n", ctypes.c_int64)]
+    # q8: Q8_0 codes (int8, scales only, 8-bit activations: sc4 set); else Q4 codes
+    _fields_ = [("codes", ctypes.c_void_p), ("d", ctypes.c_void_p), ("m", ctypes.c_void_p), ("sc4", ctypes.c_void_p),
+                ("bias", ctypes.c_void_p), ("n", ctypes.c_int64), ("q8", ctypes.c_int64)]
 
 
 class LayerWeights(ctypes.Structure):
@@ -288,3 +291,43 @@ def layer(x: Tensor, w: LayerWeights, rope: Tensor, k_cache: Tensor, v_cache: Te
         row_len.data_ptr(), attention, scale, torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"fused layer kernel returned {rc} (width {w.K}, heads {w.H}/{w.Hkv} x {w.D})")
+
+
+class DraftLayerWeights(ctypes.Structure):
+    """What `dspark_draft_layer` reads of one DSpark draft layer (C's `struct dspark_draft_layer_weights`):
+    the four norms and four Q8_0 projections on 8-bit activations (q|k|v and gate|up fused by rows)."""
+
+    _fields_ = [("norm_in", ctypes.c_void_p), ("norm_post", ctypes.c_void_p), ("q_norm", ctypes.c_void_p),
+                ("k_norm", ctypes.c_void_p), ("eps", ctypes.c_float),
+                ("qkv", _Q4W), ("o", _Q4W), ("gu", _Q4W), ("dn", _Q4W),
+                ("K", ctypes.c_int64), ("H", ctypes.c_int64), ("Hkv", ctypes.c_int64), ("D", ctypes.c_int64),
+                ("I", ctypes.c_int64)]
+
+    @classmethod
+    def of(cls, norms: tuple[Tensor, Tensor, Tensor, Tensor], eps: float, qkv, o, gate_up, down, heads: int,
+           kv_heads: int, head_dim: int) -> "DraftLayerWeights":
+        """norms: input, post-attention, query-head and key-head RMSNorm weights; qkv, o, gate_up, down:
+        `transformer.Int8Linear`s with act8 and an optional float32 `bias` attribute."""
+        ns = [t.detach().float().contiguous() for t in norms]
+
+        def q8(lin) -> _Q4W:
+            bias = getattr(lin, "bias", None)
+            return _Q4W(lin.codes.data_ptr(), lin.d.data_ptr(), None, lin.sc4.data_ptr(), _ptr(bias), lin.out_features, 1)
+        w = cls(*(t.data_ptr() for t in ns), eps, q8(qkv), q8(o), q8(gate_up), q8(down),
+                ns[0].shape[0], heads, kv_heads, head_dim, gate_up.out_features // 2)
+        w.keep = (ns, qkv, o, gate_up, down)  # the memory the pointers point into stays alive
+        return w
+
+
+def draft_layer(x: Tensor, w: DraftLayerWeights, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
+                row_slot: Tensor, row_pos: Tensor, row_len: Tensor, attention: int, scale: float) -> None:
+    """A DSpark draft layer in one call (`dspark_draft_layer`), in place on x [rows, K] float32 contiguous:
+    row r's key and value written at position row_pos[r] of cache slot row_slot[r] (k_cache / v_cache:
+    [slots, kv heads, positions, D] float32, D contiguous), attention over positions 0 .. row_len[r] - 1
+    by the row kernel at address `attention`. cos, sin: [rows, D] float32 contiguous (sign-folded sin)."""
+    rc = KERNEL.loaded.dspark_draft_layer(
+        ctypes.addressof(w), x.shape[0], x.data_ptr(), cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(),
+        v_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), row_slot.data_ptr(),
+        row_pos.data_ptr(), row_len.data_ptr(), attention, scale, torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"draft layer kernel returned {rc} (width {w.K}, heads {w.H}/{w.Hkv} x {w.D})")
