@@ -180,6 +180,8 @@ def step_cost_key(target, hidden_layer_ids: Sequence[int] = ()) -> dict[str, Any
     whole = getattr(getattr(target, "transformer", None), "num_whole_layers", 0)
     if whole:
         key["whole_layers"] = whole
+    if getattr(getattr(target, "transformer", None), "layer_table", None) is not None:
+        key["one_call"] = True  # every layer in one C call: the same bits again, faster
     return json.loads(json.dumps(key, default=str))  # as it reads back from the cache file
 
 

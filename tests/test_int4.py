@@ -357,9 +357,10 @@ def test_whole_layer_call_gives_the_bits_of_the_three_part_path(q4_file, monkeyp
     and a ragged call (padding: the parts path); DSPARK_WHOLE_LAYER=0 turns the one call off."""
     if not int4_gemm.available():
         pytest.skip(f"no int4 kernel here: {int4_gemm.unavailable_reason()}")
+    monkeypatch.setenv("DSPARK_ONE_CALL", "0")  # layer by layer here (the one call: the next test)
     target = load_target(q4_file, cpu_gemm=gemm)
     t = target.transformer
-    assert all(layer.whole is not None for layer in t.layers)
+    assert all(layer.whole is not None for layer in t.layers) and t.layer_table is None
     calls = [[[11], [12]], [[13, 14, 15, 16], [17, 18, 19, 20]], [[21, 22], [23]], [[24], [25]]]
     used = []
     real = int4_gemm.layer
@@ -394,6 +395,55 @@ def test_whole_layer_call_gives_the_bits_of_the_three_part_path(q4_file, monkeyp
     for (lw, hw), (lp, hp) in zip(whole[0], parts[0]):
         assert torch.equal(lw, lp) and torch.equal(hw, hp)
     assert torch.equal(whole[1], parts[1]) and torch.equal(whole[2], parts[2])
+
+
+@pytest.mark.parametrize("gemm", GEMMS)
+def test_all_layers_in_one_call_give_the_bits_of_layer_by_layer(q4_file, monkeypatch, gemm):
+    """Every layer of a step in one C call (`int4_gemm.layers`, the taps copied out as it goes): logits,
+    taps (in the order asked) and the KV cache bit-identical to one whole-layer call per layer, on
+    decode steps and a verification-sized call; a ragged call or an embedding tap (-1) goes layer by
+    layer; DSPARK_ONE_CALL=0 turns it off."""
+    if not int4_gemm.available():
+        pytest.skip(f"no int4 kernel here: {int4_gemm.unavailable_reason()}")
+    target = load_target(q4_file, cpu_gemm=gemm)
+    t = target.transformer
+    assert t.layer_table is not None
+    calls = [([[11], [12]], [0, 1]), ([[13, 14, 15, 16], [17, 18, 19, 20]], [1, 0]), ([[21, 22], [23]], [0]),
+             ([[24], [25]], [-1, 1]), ([[26], [27]], [])]
+    used = []
+    real = int4_gemm.layers
+    monkeypatch.setattr(int4_gemm, "layers", lambda *a: (used.append(a[0].shape[0]), real(*a))[1])
+
+    def run():
+        cache = target.new_cache(2, 64)
+        a, b = cache.allocate(), cache.allocate()
+        outs = []
+        with torch.inference_mode():
+            target.forward(cache, [a, b], [[5, 17, 33, 40, 99], [120, 7, 8]])
+            for ids, taps in calls:
+                out = target.forward(cache, [a, b], ids, hidden_layer_ids=taps)
+                outs.append((out.logits, out.hidden))
+        return outs, cache.k.clone(), cache.v.clone()
+
+    one = run()
+    assert used == [2, 8, 2]  # decode steps and the 4-token call; not the ragged call nor the -1 tap
+    from dspark.schedule import step_cost_key
+    assert step_cost_key(target).get("one_call") is True
+    monkeypatch.setenv("DSPARK_ONE_CALL", "0")
+    t.update_fused_layers(True)
+    try:
+        assert t.layer_table is None and "one_call" not in step_cost_key(target)
+        used.clear()
+        by_layer = run()
+        assert not used
+    finally:
+        monkeypatch.delenv("DSPARK_ONE_CALL")
+        t.update_fused_layers(True)
+    for (lo, ho), (ll, hl) in zip(one[0], by_layer[0]):
+        assert torch.equal(lo, ll)
+        assert (ho is None and hl is None) or torch.equal(ho, hl)
+    assert not torch.equal(one[0][1][1][:, :, 0], one[0][1][1][:, :, 1])  # taps in the order asked
+    assert torch.equal(one[1], by_layer[1]) and torch.equal(one[2], by_layer[2])
 
 
 def test_fused_silu_and_norm_are_accurate():

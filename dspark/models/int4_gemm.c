@@ -572,6 +572,27 @@ int dspark_layer(const struct dspark_layer_weights *w, int64_t M, float *x, cons
     return rc;
 }
 
+/* Every decoder layer of a decode or verification step in one call: dspark_layer for layers 0 .. L - 1
+ * in order (ws[l] the weights of layer l, its K/V cache at k_cache + l * layer_stride), with x after
+ * each layer listed in tap_layer[0 .. n_taps - 1] copied to taps [M, n_taps, K] (the drafter's
+ * hidden-state taps). The same operations as L calls, so the same bits; it saves the Python between the
+ * layers (~25 us a layer). */
+int dspark_layers(const struct dspark_layer_weights *const *ws, int64_t L, int64_t M, float *x, const float *rope,
+                  float *k_cache, float *v_cache, int64_t layer_stride, int64_t slot_stride, int64_t head_stride,
+                  int64_t pos_stride, const int64_t *row_slot, const int64_t *row_len, row_attention_fn attention,
+                  float scale, float *taps, const int64_t *tap_layer, int64_t n_taps, int64_t threads) {
+    for (int64_t l = 0; l < L; l++) {
+        int rc = dspark_layer(ws[l], M, x, rope, k_cache + l * layer_stride, v_cache + l * layer_stride, slot_stride,
+                              head_stride, pos_stride, row_slot, row_len, attention, scale, threads);
+        if (rc) return rc;
+        for (int64_t j = 0; j < n_taps; j++)
+            if (tap_layer[j] == l)
+                for (int64_t r = 0; r < M; r++)
+                    memcpy(taps + (r * n_taps + j) * ws[l]->K, x + r * ws[l]->K, sizeof(float) * (size_t)ws[l]->K);
+    }
+    return 0;
+}
+
 /* ---- A DSpark draft layer in one call ------------------------------------------------------------
  * The drafter's decoder layer (Qwen3-style: an RMSNorm over each query and key head before RoPE; RoPE
  * rotating halves, out = v * cos + roll(v, D / 2) * sin with the sign folded into sin's first half, as

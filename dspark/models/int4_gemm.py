@@ -121,6 +121,9 @@ def _setup(lib: ctypes.CDLL) -> bool:
     lib.dspark_layer_out.restype = ctypes.c_int
     lib.dspark_layer.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, f32, i64]
     lib.dspark_layer.restype = ctypes.c_int
+    lib.dspark_layers.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, ptr, ptr, f32, ptr, ptr,
+                                  i64, i64]
+    lib.dspark_layers.restype = ctypes.c_int
     lib.dspark_draft_layer.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, f32, i64]
     lib.dspark_draft_layer.restype = ctypes.c_int
     g = torch.Generator().manual_seed(0)
@@ -291,6 +294,29 @@ def layer(x: Tensor, w: LayerWeights, rope: Tensor, k_cache: Tensor, v_cache: Te
         row_len.data_ptr(), attention, scale, torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"fused layer kernel returned {rc} (width {w.K}, heads {w.H}/{w.Hkv} x {w.D})")
+
+
+def layer_table(weights: list[LayerWeights]) -> ctypes.Array:
+    """The array of layer descriptions `layers` takes (it keeps the descriptions alive)."""
+    table = (ctypes.c_void_p * len(weights))(*(ctypes.addressof(w) for w in weights))
+    table.keep = weights  # type: ignore[attr-defined]
+    return table
+
+
+def layers(x: Tensor, table: ctypes.Array, rope: Tensor, k_cache: Tensor, v_cache: Tensor, row_slot: Tensor,
+           row_len: Tensor, attention: int, scale: float, taps: Tensor | None, tap_layers: Tensor | None) -> None:
+    """Every decoder layer in one call (`dspark_layers`): `layer` for each entry of `table`
+    (`layer_table`) in order, in place on x [rows, K]; k_cache / v_cache: the whole caches
+    [layers, slots, kv heads, positions, D]; x after layer tap_layers[j] copied to taps[:, j] ([rows,
+    n_taps, K] float32 contiguous)."""
+    n_taps = 0 if taps is None else taps.shape[1]
+    rc = KERNEL.loaded.dspark_layers(
+        table, len(table), x.shape[0], x.data_ptr(), torch.view_as_real(rope).data_ptr(), k_cache.data_ptr(),
+        v_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
+        row_slot.data_ptr(), row_len.data_ptr(), attention, scale, _ptr(taps), _ptr(tap_layers), n_taps,
+        torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"decoder layers kernel returned {rc}")
 
 
 class DraftLayerWeights(ctypes.Structure):

@@ -514,6 +514,7 @@ class Transformer(nn.Module):
         self.lm_head_weight = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size), requires_grad=False)
         self.register_buffer("rope_table", torch.empty(0, dtype=torch.complex64), persistent=False)
         self.packed_lm_head: PackedLinear | None = None
+        self.layer_table = None  # every layer in one C call (set by update_fused_layers where it can)
         # Attention row by row with the batch-invariant kernel (set by the loader, see use_row_attention).
         self.row_attention = False
 
@@ -588,6 +589,9 @@ class Transformer(nn.Module):
             layer.fused = bool(on) and layer.fusable()
             layer.whole = layer.whole_layer_weights() if layer.fused and whole else None
             layer.row_kernel = row_kernel if layer.whole is not None else 0
+        # Every layer whole: a step's layers in one C call (int4_gemm.layers) where its attention is all rows.
+        one = all(layer.whole is not None for layer in self.layers) and os.environ.get("DSPARK_ONE_CALL", "1") != "0"
+        self.layer_table = int4_gemm.layer_table([layer.whole for layer in self.layers]) if one else None
         return self.num_fused_layers
 
     @property
@@ -672,6 +676,22 @@ class Transformer(nn.Module):
     def final_norm(self, hidden: Tensor) -> Tensor:
         return rms_norm(hidden, self.norm_weight, self.cfg.rms_norm_eps)
 
+    def _forward_one_call(self, x: Tensor, rope: Tensor, cache: KVCache, rows: "row_attention.RowPlan",
+                          hidden_layer_ids: Sequence[int]) -> tuple[Tensor, Tensor | None]:
+        """`forward` with every layer in one C call (`int4_gemm.layers`): the same layer calls in the
+        same order (so the same bits), none of the Python between them."""
+        b, k, hid = x.shape
+        n = b * k
+        y = x.reshape(n, hid)  # the embedding's fresh output, updated in place
+        a = self.layers[0].attn
+        taps = tap_layers = None
+        if hidden_layer_ids:
+            taps = torch.empty(n, len(hidden_layer_ids), hid, dtype=torch.float32)
+            tap_layers = torch.tensor(list(hidden_layer_ids), dtype=torch.int64)
+        int4_gemm.layers(y, self.layer_table, rope.reshape(n, a.D // 2), cache.k, cache.v, rows.row_slot,
+                         rows.row_len, self.layers[0].row_kernel, a.D ** -0.5, taps, tap_layers)
+        return y.view(b, k, hid), None if taps is None else taps.view(b, k, len(hidden_layer_ids), hid)
+
     def lm_head(self, hidden: Tensor) -> Tensor:
         """Logits in the model dtype; no final norm (see `final_norm`)."""
         return linear(hidden, self.lm_head_weight, None, self.packed_lm_head)
@@ -692,6 +712,11 @@ class Transformer(nn.Module):
             batch.attention_plan = row_attention.plan(batch.slots, batch.start, batch.num_new, batch.k_max)
         rope = self.rope_table[batch.positions].unsqueeze(2)  # [batch, k, 1, D/2]
         x = self.embed(ids)  # [batch, k, hidden]
+        plan = batch.attention_plan
+        if self.layer_table is not None and x.dtype == torch.float32 and not torch.is_grad_enabled() and \
+                plan is not None and plan.rows is not None and plan.rows.n == x.shape[0] * x.shape[1] and \
+                not plan.long and not plan.padded and -1 not in hidden_layer_ids:
+            return self._forward_one_call(x, rope, cache, plan.rows, hidden_layer_ids)
         want = set(hidden_layer_ids)
         got: dict[int, Tensor] = {}
         if -1 in want:
