@@ -104,7 +104,9 @@ class StepCostTable:
     def profile(cls, target, max_tokens: int, hidden_layer_ids: Sequence[int] = (), context: int = 64,
                 repeats: int = 3) -> "StepCostTable":
         """Time the target verifying B tokens of one sequence after `context` cached tokens, for B on
-        a grid up to `max_tokens` (every B up to 16, then ~1.5x apart); the fastest of `repeats`."""
+        a grid up to `max_tokens` (every B up to 16, then ~1.5x apart); the fastest of `repeats` passes
+        over the whole grid (passes, not sizes, outermost: a shared machine that slows down for a while
+        slows every size alike, so the ratios Algorithm 1 reads stay right)."""
         grid = list(range(1, min(max_tokens, 16) + 1))
         while grid[-1] < max_tokens:
             grid.append(min(max_tokens, int(grid[-1] * 1.5)))
@@ -112,15 +114,14 @@ class StepCostTable:
         slot = cache.allocate()
         filler = 5 % target.vocab_size
         target.forward(cache, [slot], [[filler] * context], all_logits=False)
-        seconds = []
-        for b in grid:
-            best = float("inf")
-            for _ in range(repeats + 1):  # the first call of each size warms allocator caches
+        seconds = [float("inf")] * len(grid)
+        for rep in range(repeats + 1):  # the first pass warms allocator caches and is not timed
+            for i, b in enumerate(grid):
                 t0 = time.perf_counter()
                 target.forward(cache, [slot], [[filler] * b], hidden_layer_ids=hidden_layer_ids)
-                best = min(best, time.perf_counter() - t0)
+                if rep:
+                    seconds[i] = min(seconds[i], time.perf_counter() - t0)
                 cache.truncate(slot, context)
-            seconds.append(best)
         # Timing noise can make a larger B look cheaper; the cost of verifying more is never less.
         for i in range(1, len(seconds)):
             seconds[i] = max(seconds[i], seconds[i - 1])
@@ -329,18 +330,19 @@ class DraftGate:
     Algorithm 1 weighs each verified draft against the target's step cost, but only after the drafter
     ran: drafting itself (and the round's bookkeeping) is a cost it never sees, and one that decides
     whether speculation pays when acceptance is low or the batch is large. Before each round the gate
-    compares, for the R requests decoding,
+    compares, for the R requests decoding, the rates measured in past rounds with R requests:
 
-        plain:        R tokens in T(R) + o_0(R)
-        speculative:  R (1 + acc(R)) tokens in T(R (1 + ver(R))) + o(R)
+        plain:        R tokens in s_0(R) seconds
+        speculative:  R (1 + acc(R)) tokens in s(R) seconds
 
-    with T the step-cost table, and EMAs over past rounds with R requests of the accepted and
-    verified drafts per request (acc, ver) and of each round's seconds beyond T (o: rounds that
-    drafted; o_0: rounds that did not). It drafts when the speculative rate is higher, when it has no
-    measurement for this R yet, or as a probe after `probe_every` rounds in a row without drafting (so
-    the estimates follow the text); a probe that does not pay doubles that interval (up to
-    `max_probe_every`), one that pays resets it. Lossless: the decision reads only rounds already verified, never
-    the drafts of the round it decides.
+    with EMAs over those rounds of the accepted drafts per request (acc) and of the wall seconds of a
+    round that drafted (s) or did not (s_0). Before any round without drafting at this R, s_0(R) is the
+    step-cost table's T(R), scaled by s_0 / T at the nearest R measured: wall times, not the table,
+    decide, so a table profiled on a busier (or idler) machine does not bias the choice. It drafts when
+    the speculative rate is higher, when it has no measurement for this R yet, or as a probe after
+    `probe_every` rounds in a row without drafting (so the estimates follow the text); a probe that
+    does not pay doubles that interval (up to `max_probe_every`), one that pays resets it. Lossless: the
+    decision reads only rounds already verified, never the drafts of the round it decides.
     """
 
     def __init__(self, cost: StepCostTable | Callable[[int], float], probe_every: int = 16,
@@ -349,8 +351,8 @@ class DraftGate:
         self.min_probe_every = self.probe_every = probe_every
         self.max_probe_every = max_probe_every
         self.decay = decay
-        self.spec: dict[int, list[float]] = {}   # R -> [acc per request, verified per request, o seconds]
-        self.plain: dict[int, float] = {}        # R -> o_0 seconds
+        self.spec: dict[int, list[float]] = {}   # R -> [acc per request, verified per request, seconds]
+        self.plain: dict[int, float] = {}        # R -> seconds of a round without drafting
         self.idle = 0                            # rounds in a row that did not draft
         self.skipped = 0                         # rounds the gate kept from drafting (all time)
         self._probing = False                    # the next drafting round is a probe's
@@ -360,11 +362,14 @@ class DraftGate:
         w = tokens - lo
         return self.seconds_at(lo) if w <= 0 else (1 - w) * self.seconds_at(lo) + w * self.seconds_at(lo + 1)
 
-    def _plain_overhead(self, r: int) -> float:
-        """o_0 for R = r, or for the nearest R measured (0 before any round without drafting)."""
+    def _plain_seconds(self, r: int) -> float:
+        """s_0 for R = r: measured, else the table scaled as at the nearest R measured (else the table)."""
+        if r in self.plain:
+            return self.plain[r]
         if not self.plain:
-            return 0.0
-        return self.plain[min(self.plain, key=lambda k: (abs(k - r), k))]
+            return self._t(r)
+        near = min(self.plain, key=lambda k: (abs(k - r), k))
+        return self._t(r) * self.plain[near] / self._t(near)
 
     def should_draft(self, num_reqs: int) -> bool:
         st = self.spec.get(num_reqs)
@@ -376,12 +381,8 @@ class DraftGate:
         return self._pays(num_reqs)
 
     def _pays(self, num_reqs: int) -> bool:
-        acc, ver, over = self.spec[num_reqs]
-        over0 = max(0.0, self._plain_overhead(num_reqs))
-        r = num_reqs
-        plain_rate = r / (self._t(r) + over0)
-        spec_rate = r * (1 + acc) / (self._t(r * (1 + ver)) + max(0.0, over))
-        return spec_rate > plain_rate
+        acc, _, seconds = self.spec[num_reqs]
+        return (1 + acc) / seconds > 1 / self._plain_seconds(num_reqs)
 
     def _ema(self, old: float | None, new: float) -> float:
         return new if old is None else self.decay * old + (1 - self.decay) * new
@@ -390,14 +391,13 @@ class DraftGate:
         """A finished round of `num_reqs` requests: verified / accepted drafts in all, its wall seconds."""
         if num_reqs < 1:
             return
-        over = seconds - self._t(num_reqs + verified)
         if not drafted:
-            self.plain[num_reqs] = self._ema(self.plain.get(num_reqs), over)
+            self.plain[num_reqs] = self._ema(self.plain.get(num_reqs), seconds)
             self.idle += 1
             return
         self.idle = 0
         old = self.spec.get(num_reqs)
-        new = [accepted / num_reqs, verified / num_reqs, over]
+        new = [accepted / num_reqs, verified / num_reqs, seconds]
         self.spec[num_reqs] = new if old is None else [self._ema(a, b) for a, b in zip(old, new)]
         if self._probing:  # back off while probes keep finding that drafting does not pay
             self._probing = False

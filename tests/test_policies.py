@@ -251,6 +251,25 @@ def test_gate_weighs_verification_cost_as_the_table_does():
     assert cheap.should_draft(4) and not dear.should_draft(4)
 
 
+def test_gate_decides_on_wall_times_not_on_a_stale_table():
+    """A table profiled on a busier machine (every step 2.5x the time the rounds now take) must not
+    hide what drafting costs: the gate compares the rates rounds measured, and where it has no plain
+    round at this size it scales the table by what it measured at the nearest size."""
+    stale = _table(base_ms=50.0, ms_per_token=2.5)  # now: 20 ms a step, +1 ms a verified token
+    gate = DraftGate(stale)
+    # drafting rounds: 0.3 accepted of 1 verified, 21 ms of target + 6 ms of drafting: 1.3 tokens / 27 ms
+    for _ in range(3):
+        gate.observe(1, True, verified=1, accepted=0.3, seconds=0.027)
+        gate.observe(1, False, 0, 0, seconds=0.020)  # 1 token / 20 ms: plain is faster
+    assert not gate.should_draft(1)
+    # 2 requests: no plain round measured yet; the table scaled by 20 / 50 ms says 21 ms, not 52.5
+    gate.observe(2, True, verified=2, accepted=0.6, seconds=0.030)  # 2.6 tokens / 30 ms < 2 / 21 ms
+    assert gate._plain_seconds(2) == pytest.approx(0.021)
+    assert not gate.should_draft(2)
+    gate.observe(2, True, verified=2, accepted=3.0, seconds=0.030)  # easy text: acc 0.7 * 0.3 + 0.3 * 1.5 ...
+    assert gate.should_draft(2)  # ... 2 x 1.66 tokens / 30 ms beats 2 / 21 ms
+
+
 def test_confidence_rule_skips_drafting_when_the_gate_says_so():
     rule = ConfidenceRule(_table())
     assert rule.draft_caps([7, 3, 0]) == [7, 3, 0]
