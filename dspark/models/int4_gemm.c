@@ -248,7 +248,16 @@ static inline __m256i q4bytes(const uint8_t *p) {
 #ifndef PFB
 #define PFB 4
 #endif
-#define QKERNEL(NAME, R, LOADW, DOT, SC)                                                              \
+/* The four outputs' int16 pair sums (maddubs) -> int32 lane c = elements 0..15 of output c, lane c + 4
+ * = elements 16..31. Q8_0 (|pair| up to 2 * 128 * 127): each to int32 first (madd), then two rounds of
+ * hadd. Q4 (|pair| <= 2 * 15 * 127 = 3810): two rounds of int16 hadd (sums of 8 products, <= 15240,
+ * no overflow), then one madd: 8 instructions instead of 11, the same exact integers. */
+#define SUM4_MADD(m0, m1, m2, m3, ones)                                                                \
+    _mm256_hadd_epi32(_mm256_hadd_epi32(_mm256_madd_epi16(m0, ones), _mm256_madd_epi16(m1, ones)),    \
+                      _mm256_hadd_epi32(_mm256_madd_epi16(m2, ones), _mm256_madd_epi16(m3, ones)))
+#define SUM4_HADD16(m0, m1, m2, m3, ones)                                                              \
+    _mm256_madd_epi16(_mm256_hadd_epi16(_mm256_hadd_epi16(m0, m1), _mm256_hadd_epi16(m2, m3)), ones)
+#define QKERNEL(NAME, R, LOADW, DOT, SC, SUM4)                                                        \
 static void NAME##_##R(int64_t G, const uint8_t *codes, int64_t gb, int64_t row, const float *sc4,    \
                        const int8_t *qx, int64_t qs, const float *dx, const float *sx, int64_t ds,     \
                        float *y, int64_t ys) {                                                         \
@@ -271,9 +280,7 @@ static void NAME##_##R(int64_t G, const uint8_t *codes, int64_t gb, int64_t row,
         }                                                                                             \
         _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                                         \
             __m256i xv = _mm256_loadu_si256((const __m256i *)(qx + r * qs + g * GROUP));              \
-            __m256i p0 = _mm256_madd_epi16(DOT(w0, xv), ones), p1 = _mm256_madd_epi16(DOT(w1, xv), ones); \
-            __m256i p2 = _mm256_madd_epi16(DOT(w2, xv), ones), p3 = _mm256_madd_epi16(DOT(w3, xv), ones); \
-            __m256i s = _mm256_hadd_epi32(_mm256_hadd_epi32(p0, p1), _mm256_hadd_epi32(p2, p3));      \
+            __m256i s = SUM4(DOT(w0, xv), DOT(w1, xv), DOT(w2, xv), DOT(w3, xv), ones);                 \
             __m256 sc = _mm256_mul_ps(dw, _mm256_broadcast_ss(dx + r * ds + g));                      \
             acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), sc, acc[r]);                              \
             if (SC == 8) acc[r] = _mm256_fmadd_ps(mw, _mm256_broadcast_ss(sx + r * ds + g), acc[r]);  \
@@ -285,14 +292,14 @@ static void NAME##_##R(int64_t G, const uint8_t *codes, int64_t gb, int64_t row,
 #define Q4DOT(w, x) _mm256_maddubs_epi16(w, x)
 #define Q8LOAD(p) _mm256_loadu_si256((const __m256i *)(p))
 #define Q8DOT(w, x) _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w))
-QKERNEL(qa4, 4, q4bytes, Q4DOT, 8)
-QKERNEL(qa4, 3, q4bytes, Q4DOT, 8)
-QKERNEL(qa4, 2, q4bytes, Q4DOT, 8)
-QKERNEL(qa4, 1, q4bytes, Q4DOT, 8)
-QKERNEL(qa8, 4, Q8LOAD, Q8DOT, 4)
-QKERNEL(qa8, 3, Q8LOAD, Q8DOT, 4)
-QKERNEL(qa8, 2, Q8LOAD, Q8DOT, 4)
-QKERNEL(qa8, 1, Q8LOAD, Q8DOT, 4)
+QKERNEL(qa4, 4, q4bytes, Q4DOT, 8, SUM4_HADD16)
+QKERNEL(qa4, 3, q4bytes, Q4DOT, 8, SUM4_HADD16)
+QKERNEL(qa4, 2, q4bytes, Q4DOT, 8, SUM4_HADD16)
+QKERNEL(qa4, 1, q4bytes, Q4DOT, 8, SUM4_HADD16)
+QKERNEL(qa8, 4, Q8LOAD, Q8DOT, 4, SUM4_MADD)
+QKERNEL(qa8, 3, Q8LOAD, Q8DOT, 4, SUM4_MADD)
+QKERNEL(qa8, 2, Q8LOAD, Q8DOT, 4, SUM4_MADD)
+QKERNEL(qa8, 1, Q8LOAD, Q8DOT, 4, SUM4_MADD)
 
 typedef void (*qkern_fn)(int64_t, const uint8_t *, int64_t, int64_t, const float *, const int8_t *, int64_t,
                          const float *, const float *, int64_t, float *, int64_t);
