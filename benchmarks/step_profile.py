@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     # int4_gemm.layer_in / layer_out together with the norms, RoPE, SiLU and residual adds: that time is
     # reported as `fused_layer_ms` (GEMMs and those small ops, which it does not separate). With the whole
     # layer in one call (int4_gemm.layer, the default where every row is on the row kernel, as in a decode
-    # step) the KV-cache write and the attention are inside it too, and `attention_ms` is then 0.
+    # step) the KV-cache write and the attention are inside it too, and `attention_ms` is then 0; with
+    # every layer in one call (int4_gemm.layers, the default since) `fused_layer_ms` is all 30 layers.
     from dspark.models import int4_gemm, row_attention
 
     spent = {"gemm": 0.0, "fused": 0.0, "attention": 0.0}
@@ -113,8 +114,9 @@ def main(argv: list[str] | None = None) -> int:
 
     for _ in range(5):
         step()
-    patched = [(int4_gemm, "mm", "gemm"), (int4_gemm, "mm8", "gemm"), (int4_gemm, "layer_in", "fused"),
-               (int4_gemm, "layer_out", "fused"), (int4_gemm, "layer", "fused"),
+    patched = [(int4_gemm, "mm", "gemm"), (int4_gemm, "mm8", "gemm"), (int4_gemm, "mm_a8", "gemm"),
+               (int4_gemm, "mm8_a8", "gemm"), (int4_gemm, "layer_in", "fused"),
+               (int4_gemm, "layer_out", "fused"), (int4_gemm, "layer", "fused"), (int4_gemm, "layers", "fused"),
                (row_attention, "attention", "attention")]
     saved = [(mod, name, getattr(mod, name)) for mod, name, _ in patched]
     for mod, name, label in patched:
