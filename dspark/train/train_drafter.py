@@ -564,9 +564,9 @@ def init_from_drafter(model, path: str | Path, target, load_weights: bool = True
     """Start training from the drafter in `path` (fine-tuning it, e.g. on more data): its weights are
     copied into `model` when `load_weights`, and its draft vocabulary (target ids) is returned for a
     reduced-vocabulary drafter (None otherwise). The two must have the same shape: same kind, layers,
-    target layers, heads and draft vocabulary size; an error names what differs. The block size may
-    differ (no weight depends on it: positions enter through RoPE and the mask token only), so a
-    drafter trained with γ = 7 can start a block-16 run."""
+    target layers, heads and draft vocabulary size; an error names what differs. The block size and
+    the anchors per sequence may differ (no weight depends on them: positions enter through RoPE and
+    the mask token only), so a drafter trained with γ = 7 can start a block-16 run."""
     from dspark.errors import CheckpointError
 
     try:
@@ -575,7 +575,7 @@ def init_from_drafter(model, path: str | Path, target, load_weights: bool = True
         raise CheckpointError(f"--init-from {path}: {e}") from None
     mine, theirs = model.config.to_json_dict(), start.config.to_json_dict()
     diffs = [f"{k} {theirs.get(k)!r} (this run: {mine.get(k)!r})" for k in sorted(set(mine) | set(theirs))
-             if k not in ("torch_dtype", "dtype", "block_size") and mine.get(k) != theirs.get(k)]
+             if k not in ("torch_dtype", "dtype", "block_size", "num_anchors") and mine.get(k) != theirs.get(k)]
     if diffs:
         raise CheckpointError(f"--init-from {path} is another drafter shape: {'; '.join(diffs)}")
     if load_weights:
