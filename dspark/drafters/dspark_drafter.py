@@ -1289,7 +1289,6 @@ class DSparkDrafter(FeatureDrafter):
         # The whole block is always run (the backbone was trained on G inputs); only gamma are drafted.
         batch = self.cache.prepare(cslots, [G] * n, max_position=self.cache.max_len)
         x = model.embed(model.block_inputs(anchor_t))  # [n, G, H]
-        attend = None
         if self.use_c_layers and model.c_layers is not None and self._row_kernel_runs():
             h = self._run_block_c(x, batch, cslots, G)
         elif (attend := self._row_attend(batch, cslots, G)) is not None:
