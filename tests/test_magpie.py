@@ -16,6 +16,7 @@ from dspark.train.magpie import (ExclusionIndex, Kept, acceptable, attempt_plan,
 REPO = Path(__file__).resolve().parent.parent
 BENCHMARKS = Path(os.environ.get("DSPARK_BENCHMARKS", REPO.parent / "shared" / "benchmarks"))
 TRAIN_PROMPTS = REPO / "data" / "smollm2-prompts.jsonl"
+MORE_PROMPTS = REPO / "data" / "smollm2-prompts-seed2.jsonl"  # benchmarks/smollm2_more_data.sh
 
 
 def test_exclusion_catches_equal_and_overlapping_prompts(tmp_path):
@@ -93,9 +94,11 @@ def test_generates_and_resumes_with_smollm2(tmp_path, monkeypatch):
 def test_committed_training_prompts_do_not_overlap_the_benchmarks():
     """The SmolLM2 drafters' training prompts share no prompt (nor 10 words in a row) with any
     evaluation set."""
-    assert TRAIN_PROMPTS.is_file(), f"{TRAIN_PROMPTS} is missing"
-    prompts = [json.loads(x)["prompt"] for x in TRAIN_PROMPTS.read_text().splitlines() if x.strip()]
-    assert len(prompts) >= 500
+    prompts = []
+    for path in (TRAIN_PROMPTS, MORE_PROMPTS):
+        assert path.is_file(), f"{path} is missing"
+        prompts += [json.loads(x)["prompt"] for x in path.read_text().splitlines() if x.strip()]
+    assert len(prompts) >= 4000
     if not BENCHMARKS.is_dir():
         pytest.skip(f"no benchmark sets at {BENCHMARKS} (set DSPARK_BENCHMARKS)")
     assert check_no_overlap(prompts, ExclusionIndex.from_dir(BENCHMARKS)) == []
