@@ -351,7 +351,7 @@ class DraftGate:
         self.min_probe_every = self.probe_every = probe_every
         self.max_probe_every = max_probe_every
         self.decay = decay
-        self.spec: dict[int, list[float]] = {}   # R -> [acc per request, verified per request, seconds]
+        self.spec: dict[int, list[float]] = {}   # R -> [acc per request, seconds of a round that drafted]
         self.plain: dict[int, float] = {}        # R -> seconds of a round without drafting
         self.idle = 0                            # rounds in a row that did not draft
         self.skipped = 0                         # rounds the gate kept from drafting (all time)
@@ -381,7 +381,7 @@ class DraftGate:
         return self._pays(num_reqs)
 
     def _pays(self, num_reqs: int) -> bool:
-        acc, _, seconds = self.spec[num_reqs]
+        acc, seconds = self.spec[num_reqs]
         return (1 + acc) / seconds > 1 / self._plain_seconds(num_reqs)
 
     def _ema(self, old: float | None, new: float) -> float:
@@ -397,7 +397,7 @@ class DraftGate:
             return
         self.idle = 0
         old = self.spec.get(num_reqs)
-        new = [accepted / num_reqs, verified / num_reqs, seconds]
+        new = [accepted / num_reqs, seconds]
         self.spec[num_reqs] = new if old is None else [self._ema(a, b) for a, b in zip(old, new)]
         if self._probing:  # back off while probes keep finding that drafting does not pay
             self._probing = False

@@ -349,6 +349,28 @@ def test_fused_layers_match_the_per_op_path(q4_file, monkeypatch, gemm):
     assert torch_kernel.transformer.update_fused_layers(True) == 0
 
 
+def _count_rows(monkeypatch, name: str) -> list[int]:
+    """Wrap `int4_gemm.<name>` so each call appends its row count to the returned list."""
+    used: list[int] = []
+    real = getattr(int4_gemm, name)
+    monkeypatch.setattr(int4_gemm, name, lambda *a: (used.append(a[0].shape[0]), real(*a))[1])
+    return used
+
+
+def _two_sequence_forwards(target, calls):
+    """Prefill two sequences, then run each (token lists, taps) of `calls` as one forward over both.
+    Returns ([(logits, taps)], the K cache, the V cache)."""
+    cache = target.new_cache(2, 64)
+    a, b = cache.allocate(), cache.allocate()
+    outs = []
+    with torch.inference_mode():
+        target.forward(cache, [a, b], [[5, 17, 33, 40, 99], [120, 7, 8]])
+        for ids, taps in calls:
+            out = target.forward(cache, [a, b], ids, hidden_layer_ids=taps)
+            outs.append((out.logits, out.hidden))
+    return outs, cache.k.clone(), cache.v.clone()
+
+
 @pytest.mark.parametrize("gemm", GEMMS)
 def test_whole_layer_call_gives_the_bits_of_the_three_part_path(q4_file, monkeypatch, gemm):
     """The whole layer in one C call (parts, cache write and row attention) where every row of a call is
@@ -361,23 +383,11 @@ def test_whole_layer_call_gives_the_bits_of_the_three_part_path(q4_file, monkeyp
     target = load_target(q4_file, cpu_gemm=gemm)
     t = target.transformer
     assert all(layer.whole is not None for layer in t.layers) and t.layer_table is None
-    calls = [[[11], [12]], [[13, 14, 15, 16], [17, 18, 19, 20]], [[21, 22], [23]], [[24], [25]]]
-    used = []
-    real = int4_gemm.layer
-    monkeypatch.setattr(int4_gemm, "layer", lambda *a: (used.append(a[0].shape[0]), real(*a))[1])
+    calls = [(ids, [0, 1]) for ids in ([[11], [12]], [[13, 14, 15, 16], [17, 18, 19, 20]], [[21, 22], [23]],
+                                       [[24], [25]])]
+    used = _count_rows(monkeypatch, "layer")
 
-    def run():
-        cache = target.new_cache(2, 64)
-        a, b = cache.allocate(), cache.allocate()
-        outs = []
-        with torch.inference_mode():
-            target.forward(cache, [a, b], [[5, 17, 33, 40, 99], [120, 7, 8]])
-            for ids in calls:
-                out = target.forward(cache, [a, b], ids, hidden_layer_ids=[0, 1])
-                outs.append((out.logits, out.hidden))
-        return outs, cache.k.clone(), cache.v.clone()
-
-    whole = run()
+    whole = _two_sequence_forwards(target, calls)
     assert used and set(used) == {2, 8}  # the 1-token steps and the 4-token call; not the ragged one
     from dspark.schedule import step_cost_key
     assert step_cost_key(target)["whole_layers"] == 2  # same bits, not the same speed: its own step costs
@@ -387,7 +397,7 @@ def test_whole_layer_call_gives_the_bits_of_the_three_part_path(q4_file, monkeyp
         assert all(layer.fused and layer.whole is None for layer in t.layers)
         assert "whole_layers" not in step_cost_key(target)
         used.clear()
-        parts = run()
+        parts = _two_sequence_forwards(target, calls)
         assert not used
     finally:
         monkeypatch.delenv("DSPARK_WHOLE_LAYER")
@@ -410,22 +420,9 @@ def test_all_layers_in_one_call_give_the_bits_of_layer_by_layer(q4_file, monkeyp
     assert t.layer_table is not None
     calls = [([[11], [12]], [0, 1]), ([[13, 14, 15, 16], [17, 18, 19, 20]], [1, 0]), ([[21, 22], [23]], [0]),
              ([[24], [25]], [-1, 1]), ([[26], [27]], [])]
-    used = []
-    real = int4_gemm.layers
-    monkeypatch.setattr(int4_gemm, "layers", lambda *a: (used.append(a[0].shape[0]), real(*a))[1])
+    used = _count_rows(monkeypatch, "layers")
 
-    def run():
-        cache = target.new_cache(2, 64)
-        a, b = cache.allocate(), cache.allocate()
-        outs = []
-        with torch.inference_mode():
-            target.forward(cache, [a, b], [[5, 17, 33, 40, 99], [120, 7, 8]])
-            for ids, taps in calls:
-                out = target.forward(cache, [a, b], ids, hidden_layer_ids=taps)
-                outs.append((out.logits, out.hidden))
-        return outs, cache.k.clone(), cache.v.clone()
-
-    one = run()
+    one = _two_sequence_forwards(target, calls)
     assert used == [2, 8, 2]  # decode steps and the 4-token call; not the ragged call nor the -1 tap
     from dspark.schedule import step_cost_key
     assert step_cost_key(target).get("one_call") is True
@@ -434,7 +431,7 @@ def test_all_layers_in_one_call_give_the_bits_of_layer_by_layer(q4_file, monkeyp
     try:
         assert t.layer_table is None and "one_call" not in step_cost_key(target)
         used.clear()
-        by_layer = run()
+        by_layer = _two_sequence_forwards(target, calls)
         assert not used
     finally:
         monkeypatch.delenv("DSPARK_ONE_CALL")
