@@ -142,6 +142,51 @@ def test_int4_gemm_rows_are_independent_of_the_call(n, k, q8, a8):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.skipif(not int4_gemm.vnni_available(), reason="this CPU has no AVX512-VNNI / AVX-VNNI")
+@pytest.mark.parametrize("q8", [False, True], ids=["q4", "q8"])
+@pytest.mark.parametrize("n,k", [(64, 32), (16, 96), (136, 576)])
+def test_vnni_kernels_give_the_bits_of_the_avx2_ones(n, k, q8):
+    """The interleaved VNNI kernels (`mm_il`) give every row, at every row count 1..20 and on 1 and 2
+    threads, exactly the bits of the 8-bit-activation kernels they replace (`mm_a8`, `mm8_a8`); a layer
+    built on a VNNI CPU uses them, with DSPARK_VNNI=0 it does not."""
+    g = torch.Generator().manual_seed(n + k)
+    d, m = torch.rand(n, k // 32, generator=g) * 0.05, torch.randn(n, k // 32, generator=g) * 0.05
+    x = torch.randn(20, k, generator=g) * 3
+    x[3, :32] = 0  # a group of zeros (scale 0)
+    x[5, :32] = 0.001 * torch.arange(32)  # one value far above the rest: codes at the ends of the range
+    if q8:
+        codes = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+        codes[0, :32] = -128  # the bias of 128 the kernel takes off must be exact at the extremes
+        codes[1, :32] = 127
+        il, want = int4_gemm.interleave8(codes, d), int4_gemm.mm8_a8(x, codes, int4_gemm.scales4(d, None))
+    else:
+        codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+        packed = int4_gemm.pack_codes(codes)
+        il, want = int4_gemm.interleave4(packed, d, m), int4_gemm.mm_a8(x, packed, int4_gemm.scales4(d, m), n)
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            for rows in range(1, 21):
+                assert torch.equal(int4_gemm.mm_il(x[:rows], *il, n, q8=q8), want[:rows]), (t, rows)
+    finally:
+        torch.set_num_threads(threads)
+    if q8:
+        lin = Int8Linear(codes, d, act8=True)
+        assert lin.il is not None and torch.equal(lin(x), want)
+    else:
+        lin = Int4Linear(codes, d, m, None, act8=True)
+        assert lin.il is not None and torch.equal(lin(x), int4_gemm.mm_a8(x, lin.packed, lin.sc4, n))
+
+
+def test_vnni_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("DSPARK_VNNI", "0")
+    assert not int4_gemm.vnni_available()
+    g = torch.Generator().manual_seed(0)
+    assert Int8Linear(torch.randint(-128, 128, (16, 32), generator=g, dtype=torch.int8), torch.ones(16, 1),
+                      act8=True).il is None
+
+
 @pytest.mark.skipif(not int4_gemm.available(), reason="no int4_gemm.c here")
 @pytest.mark.parametrize("act8", [False, True], ids=["float-act", "8bit-act"])
 def test_int8_head_is_the_q8_weights_and_its_rows_the_same_outputs(act8):

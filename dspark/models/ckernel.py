@@ -29,6 +29,15 @@ def compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
+def cpu_flags() -> str:
+    """The CPU's feature flags as Linux lists them (empty elsewhere): part of a built library's cache key."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
 class CKernel:
     """One C source compiled on demand; `setup(lib)` declares argtypes and returns whether the
     library passes its self-test. `env`: an environment variable that turns the kernel off when "0"."""
@@ -53,7 +62,8 @@ class CKernel:
         src = self.source.read_bytes()
         errors = []
         for flags in self.flag_sets:
-            key = hashlib.sha256(src + " ".join([cc, *flags, platform.machine()]).encode()).hexdigest()[:16]
+            # -march=native: a library built on one CPU may not run on another sharing the cache directory
+            key = hashlib.sha256(src + " ".join([cc, *flags, platform.machine(), cpu_flags()]).encode()).hexdigest()[:16]
             target = out_dir / f"{self.source.stem}-{key}.so"
             if not target.is_file():
                 out_dir.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,24 @@
 
 #define GROUP 32
 
+/* Work buffers, one set per calling thread, kept between calls and grown when a call needs more: a
+ * decode step's buffers (up to ~150 KB a layer at 8 rows) would otherwise be mapped and zeroed by the
+ * kernel on every call (glibc serves blocks over 128 KB with mmap). Each function that needs one uses
+ * its own slot, so nested calls never share a buffer. They live as long as the thread (a few MB at
+ * most: the largest prefill chunk's activations). */
+enum { S_QX, S_DX, S_CX, S_H, S_T, S_GU, S_QKV, S_ATT, S_ROWQ, N_SCRATCH };
+static __thread struct { void *p; size_t n; } scratch_buf[N_SCRATCH];
+
+static void *scratch(int slot, size_t bytes) {
+    if (bytes == 0) bytes = 1;
+    if (scratch_buf[slot].n < bytes) {
+        free(scratch_buf[slot].p);
+        scratch_buf[slot].p = malloc(bytes);
+        scratch_buf[slot].n = scratch_buf[slot].p ? bytes : 0;
+    }
+    return scratch_buf[slot].p;
+}
+
 static inline float hsum(__m256 a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1)); /* a0+a4 .. a3+a7 */
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));                                       /* (0+4)+(2+6), (1+5)+(3+7) */
@@ -334,9 +352,9 @@ static int run_a8(const qkern_fn *k, int64_t SC, int64_t gb, int64_t M, int64_t 
     if (K % GROUP || M < 0 || N < 0) return -1;
     if (M == 0 || N == 0) return 0;
     int64_t G = K / GROUP, row = G * gb, bsc = G * SC; /* floats of scales per block */
-    int8_t *qx = malloc((size_t)M * (size_t)K);
-    float *dx = malloc(sizeof(float) * (size_t)M * (size_t)G * 2);
-    if (!qx || !dx) { free(qx); free(dx); return -2; }
+    int8_t *qx = scratch(S_QX, (size_t)M * (size_t)K);
+    float *dx = scratch(S_DX, sizeof(float) * (size_t)M * (size_t)G * 2);
+    if (!qx || !dx) return -2;
     float *sx = dx + M * G;
 #pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : 1) if (M >= 16)
     for (int64_t r = 0; r < M; r++) quant_row8(K, x + r * xs, qx + r * K, dx + r * G, sx + r * G);
@@ -354,9 +372,170 @@ static int run_a8(const qkern_fn *k, int64_t SC, int64_t gb, int64_t M, int64_t 
         for (int64_t r = 0; r < M; r++)
             y[r * ys + n] = qa_one(G, codes + n * row, gb, SC, sc4 + NB * bsc, (int)(n - NB * 4), qx + r * K,
                                    dx + r * G, sx + r * G);
-    free(qx);
-    free(dx);
     return 0;
+}
+
+/* ---- The same kernels on VNNI (AVX512-VNNI with VL, or AVX-VNNI) --------------------------------------
+ * The same integers and the same float chains as qa4_* / qa8_* (so the same bits), in another weight
+ * layout: 8 outputs interleaved by 4 bytes, so one vpdpbusd leaves each output's exact partial sum in
+ * its own int32 lane and no horizontal sums are needed (the AVX2 kernels spend most of their
+ * instructions on those). Layout ("il"), per block of 8 outputs n..n+7 and group g:
+ *   Q4: 4 vectors of 32 bytes; vector t, lane o (bytes 4o..4o+3) = bytes 4t..4t+3 of output n+o's group
+ *       (low nibbles: elements 4t..4t+3, high nibbles: 16+4t..16+4t+3);
+ *   Q8_0: 8 vectors; vector t < 4, lane o = elements 4t..4t+3 of output n+o, vector 4 + t: elements
+ *       16+4t..16+4t+3, each code stored + 128 (vpdpbusd multiplies unsigned by signed bytes; the
+ *       128 * sum(qx) it adds is taken off exactly: each half's accumulator starts at -128 * sum(qx)).
+ * Scales sc8, per block and group: d of the 8 outputs, then (Q4) their m. Per row and output: the
+ * half-sums lo (elements 0..15) and hi (16..31), lo = fma(float(lo), fl(d * dx), lo), lo = fma(m, sx, lo),
+ * hi = fma(float(hi), fl(d * dx), hi), y = lo + hi: what the AVX2 kernels do lane by lane. */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define DPBUSD(acc, a, b) _mm256_dpbusd_epi32(acc, a, b)
+#define HAVE_VNNI 1
+#elif defined(__AVXVNNI__)
+#define DPBUSD(acc, a, b) _mm256_dpbusd_avx_epi32(acc, a, b)
+#define HAVE_VNNI 1
+#else
+#define HAVE_VNNI 0
+#endif
+
+/* whether this build has the interleaved kernels (dspark_il_mm_a8) */
+int dspark_has_vnni(void) { return HAVE_VNNI; }
+
+#if HAVE_VNNI
+static inline __m256i bcast4(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm256_set1_epi32(v);
+}
+
+#define IL4KERNEL(R)                                                                                  \
+static void il4_##R(int64_t G, const uint8_t *il, const float *sc8, const int8_t *qx, int64_t qs,       \
+                    const float *dx, const float *sx, const int32_t *cx, int64_t ds, float *y, int64_t ys) { \
+    (void)cx;                                                                                         \
+    __m256 lo[R], hi[R];                                                                              \
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) lo[r] = hi[r] = _mm256_setzero_ps();         \
+    const __m256i m15 = _mm256_set1_epi8(15);                                                         \
+    for (int64_t g = 0; g < G; g++) {                                                                 \
+        const uint8_t *b = il + g * 128;                                                              \
+        __m256i wl[4], wh[4];                                                                         \
+        _Pragma("GCC unroll 4") for (int t = 0; t < 4; t++) {                                         \
+            __m256i v = _mm256_loadu_si256((const __m256i *)(b + 32 * t));                            \
+            wl[t] = _mm256_and_si256(v, m15);                                                         \
+            wh[t] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m15);                                   \
+        }                                                                                             \
+        __m256 dv = _mm256_loadu_ps(sc8 + g * 16), mv = _mm256_loadu_ps(sc8 + g * 16 + 8);            \
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                                         \
+            const int8_t *xq = qx + r * qs + g * GROUP;                                               \
+            __m256i sl = _mm256_setzero_si256(), sh = _mm256_setzero_si256();                         \
+            _Pragma("GCC unroll 4") for (int t = 0; t < 4; t++) {                                     \
+                sl = DPBUSD(sl, wl[t], bcast4(xq + 4 * t));                                           \
+                sh = DPBUSD(sh, wh[t], bcast4(xq + 16 + 4 * t));                                      \
+            }                                                                                         \
+            __m256 sc = _mm256_mul_ps(dv, _mm256_broadcast_ss(dx + r * ds + g));                      \
+            lo[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sl), sc, lo[r]);                               \
+            lo[r] = _mm256_fmadd_ps(mv, _mm256_broadcast_ss(sx + r * ds + g), lo[r]);                 \
+            hi[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sh), sc, hi[r]);                               \
+        }                                                                                             \
+    }                                                                                                 \
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) _mm256_storeu_ps(y + r * ys, _mm256_add_ps(lo[r], hi[r])); \
+}
+
+#define IL8KERNEL(R)                                                                                  \
+static void il8_##R(int64_t G, const uint8_t *il, const float *sc8, const int8_t *qx, int64_t qs,       \
+                    const float *dx, const float *sx, const int32_t *cx, int64_t ds, float *y, int64_t ys) { \
+    (void)sx;                                                                                         \
+    __m256 lo[R], hi[R];                                                                              \
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) lo[r] = hi[r] = _mm256_setzero_ps();         \
+    for (int64_t g = 0; g < G; g++) {                                                                 \
+        const uint8_t *b = il + g * 256;                                                              \
+        __m256i w[8];                                                                                 \
+        _Pragma("GCC unroll 8") for (int t = 0; t < 8; t++) w[t] = _mm256_loadu_si256((const __m256i *)(b + 32 * t)); \
+        __m256 dv = _mm256_loadu_ps(sc8 + g * 8);                                                     \
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                                         \
+            const int8_t *xq = qx + r * qs + g * GROUP;                                               \
+            __m256i sl = _mm256_set1_epi32(cx[(r * ds + g) * 2]), sh = _mm256_set1_epi32(cx[(r * ds + g) * 2 + 1]); \
+            _Pragma("GCC unroll 4") for (int t = 0; t < 4; t++) {                                     \
+                sl = DPBUSD(sl, w[t], bcast4(xq + 4 * t));                                            \
+                sh = DPBUSD(sh, w[4 + t], bcast4(xq + 16 + 4 * t));                                   \
+            }                                                                                         \
+            __m256 sc = _mm256_mul_ps(dv, _mm256_broadcast_ss(dx + r * ds + g));                      \
+            lo[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sl), sc, lo[r]);                               \
+            hi[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sh), sc, hi[r]);                               \
+        }                                                                                             \
+    }                                                                                                 \
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) _mm256_storeu_ps(y + r * ys, _mm256_add_ps(lo[r], hi[r])); \
+}
+IL4KERNEL(1)
+IL4KERNEL(2)
+IL4KERNEL(3)
+IL4KERNEL(4)
+IL4KERNEL(5)
+IL4KERNEL(6)
+IL4KERNEL(7)
+IL4KERNEL(8)
+IL8KERNEL(1)
+IL8KERNEL(2)
+IL8KERNEL(3)
+IL8KERNEL(4)
+IL8KERNEL(5)
+IL8KERNEL(6)
+IL8KERNEL(7)
+IL8KERNEL(8)
+typedef void (*ilkern_fn)(int64_t, const uint8_t *, const float *, const int8_t *, int64_t, const float *,
+                          const float *, const int32_t *, int64_t, float *, int64_t);
+static const ilkern_fn IL4[9] = {0, il4_1, il4_2, il4_3, il4_4, il4_5, il4_6, il4_7, il4_8};
+static const ilkern_fn IL8[9] = {0, il8_1, il8_2, il8_3, il8_4, il8_5, il8_6, il8_7, il8_8};
+#ifndef IL_ROWS
+#define IL_ROWS 8
+#endif
+#endif
+
+/* y[M, N] (row stride ys) = x[M, K] (row stride xs) @ W^T on 8-bit activations, W in the interleaved
+ * layout above (q8: Q8_0, else Q4; N a multiple of 8). The bits of dspark_int4_mm_a8 /
+ * dspark_int8_mm_a8 on the same weights. Returns 0, -1 on bad sizes, -2 without memory, -3 when this
+ * build has no VNNI. */
+static int run_il(int64_t q8, int64_t M, int64_t N, int64_t K, const float *x, int64_t xs, const uint8_t *il,
+                  const float *sc8, float *y, int64_t ys, int64_t threads) {
+#if HAVE_VNNI
+    if (K % GROUP || N % 8 || M < 0 || N < 0) return -1;
+    if (M == 0 || N == 0) return 0;
+    int64_t G = K / GROUP, bb = G * (q8 ? 256 : 128), bs = G * (q8 ? 8 : 16);
+    int8_t *qx = scratch(S_QX, (size_t)M * (size_t)K);
+    float *dx = scratch(S_DX, sizeof(float) * (size_t)M * (size_t)G * 2);
+    int32_t *cx = scratch(S_CX, sizeof(int32_t) * (size_t)M * (size_t)G * 2);
+    if (!qx || !dx || !cx) return -2;
+    float *sx = dx + M * G;
+#pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : 1) if (M >= 16)
+    for (int64_t r = 0; r < M; r++) {
+        quant_row8(K, x + r * xs, qx + r * K, dx + r * G, sx + r * G);
+        if (q8)
+            for (int64_t g = 0; g < G; g++)
+                for (int h = 0; h < 2; h++) {
+                    int32_t s = 0;
+                    for (int j = 0; j < 16; j++) s += qx[r * K + g * GROUP + h * 16 + j];
+                    cx[(r * G + g) * 2 + h] = -128 * s;
+                }
+    }
+    const ilkern_fn *k = q8 ? IL8 : IL4;
+    int64_t NB = N / 8;
+#pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : 1)
+    for (int64_t nb = 0; nb < NB; nb++)
+        for (int64_t r = 0; r < M; r += IL_ROWS) {
+            int64_t t = M - r < IL_ROWS ? M - r : IL_ROWS;
+            k[t](G, il + nb * bb, sc8 + nb * bs, qx + r * K, K, dx + r * G, sx + r * G, cx + r * G * 2, G,
+                 y + r * ys + nb * 8, ys);
+        }
+    return 0;
+#else
+    (void)q8; (void)M; (void)N; (void)K; (void)x; (void)xs; (void)il; (void)sc8; (void)y; (void)ys; (void)threads;
+    return -3;
+#endif
+}
+
+/* dspark_int4_mm_a8 (q8 = 0) or dspark_int8_mm_a8 (q8 = 1) on the interleaved layout: see run_il */
+int dspark_il_mm_a8(int64_t q8, int64_t M, int64_t N, int64_t K, const float *x, int64_t xs, const uint8_t *il,
+                    const float *sc8, float *y, int64_t ys, int64_t threads) {
+    return run_il(q8, M, N, K, x, xs, il, sc8, y, ys, threads);
 }
 
 /* y[M, N] (row stride ys) = x[M, K] (row stride xs) @ W^T on 8-bit activations (see above), W a Q4
@@ -432,10 +611,12 @@ static void silu_mul_row(int64_t I, const float *gu, float *out) {
 /* sc4: the scales and offsets by block of 4 outputs (see run_a8) when the projection runs on 8-bit
  * activations, else NULL */
 /* q8: the codes are Q8_0's (int8 [N][K], scales only; sc4 required: 8-bit activations) */
-struct q4w { const uint8_t *codes; const float *d, *m, *sc4, *bias; int64_t n, q8; };
+/* il, sc8: the same weight in the VNNI kernels' layout (see run_il), used instead when set (the same bits) */
+struct q4w { const uint8_t *codes; const float *d, *m, *sc4, *bias; int64_t n, q8; const uint8_t *il; const float *sc8; };
 
 static int q4_mm(const struct q4w *w, int64_t M, int64_t K, const float *x, float *y, int64_t threads) {
-    int rc = w->q8 ? (w->sc4 ? run_a8(QA8, 4, GROUP, M, w->n, K, x, K, w->codes, w->sc4, y, w->n, threads) : -1)
+    int rc = w->il && w->sc8 ? run_il(w->q8, M, w->n, K, x, K, w->il, w->sc8, y, w->n, threads)
+           : w->q8 ? (w->sc4 ? run_a8(QA8, 4, GROUP, M, w->n, K, x, K, w->codes, w->sc4, y, w->n, threads) : -1)
            : w->sc4 ? run_a8(QA4, 8, 16, M, w->n, K, x, K, w->codes, w->sc4, y, w->n, threads)
                     : run(&Q4, 16, M, w->n, K, x, K, w->codes, w->d, w->m, y, w->n, threads);
     if (rc == 0 && w->bias)
@@ -446,18 +627,16 @@ static int q4_mm(const struct q4w *w, int64_t M, int64_t K, const float *x, floa
 
 /* Before attention: qkv[M, (Hr + Hv) * D] = RoPE(rmsnorm(x) @ Wqkv^T + b) on the first Hr heads (q and k
  * heads, pairs (2i, 2i + 1) rotated by rope[r, i] = (cos, sin)); the Hv value heads are left as they are.
- * x: [M, K] (row stride xs). Returns 0, or -1 on bad sizes or no memory. */
+ * x: [M, K] (row stride xs); w: the projection (w->n = N outputs). Returns 0, or -1 on bad sizes or no memory. */
 int dspark_layer_in(int64_t M, int64_t K, const float *x, int64_t xs, const float *norm_w, float eps,
-                    const uint8_t *codes, const float *d, const float *m, const float *sc4, const float *bias,
-                    int64_t N, const float *rope, int64_t Hr, int64_t D, float *qkv, int64_t threads) {
+                    const struct q4w *w, const float *rope, int64_t Hr, int64_t D, float *qkv, int64_t threads) {
+    int64_t N = w->n;
     if (K % GROUP || D % 8 || Hr * D > N || M < 0) return -1;
-    float *h = malloc(sizeof(float) * (size_t)(M > 0 ? M : 1) * (size_t)K);
+    float *h = scratch(S_H, sizeof(float) * (size_t)(M > 0 ? M : 1) * (size_t)K);
     if (!h) return -1;
 #pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : 1) if (M >= 16)
     for (int64_t r = 0; r < M; r++) rms_row(K, x + r * xs, norm_w, eps, h + r * K);
-    struct q4w w = {codes, d, m, sc4, bias, N};
-    int rc = q4_mm(&w, M, K, h, qkv, threads);
-    free(h);
+    int rc = q4_mm(w, M, K, h, qkv, threads);
     if (rc) return rc;
 #pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : 1) if (M >= 16)
     for (int64_t r = 0; r < M; r++) {
@@ -476,32 +655,16 @@ int dspark_layer_in(int64_t M, int64_t K, const float *x, int64_t xs, const floa
     return 0;
 }
 
-static int layer_out(int64_t M, int64_t K, float *x, int64_t xs, const float *attn, int64_t A, const struct q4w *wo,
-                     const float *norm_w, float eps, const struct q4w *wgu, int64_t I, const struct q4w *wdn,
-                     int64_t threads);
-
 /* After attention, in place on x [M, K] (row stride xs): x += attn @ Wo^T + bo; then
  * x += (silu(g) * u) @ Wdown^T + bdown with [g | u] = rmsnorm(x) @ Wgu^T + bgu (I = gate width).
  * attn: [M, A] contiguous. Returns 0, or -1 on bad sizes or no memory. */
-int dspark_layer_out(int64_t M, int64_t K, float *x, int64_t xs, const float *attn, int64_t A,
-                     const uint8_t *o_codes, const float *o_d, const float *o_m, const float *o_sc4, const float *o_bias,
-                     const float *norm_w, float eps,
-                     const uint8_t *gu_codes, const float *gu_d, const float *gu_m, const float *gu_sc4,
-                     const float *gu_bias, int64_t I, const uint8_t *dn_codes, const float *dn_d, const float *dn_m,
-                     const float *dn_sc4, const float *dn_bias,
-                     int64_t threads) {
-    struct q4w wo = {o_codes, o_d, o_m, o_sc4, o_bias, K, 0}, wgu = {gu_codes, gu_d, gu_m, gu_sc4, gu_bias, 2 * I, 0},
-               wdn = {dn_codes, dn_d, dn_m, dn_sc4, dn_bias, K, 0};
-    return layer_out(M, K, x, xs, attn, A, &wo, norm_w, eps, &wgu, I, &wdn, threads);
-}
-
-static int layer_out(int64_t M, int64_t K, float *x, int64_t xs, const float *attn, int64_t A, const struct q4w *wo,
+int dspark_layer_out(int64_t M, int64_t K, float *x, int64_t xs, const float *attn, int64_t A, const struct q4w *wo,
                      const float *norm_w, float eps, const struct q4w *wgu, int64_t I, const struct q4w *wdn,
                      int64_t threads) {
     if (K % GROUP || A % GROUP || I % GROUP || M < 0) return -1;
     size_t rows = (size_t)(M > 0 ? M : 1);
-    float *t = malloc(sizeof(float) * rows * (size_t)K), *gu = malloc(sizeof(float) * rows * (size_t)(3 * I));
-    if (!t || !gu) { free(t); free(gu); return -1; }
+    float *t = scratch(S_T, sizeof(float) * rows * (size_t)K), *gu = scratch(S_GU, sizeof(float) * rows * (size_t)(3 * I));
+    if (!t || !gu) return -1;
     float *act = gu + rows * (size_t)(2 * I);
     int rc = q4_mm(wo, M, A, attn, t, threads);
     if (rc == 0) {
@@ -519,8 +682,6 @@ static int layer_out(int64_t M, int64_t K, float *x, int64_t xs, const float *at
     }
     if (rc == 0)
         for (int64_t r = 0; r < M; r++) add_row(K, x + r * xs, t + r * K);
-    free(t);
-    free(gu);
     return rc;
 }
 
@@ -553,12 +714,11 @@ int dspark_layer(const struct dspark_layer_weights *w, int64_t M, float *x, cons
     if (M < 1) return M == 0 ? 0 : -1;
     int64_t N = w->qkv.n, H = w->H, Hkv = w->Hkv, D = w->D, A = H * D;
     if (N != (H + 2 * Hkv) * D) return -1;
-    float *qkv = malloc(sizeof(float) * (size_t)M * (size_t)N), *att = malloc(sizeof(float) * (size_t)M * (size_t)A);
-    int64_t *row_q = malloc(sizeof(int64_t) * (size_t)M);
+    float *qkv = scratch(S_QKV, sizeof(float) * (size_t)M * (size_t)N), *att = scratch(S_ATT, sizeof(float) * (size_t)M * (size_t)A);
+    int64_t *row_q = scratch(S_ROWQ, sizeof(int64_t) * (size_t)M);
     int rc = (!qkv || !att || !row_q) ? -2 : 0;
     if (rc == 0)
-        rc = dspark_layer_in(M, w->K, x, w->K, w->norm_in, w->eps, w->qkv.codes, w->qkv.d, w->qkv.m, w->qkv.sc4, w->qkv.bias, N,
-                             rope, H + Hkv, D, qkv, threads);
+        rc = dspark_layer_in(M, w->K, x, w->K, w->norm_in, w->eps, &w->qkv, rope, H + Hkv, D, qkv, threads);
     if (rc == 0) {
         for (int64_t r = 0; r < M; r++) {
             row_q[r] = r;
@@ -572,10 +732,7 @@ int dspark_layer(const struct dspark_layer_weights *w, int64_t M, float *x, cons
                        row_slot, row_len, att, A, D, scale);
     }
     if (rc == 0)
-        rc = layer_out(M, w->K, x, w->K, att, A, &w->o, w->norm_post, w->eps, &w->gu, w->I, &w->dn, threads);
-    free(qkv);
-    free(att);
-    free(row_q);
+        rc = dspark_layer_out(M, w->K, x, w->K, att, A, &w->o, w->norm_post, w->eps, &w->gu, w->I, &w->dn, threads);
     return rc;
 }
 
@@ -627,9 +784,9 @@ int dspark_draft_layer(const struct dspark_draft_layer_weights *w, int64_t M, fl
     if (M < 1) return M == 0 ? 0 : -1;
     int64_t K = w->K, N = w->qkv.n, H = w->H, Hkv = w->Hkv, D = w->D, A = H * D, half = D / 2;
     if (N != (H + 2 * Hkv) * D || D % 16 || D > MAX_D || K % GROUP) return -1;
-    float *h = malloc(sizeof(float) * (size_t)M * (size_t)K), *qkv = malloc(sizeof(float) * (size_t)M * (size_t)N);
-    float *att = malloc(sizeof(float) * (size_t)M * (size_t)A);
-    int64_t *row_q = malloc(sizeof(int64_t) * (size_t)M);
+    float *h = scratch(S_H, sizeof(float) * (size_t)M * (size_t)K), *qkv = scratch(S_QKV, sizeof(float) * (size_t)M * (size_t)N);
+    float *att = scratch(S_ATT, sizeof(float) * (size_t)M * (size_t)A);
+    int64_t *row_q = scratch(S_ROWQ, sizeof(int64_t) * (size_t)M);
     int rc = (!h || !qkv || !att || !row_q) ? -2 : 0;
     if (rc == 0) {
         for (int64_t r = 0; r < M; r++) rms_row(K, x + r * K, w->norm_in, w->eps, h + r * K);
@@ -657,10 +814,6 @@ int dspark_draft_layer(const struct dspark_draft_layer_weights *w, int64_t M, fl
         rc = attention(M, H, Hkv, D, qkv, N, D, k_cache, v_cache, slot_stride, head_stride, pos_stride, row_q,
                        row_slot, row_len, att, A, D, scale);
     }
-    if (rc == 0) rc = layer_out(M, K, x, K, att, A, &w->o, w->norm_post, w->eps, &w->gu, w->I, &w->dn, threads);
-    free(h);
-    free(qkv);
-    free(att);
-    free(row_q);
+    if (rc == 0) rc = dspark_layer_out(M, K, x, K, att, A, &w->o, w->norm_post, w->eps, &w->gu, w->I, &w->dn, threads);
     return rc;
 }

@@ -114,10 +114,9 @@ def _setup(lib: ctypes.CDLL) -> bool:
         fn.argtypes = [i64, i64, i64, ptr, i64, ptr, ptr, ptr, i64, i64]
         fn.restype = ctypes.c_int
     f32 = ctypes.c_float
-    lib.dspark_layer_in.argtypes = [i64, i64, ptr, i64, ptr, f32, ptr, ptr, ptr, ptr, ptr, i64, ptr, i64, i64, ptr, i64]
+    lib.dspark_layer_in.argtypes = [i64, i64, ptr, i64, ptr, f32, ptr, ptr, i64, i64, ptr, i64]
     lib.dspark_layer_in.restype = ctypes.c_int
-    lib.dspark_layer_out.argtypes = [i64, i64, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, f32,
-                                     ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, i64]
+    lib.dspark_layer_out.argtypes = [i64, i64, ptr, i64, ptr, i64, ptr, ptr, f32, ptr, i64, ptr, i64]
     lib.dspark_layer_out.restype = ctypes.c_int
     lib.dspark_layer.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, f32, i64]
     lib.dspark_layer.restype = ctypes.c_int
@@ -126,18 +125,33 @@ def _setup(lib: ctypes.CDLL) -> bool:
     lib.dspark_layers.restype = ctypes.c_int
     lib.dspark_draft_layer.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, f32, i64]
     lib.dspark_draft_layer.restype = ctypes.c_int
+    lib.dspark_il_mm_a8.argtypes = [i64, i64, i64, i64, ptr, i64, ptr, ptr, ptr, i64, i64]
+    lib.dspark_il_mm_a8.restype = ctypes.c_int
+    lib.dspark_has_vnni.argtypes = []
+    lib.dspark_has_vnni.restype = ctypes.c_int
     g = torch.Generator().manual_seed(0)
     n, k = 13, 96  # a column tail (13 = 3 blocks of 4 + 1) and three groups
     q4 = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
     q8 = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
     d, m = torch.rand(n, k // GROUP, generator=g) * 0.05, torch.randn(n, k // GROUP, generator=g) * 0.05
     p4, s4, s8 = pack_codes(q4), scales4(d, m), scales4(d, None)
-    return _self_test(lambda x, t: _run(lib.dspark_int4_mm, x, p4, d, m, t), lambda x: reference(x, q4, d, m), k) and \
+    ok = _self_test(lambda x, t: _run(lib.dspark_int4_mm, x, p4, d, m, t), lambda x: reference(x, q4, d, m), k) and \
         _self_test(lambda x, t: _run(lib.dspark_int8_mm, x, q8, d, d, t), lambda x: x @ weights8(q8, d).t(), k) and \
         _self_test(lambda x, t: _run_a8(lib.dspark_int4_mm_a8, x, p4, s4, n, t),
                    lambda x: reference_a8(x, q4, d, m), k) and \
         _self_test(lambda x, t: _run_a8(lib.dspark_int8_mm_a8, x, q8, s8, n, t),
                    lambda x: reference_a8(x, q8, d, None), k)
+    lib.vnni_ok = False
+    if ok and lib.dspark_has_vnni():
+        # the interleaved kernels (the first 8 outputs) give the bits of the kernels they stand for; if
+        # not, they are not used (the others are)
+        x = torch.randn(7, k, generator=g)
+        i4, i8 = interleave4(p4[:8], d[:8], m[:8]), interleave8(q8[:8], d[:8])
+        lib.vnni_ok = all(torch.equal(_run_il(lib.dspark_il_mm_a8, x[:r], *i4, 8, 0, 2),
+                             _run_a8(lib.dspark_int4_mm_a8, x[:r], p4, s4, n, 2)[:, :8]) and
+                 torch.equal(_run_il(lib.dspark_il_mm_a8, x[:r], *i8, 8, 1, 2),
+                             _run_a8(lib.dspark_int8_mm_a8, x[:r], q8, s8, n, 2)[:, :8]) for r in (1, 5, 7))
+    return ok
 
 
 KERNEL = CKernel(SOURCE, FLAG_SETS, _setup, env="DSPARK_INT4_GEMM")
@@ -189,6 +203,51 @@ def scales4(d: Tensor, m: Tensor | None) -> Tensor:
     return torch.cat(blocks, dim=2).contiguous()
 
 
+def interleave4(packed: Tensor, d: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
+    """The VNNI kernels' layout of a Q4 weight (N a multiple of 8; see `int4_gemm.c`, run_il): packed
+    codes [N, G, 16] -> [N / 8, G, 4, 8, 4] bytes (block, group, vector t, output o, byte b = byte 4t + b
+    of output o's group), and scales [N / 8, G, 16] (d of the 8 outputs, then m)."""
+    n, groups, _ = packed.shape
+    il = packed.view(n // 8, 8, groups, 4, 4).permute(0, 2, 3, 1, 4).contiguous()
+    sc = torch.cat([t.float().view(n // 8, 8, groups).transpose(1, 2) for t in (d, m)], dim=2).contiguous()
+    return il, sc
+
+
+def interleave8(codes: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+    """The VNNI kernels' layout of a Q8_0 weight (N a multiple of 8): codes int8 [N, K] -> uint8 codes +
+    128 [N / 8, G, 2, 4, 8, 4] (block, group, half, vector t, output o, byte b = element 16 half + 4t + b),
+    and scales [N / 8, G, 8]."""
+    n, k = codes.shape
+    groups = k // GROUP
+    biased = (codes.to(torch.int16) + 128).to(torch.uint8)
+    il = biased.view(n // 8, 8, groups, 2, 4, 4).permute(0, 2, 3, 4, 1, 5).contiguous()
+    return il, d.float().view(n // 8, 8, groups).transpose(1, 2).contiguous()
+
+
+def vnni_available() -> bool:
+    """Whether the interleaved VNNI kernels run here (built with VNNI, passed their self-test, not turned
+    off by DSPARK_VNNI=0)."""
+    import os
+    lib = KERNEL.loaded or (KERNEL.library() if available() else None)
+    return lib is not None and bool(getattr(lib, "vnni_ok", False)) and os.environ.get("DSPARK_VNNI", "1") != "0"
+
+
+def _run_il(fn, x: Tensor, il: Tensor, sc8: Tensor, n: int, q8: int, threads: int) -> Tensor:
+    rows, k = x.shape
+    y = torch.empty(rows, n, dtype=torch.float32)
+    rc = fn(q8, rows, n, k, x.data_ptr(), x.stride(0), il.data_ptr(), sc8.data_ptr(), y.data_ptr(), n, threads)
+    if rc != 0:
+        raise RuntimeError(f"VNNI weight GEMM kernel returned {rc} (input width {k}, {n} outputs)")
+    return y
+
+
+def mm_il(x: Tensor, il: Tensor, sc8: Tensor, n: int, q8: bool) -> Tensor:
+    """`mm_a8` (q8 False) or `mm8_a8` (q8 True) on the interleaved layout (`interleave4` /
+    `interleave8`): the same bits, on VNNI."""
+    fn, x = _kernel("dspark_il_mm_a8", x)
+    return _run_il(fn, x, il, sc8, n, int(q8), torch.get_num_threads())
+
+
 def _run_a8(fn, x: Tensor, codes: Tensor, sc4: Tensor, n: int, threads: int) -> Tensor:
     rows, k = x.shape
     y = torch.empty(rows, n, dtype=torch.float32)
@@ -225,9 +284,8 @@ def layer_in(x: Tensor, norm_w: Tensor, eps: float, qkv, rope: Tensor, rope_head
     y = torch.empty(rows, qkv.out_features, dtype=torch.float32)
     rope_f = torch.view_as_real(rope)
     rc = KERNEL.loaded.dspark_layer_in(
-        rows, k, x.data_ptr(), x.stride(0), norm_w.data_ptr(), eps, qkv.packed.data_ptr(), qkv.d.data_ptr(),
-        qkv.m.data_ptr(), _ptr(qkv.sc4), _ptr(qkv.bias), qkv.out_features, rope_f.data_ptr(), rope_heads, head_dim, y.data_ptr(),
-        torch.get_num_threads())
+        rows, k, x.data_ptr(), x.stride(0), norm_w.data_ptr(), eps, ctypes.addressof(q4w(qkv)), rope_f.data_ptr(),
+        rope_heads, head_dim, y.data_ptr(), torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"fused layer kernel (in) returned {rc} (width {k}, head dim {head_dim})")
     return y
@@ -239,20 +297,37 @@ def layer_out(x: Tensor, attn: Tensor, o, norm_w: Tensor, eps: float, gate_up, d
     attn: [rows, A] float32 contiguous; o, gate_up, down: `Int4Linear`s on this kernel."""
     rows, k = x.shape
     rc = KERNEL.loaded.dspark_layer_out(
-        rows, k, x.data_ptr(), x.stride(0), attn.data_ptr(), attn.shape[1],
-        o.packed.data_ptr(), o.d.data_ptr(), o.m.data_ptr(), _ptr(o.sc4), _ptr(o.bias), norm_w.data_ptr(), eps,
-        gate_up.packed.data_ptr(), gate_up.d.data_ptr(), gate_up.m.data_ptr(), _ptr(gate_up.sc4), _ptr(gate_up.bias),
-        gate_up.out_features // 2, down.packed.data_ptr(), down.d.data_ptr(), down.m.data_ptr(), _ptr(down.sc4),
-        _ptr(down.bias),
-        torch.get_num_threads())
+        rows, k, x.data_ptr(), x.stride(0), attn.data_ptr(), attn.shape[1], ctypes.addressof(q4w(o)),
+        norm_w.data_ptr(), eps, ctypes.addressof(q4w(gate_up)), gate_up.out_features // 2,
+        ctypes.addressof(q4w(down)), torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"fused layer kernel (out) returned {rc} (width {k}, attention width {attn.shape[1]})")
 
 
 class _Q4W(ctypes.Structure):
     # q8: Q8_0 codes (int8, scales only, 8-bit activations: sc4 set); else Q4 codes
+    # il, sc8: the same weight in the VNNI kernels' layout (`interleave4` / `interleave8`), used when set
     _fields_ = [("codes", ctypes.c_void_p), ("d", ctypes.c_void_p), ("m", ctypes.c_void_p), ("sc4", ctypes.c_void_p),
-                ("bias", ctypes.c_void_p), ("n", ctypes.c_int64), ("q8", ctypes.c_int64)]
+                ("bias", ctypes.c_void_p), ("n", ctypes.c_int64), ("q8", ctypes.c_int64), ("il", ctypes.c_void_p),
+                ("sc8", ctypes.c_void_p)]
+
+
+def q4w(lin) -> _Q4W:
+    """The C description of a projection (`transformer.Int4Linear` on this kernel, or an `Int8Linear` with
+    act8 and an optional float32 `bias` attribute), built once and kept on it; its pointers point into
+    the projection's tensors."""
+    w = getattr(lin, "_q4w", None)
+    if w is None:
+        il, sc8 = getattr(lin, "il", None) or (None, None)
+        bias = getattr(lin, "bias", None)
+        if hasattr(lin, "packed"):  # Q4
+            w = _Q4W(lin.packed.data_ptr(), lin.d.data_ptr(), lin.m.data_ptr(), _ptr(lin.sc4), _ptr(bias),
+                     lin.out_features, 0, _ptr(il), _ptr(sc8))
+        else:  # Q8_0 on 8-bit activations
+            w = _Q4W(lin.codes.data_ptr(), lin.d.data_ptr(), None, lin.sc4.data_ptr(), _ptr(bias), lin.out_features, 1,
+                     _ptr(il), _ptr(sc8))
+        lin._q4w = w
+    return w
 
 
 class LayerWeights(ctypes.Structure):
@@ -271,11 +346,7 @@ class LayerWeights(ctypes.Structure):
         norms = [t.detach() for t in (norm_in, norm_post)]
         if any(t.dtype != torch.float32 or not t.is_contiguous() for t in norms):
             raise ValueError("the fused layer needs float32 contiguous norm weights")
-
-        def q4(lin) -> _Q4W:
-            return _Q4W(lin.packed.data_ptr(), lin.d.data_ptr(), lin.m.data_ptr(), _ptr(lin.sc4), _ptr(lin.bias),
-                        lin.out_features)
-        w = cls(norms[0].data_ptr(), norms[1].data_ptr(), eps, q4(qkv), q4(o), q4(gate_up), q4(down),
+        w = cls(norms[0].data_ptr(), norms[1].data_ptr(), eps, q4w(qkv), q4w(o), q4w(gate_up), q4w(down),
                 norm_in.shape[0], heads, kv_heads, head_dim, gate_up.out_features // 2)
         w.keep = (norms, qkv, o, gate_up, down)  # the memory the pointers point into stays alive
         return w
@@ -335,11 +406,7 @@ class DraftLayerWeights(ctypes.Structure):
         """norms: input, post-attention, query-head and key-head RMSNorm weights; qkv, o, gate_up, down:
         `transformer.Int8Linear`s with act8 and an optional float32 `bias` attribute."""
         ns = [t.detach().float().contiguous() for t in norms]
-
-        def q8(lin) -> _Q4W:
-            bias = getattr(lin, "bias", None)
-            return _Q4W(lin.codes.data_ptr(), lin.d.data_ptr(), None, lin.sc4.data_ptr(), _ptr(bias), lin.out_features, 1)
-        w = cls(*(t.data_ptr() for t in ns), eps, q8(qkv), q8(o), q8(gate_up), q8(down),
+        w = cls(*(t.data_ptr() for t in ns), eps, q4w(qkv), q4w(o), q4w(gate_up), q4w(down),
                 ns[0].shape[0], heads, kv_heads, head_dim, gate_up.out_features // 2)
         w.keep = (ns, qkv, o, gate_up, down)  # the memory the pointers point into stays alive
         return w
