@@ -702,7 +702,7 @@ struct dspark_layer_weights {
 
 typedef int (*row_attention_fn)(int64_t, int64_t, int64_t, int64_t, const float *, int64_t, int64_t, const float *,
                                 const float *, int64_t, int64_t, int64_t, const int64_t *, const int64_t *,
-                                const int64_t *, float *, int64_t, int64_t, float);
+                                const int64_t *, float *, int64_t, int64_t, float, int64_t);
 
 /* x [M, K] contiguous, in place. rope [M, D / 2] (cos, sin) pairs. Row r of x is the token at position
  * row_len[r] - 1 of cache slot row_slot[r]; its key and value go there (k_cache / v_cache: slot, kv head,
@@ -729,7 +729,7 @@ int dspark_layer(const struct dspark_layer_weights *w, int64_t M, float *x, cons
             }
         }
         rc = attention(M, H, Hkv, D, qkv, N, D, k_cache, v_cache, slot_stride, head_stride, pos_stride, row_q,
-                       row_slot, row_len, att, A, D, scale);
+                       row_slot, row_len, att, A, D, scale, threads);
     }
     if (rc == 0)
         rc = dspark_layer_out(M, w->K, x, w->K, att, A, &w->o, w->norm_post, w->eps, &w->gu, w->I, &w->dn, threads);
@@ -812,7 +812,7 @@ int dspark_draft_layer(const struct dspark_draft_layer_weights *w, int64_t M, fl
             }
         }
         rc = attention(M, H, Hkv, D, qkv, N, D, k_cache, v_cache, slot_stride, head_stride, pos_stride, row_q,
-                       row_slot, row_len, att, A, D, scale);
+                       row_slot, row_len, att, A, D, scale, threads);
     }
     if (rc == 0) rc = dspark_layer_out(M, K, x, K, att, A, &w->o, w->norm_post, w->eps, &w->gu, w->I, &w->dn, threads);
     return rc;

@@ -17,6 +17,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 typedef float v8 __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
@@ -144,7 +147,9 @@ static void one_head(const float *q, const float *k, const float *v, int64_t pos
  *   k,v: slot s, kv head g, position j at base + s * slot_stride + g * head_stride + j * pos_stride
  *   row r attends to positions 0 .. row_len[r] - 1 of slot row_slot[r]
  *   out: row r, head h at out + row_q[r] * out_row_stride + h * out_head_stride
- * One thread: measured on a 2-core CPU, starting a second thread per call cost more than it saved.
+ * threads: at most this many threads (OpenMP builds), over the (row, head) pairs when there are several
+ * rows; one row's 9-15 heads stay on one thread (measured on a 2-core CPU, a second thread cost more than
+ * it saved there). Each pair is computed the same way on any thread, so the bits do not depend on it.
  * Returns 0, or -1 for an unsupported shape (D not a multiple of 8 or above MAX_D, H not a multiple of
  * Hkv), -2 when scratch memory cannot be had. */
 int dspark_row_attention(int64_t n_rows, int64_t H, int64_t Hkv, int64_t D,
@@ -152,20 +157,27 @@ int dspark_row_attention(int64_t n_rows, int64_t H, int64_t Hkv, int64_t D,
                          const float *k, const float *v, int64_t slot_stride, int64_t head_stride,
                          int64_t pos_stride, const int64_t *row_q, const int64_t *row_slot,
                          const int64_t *row_len, float *out, int64_t out_row_stride,
-                         int64_t out_head_stride, float scale) {
+                         int64_t out_head_stride, float scale, int64_t threads) {
     if (D % 8 || D > MAX_D || D < 8 || Hkv < 1 || H % Hkv) return -1;
     int64_t max_len = 0;
     for (int64_t r = 0; r < n_rows; r++)
         if (row_len[r] > max_len) max_len = row_len[r];
-    float *scores = malloc(sizeof(float) * (size_t)(max_len + 8));
+    int nt = threads > 1 && n_rows > 1 ? (int)threads : 1;
+    size_t per = (size_t)(max_len + 8);
+    float *scores = malloc(sizeof(float) * per * (size_t)nt);
     if (!scores) return -2;
-    int64_t group = H / Hkv;
-    for (int64_t r = 0; r < n_rows; r++) {
-        for (int64_t h = 0; h < H; h++) {
-            int64_t base = row_slot[r] * slot_stride + (h / group) * head_stride;
-            one_head(q + row_q[r] * q_row_stride + h * q_head_stride, k + base, v + base, pos_stride, row_len[r],
-                     D, scale, scores, out + row_q[r] * out_row_stride + h * out_head_stride);
-        }
+    int64_t group = H / Hkv, pairs = n_rows * H;
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+    for (int64_t p = 0; p < pairs; p++) {
+        int64_t r = p / H, h = p % H;
+#ifdef _OPENMP
+        float *sc = scores + per * (size_t)omp_get_thread_num();
+#else
+        float *sc = scores;
+#endif
+        int64_t base = row_slot[r] * slot_stride + (h / group) * head_stride;
+        one_head(q + row_q[r] * q_row_stride + h * q_head_stride, k + base, v + base, pos_stride, row_len[r],
+                 D, scale, sc, out + row_q[r] * out_row_stride + h * out_head_stride);
     }
     free(scores);
     return 0;

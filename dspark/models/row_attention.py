@@ -33,14 +33,14 @@ from dspark.models.ckernel import CKernel
 SOURCE = Path(__file__).with_name("row_attention.c")
 ROW_LIMIT = 64  # new tokens of one sequence in one call handled row by row; more: SDPA on that sequence
 MAX_HEAD_DIM = 256  # MAX_D in row_attention.c
-FLAG_SETS = (["-O3", "-march=native"], ["-O3"])
+FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native"], ["-O3"])
 
 
 def _setup(lib: ctypes.CDLL) -> bool:
     fn = lib.dspark_row_attention
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     fn.argtypes = [i64, i64, i64, i64, ptr, i64, i64, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, i64, i64,
-                   ctypes.c_float]
+                   ctypes.c_float, i64]
     fn.restype = ctypes.c_int
     return _self_test(fn)
 
@@ -77,7 +77,7 @@ def _call(fn, q: Tensor, k: Tensor, v: Tensor, rows: "RowPlan", out: Tensor, sca
     n_rows, H, D = rows.n, q.shape[1], q.shape[2]
     rc = fn(n_rows, H, k.shape[1], D, q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), v.data_ptr(),
             k.stride(0), k.stride(1), k.stride(2), rows.row_q.data_ptr(), rows.row_slot.data_ptr(),
-            rows.row_len.data_ptr(), out.data_ptr(), out.stride(0), out.stride(1), scale)
+            rows.row_len.data_ptr(), out.data_ptr(), out.stride(0), out.stride(1), scale, torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"row attention kernel returned {rc} (H={H}, Hkv={k.shape[1]}, D={D})")
 
