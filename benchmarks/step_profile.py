@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(5):
         step()
     patched = [(int4_gemm, "mm", "gemm"), (int4_gemm, "mm8", "gemm"), (int4_gemm, "mm_a8", "gemm"),
-               (int4_gemm, "mm8_a8", "gemm"), (int4_gemm, "layer_in", "fused"),
+               (int4_gemm, "mm8_a8", "gemm"), (int4_gemm, "mm_il", "gemm"), (int4_gemm, "layer_in", "fused"),
                (int4_gemm, "layer_out", "fused"), (int4_gemm, "layer", "fused"), (int4_gemm, "layers", "fused"),
                (row_attention, "attention", "attention")]
     saved = [(mod, name, getattr(mod, name)) for mod, name, _ in patched]

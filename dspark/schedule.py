@@ -324,91 +324,121 @@ class ThresholdRule:
         return None
 
 
+_NO_ROUND = object()  # DraftGate._arm between rounds: nothing to attribute a measurement to
+
+
 class DraftGate:
-    """Whether a round should draft at all: the part of the decision Algorithm 1 cannot make.
+    """How many drafts a round may verify at most: the part of the decision Algorithm 1 cannot make.
 
     Algorithm 1 weighs each verified draft against the target's step cost, but only after the drafter
-    ran: drafting itself (and the round's bookkeeping) is a cost it never sees, and one that decides
-    whether speculation pays when acceptance is low or the batch is large. Before each round the gate
-    compares, for the R requests decoding, the rates measured in past rounds with R requests:
+    ran: drafting itself (and the round's bookkeeping) is a cost it never sees, and on a CPU it decides
+    whether speculation pays, and how deep: drafting all γ positions costs more than settling at one.
+    So before each round the gate picks a cap on every request's ℓ from a few arms (`arms`: 0 = do
+    not draft, then 1, 2 drafts, None = the request's own γ), by the rates measured in past rounds
+    with the same number R of requests decoding under each arm:
 
-        plain:        R tokens in s_0(R) seconds
-        speculative:  R (1 + acc(R)) tokens in s(R) seconds
+        rate(arm) = R * (1 + accepted drafts per request) / wall seconds of the round
 
-    with EMAs over those rounds of the accepted drafts per request (acc) and of the wall seconds of a
-    round that drafted (s) or did not (s_0). Before any round without drafting at this R, s_0(R) is the
-    step-cost table's T(R), scaled by s_0 / T at the nearest R measured: wall times, not the table,
-    decide, so a table profiled on a busier (or idler) machine does not bias the choice. It drafts when
-    the speculative rate is higher, when it has no measurement for this R yet, or as a probe after
-    `probe_every` rounds in a row without drafting (so the estimates follow the text); a probe that
-    does not pay doubles that interval (up to `max_probe_every`), one that pays resets it. Lossless: the
-    decision reads only rounds already verified, never the drafts of the round it decides.
+    (EMAs over those rounds). Within the cap, Algorithm 1 on the calibrated confidences still chooses
+    each request's ℓ (with its early stop). Each R starts at the first arm (no drafting: plain decoding,
+    measured in this engine) and plays the best arm measured; every `probe_every` rounds it probes a
+    neighbour of that arm (one cap up or down, in turn) for `probe_rounds` rounds, re-measuring it
+    from scratch, so it climbs to deeper caps only while each step up pays and the estimates follow
+    the text and the load; a probe that does not win doubles that interval (up to `max_probe_every`),
+    one that wins resets it. The first round after a change of arm is not measured. Arm 0 is plain decoding measured in the same engine, so the policy can always fall
+    back to it. Lossless: the decision reads only rounds already verified, never the drafts of the round
+    it decides.
     """
 
-    def __init__(self, cost: StepCostTable | Callable[[int], float], probe_every: int = 16,
-                 decay: float = 0.7, max_probe_every: int = 256) -> None:
-        self.seconds_at = cost.seconds_at if isinstance(cost, StepCostTable) else (lambda b: 1.0 / cost(b))
+    ARMS: tuple[int | None, ...] = (0, 1, 2, None)
+
+    def __init__(self, probe_every: int = 16, decay: float = 0.8, max_probe_every: int = 256,
+                 arms: Sequence[int | None] = ARMS, probe_rounds: int = 4) -> None:
+        if not arms or len(set(arms)) != len(arms) or any(a is not None and a < 0 for a in arms):
+            raise ValueError(f"gate arms must be distinct caps >= 0 or None, got {list(arms)}")
+        if probe_rounds < 2:
+            raise ValueError(f"probe_rounds must be >= 2 (a probe's first round is not measured), got {probe_rounds}")
+        self.arms = tuple(arms)
         self.min_probe_every = self.probe_every = probe_every
         self.max_probe_every = max_probe_every
+        self.probe_rounds = probe_rounds
         self.decay = decay
-        self.spec: dict[int, list[float]] = {}   # R -> [acc per request, seconds of a round that drafted]
-        self.plain: dict[int, float] = {}        # R -> seconds of a round without drafting
-        self.idle = 0                            # rounds in a row that did not draft
-        self.skipped = 0                         # rounds the gate kept from drafting (all time)
-        self._probing = False                    # the next drafting round is a probe's
+        self.stats: dict[int, dict[int | None, list[float]]] = {}  # R -> arm -> [tokens/request, seconds]
+        self.idle = 0                # rounds since the last probe
+        self.skipped = 0             # rounds the gate kept from drafting (all time)
+        self.chosen: dict[int | None, int] = {}  # rounds per arm (all time)
+        self._probe: tuple[Any, int, bool] | None = None  # while a probe runs: see cap
+        self._turn: dict[int, int] = {}  # R -> the next probe's place among the other arms
+        self._arm: Any = _NO_ROUND   # the arm of the round in flight
+        self._prev: Any = _NO_ROUND  # the arm of the round before
 
-    def _t(self, tokens: float) -> float:
-        lo = max(1, math.floor(tokens))  # the table at fractional B: linear between its neighbours
-        w = tokens - lo
-        return self.seconds_at(lo) if w <= 0 else (1 - w) * self.seconds_at(lo) + w * self.seconds_at(lo + 1)
+    def rate(self, num_reqs: int, arm: int | None) -> float:
+        tokens, seconds = self.stats[num_reqs][arm]
+        return num_reqs * tokens / seconds
 
-    def _plain_seconds(self, r: int) -> float:
-        """s_0 for R = r: measured, else the table scaled as at the nearest R measured (else the table)."""
-        if r in self.plain:
-            return self.plain[r]
-        if not self.plain:
-            return self._t(r)
-        near = min(self.plain, key=lambda k: (abs(k - r), k))
-        return self._t(r) * self.plain[near] / self._t(near)
+    def best(self, num_reqs: int) -> int | None:
+        """The measured arm with the highest rate at this batch size (the first arm before any)."""
+        st = self.stats.get(num_reqs)
+        return max(st, key=lambda a: self.rate(num_reqs, a)) if st else self.arms[0]
+
+    def cap(self, num_reqs: int) -> int | None:
+        """The cap on ℓ for the next round of `num_reqs` requests (0: do not draft; None: no cap)."""
+        self.stats.setdefault(num_reqs, {})
+        if self._probe is not None:
+            arm = self._probe[0]
+        else:
+            arm = self.best(num_reqs)  # the first arm (no drafting) until another is measured faster
+            if self.idle >= self.probe_every and len(self.arms) > 1:
+                # probe a neighbour of the best arm (one cap up or down), in turn
+                i = self.arms.index(arm)
+                near = [self.arms[j] for j in (i - 1, i + 1) if 0 <= j < len(self.arms)]
+                turn = self._turn.get(num_reqs, 0)
+                self._turn[num_reqs] = turn + 1
+                arm = near[turn % len(near)]
+                self._probe = (arm, self.probe_rounds, True)  # (arm, rounds left, not measured yet)
+        self._arm = arm
+        self.chosen[arm] = self.chosen.get(arm, 0) + 1
+        return arm
 
     def should_draft(self, num_reqs: int) -> bool:
-        st = self.spec.get(num_reqs)
-        if st is None:
-            return True
-        if self.idle >= self.probe_every:
-            self._probing = True
-            return True
-        return self._pays(num_reqs)
-
-    def _pays(self, num_reqs: int) -> bool:
-        acc, seconds = self.spec[num_reqs]
-        return (1 + acc) / seconds > 1 / self._plain_seconds(num_reqs)
+        """Whether the next round drafts at all (`cap` is not 0)."""
+        return self.cap(num_reqs) != 0
 
     def _ema(self, old: float | None, new: float) -> float:
         return new if old is None else self.decay * old + (1 - self.decay) * new
 
     def observe(self, num_reqs: int, drafted: bool, verified: int, accepted: int, seconds: float) -> None:
-        """A finished round of `num_reqs` requests: verified / accepted drafts in all, its wall seconds."""
-        if num_reqs < 1:
+        """A finished round of `num_reqs` requests (accepted drafts in all, its wall seconds), credited
+        to the arm `cap` chose for it; a round the gate was not asked about is not counted, nor is the
+        first round after a change of arm (its caches are cold: measured here, a lone round that
+        drafts one token after plain rounds takes ~10% longer than the same round in a run of them)."""
+        arm, self._arm = self._arm, _NO_ROUND
+        if arm is _NO_ROUND or num_reqs < 1:
             return
-        if not drafted:
-            self.plain[num_reqs] = self._ema(self.plain.get(num_reqs), seconds)
-            self.idle += 1
-            return
-        self.idle = 0
-        old = self.spec.get(num_reqs)
-        new = [accepted / num_reqs, seconds]
-        self.spec[num_reqs] = new if old is None else [self._ema(a, b) for a, b in zip(old, new)]
-        if self._probing:  # back off while probes keep finding that drafting does not pay
-            self._probing = False
-            pays = self._pays(num_reqs)
-            self.probe_every = self.min_probe_every if pays else min(2 * self.probe_every, self.max_probe_every)
+        switched, self._prev = arm != self._prev, arm
+        if not switched:
+            st = self.stats.setdefault(num_reqs, {})
+            new = [1 + accepted / num_reqs, seconds]
+            old = st.get(arm)
+            if self._probe is not None and self._probe[2]:  # a probe re-measures its arm: the old
+                old = None                                  # estimate is probe_every rounds stale
+                self._probe = (self._probe[0], self._probe[1], False)
+            st[arm] = new if old is None else [self._ema(a, b) for a, b in zip(old, new)]
+        self.idle += 1
+        if self._probe is not None:
+            left = self._probe[1] - 1
+            self._probe = (arm, left, self._probe[2]) if left > 0 else None
+            if left == 0:  # back off while probes keep finding the best arm unbeaten
+                self.idle = 0
+                st = self.stats.get(num_reqs, {})
+                won = arm in st and self.best(num_reqs) == arm
+                self.probe_every = self.min_probe_every if won else min(2 * self.probe_every, self.max_probe_every)
 
 
 @dataclass
 class ConfidenceRule:
-    """confidence: Algorithm 1 (`schedule_prefix`) over the step-cost table, drafting only in rounds
-    where the `DraftGate` expects drafting to pay."""
+    """confidence: Algorithm 1 (`schedule_prefix`) over the step-cost table on the calibrated
+    confidences, within the cap on ℓ that the `DraftGate` sets for the round (0: no drafting)."""
 
     cost: StepCostTable | Callable[[int], float]
     needs_confidence = True
@@ -416,13 +446,16 @@ class ConfidenceRule:
 
     def __post_init__(self) -> None:
         if self.gate is None:
-            self.gate = DraftGate(self.cost)
+            self.gate = DraftGate()
 
     def draft_caps(self, caps: list[int]) -> list[int]:
-        if any(caps) and not self.gate.should_draft(len(caps)):
+        if not any(caps):  # nothing to draft: the gate is not asked (nor is the round counted)
+            return list(caps)
+        cap = self.gate.cap(len(caps))
+        if cap == 0:
             self.gate.skipped += 1
             return [0] * len(caps)
-        return list(caps)
+        return list(caps) if cap is None else [min(c, cap) for c in caps]
 
     def observe(self, num_reqs: int, drafted: bool, verified: int, accepted: int, seconds: float) -> None:
         self.gate.observe(num_reqs, drafted, verified, accepted, seconds)

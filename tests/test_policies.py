@@ -217,66 +217,77 @@ def _table(ms_per_token: float = 1.0, base_ms: float = 20.0) -> StepCostTable:
     return StepCostTable(list(range(1, 65)), [(base_ms + ms_per_token * (b - 1)) / 1000 for b in range(1, 65)])
 
 
-def test_gate_drafts_until_it_has_measured_then_only_when_it_pays():
-    gate = DraftGate(_table(), probe_every=4)
-    assert gate.should_draft(1)  # nothing measured for one request yet: draft (and measure)
-    # A round that drafted: 0.1 accepted of 3 verified, 15 ms beyond the target's 23 ms: a loss.
-    gate.observe(1, True, verified=3, accepted=0, seconds=0.038)
-    gate.observe(1, False, verified=0, accepted=0, seconds=0.021)
-    assert not gate.should_draft(1)
-    for _ in range(3):
-        gate.observe(1, False, 0, 0, 0.021)
-    assert gate.idle == 4 and gate.should_draft(1)  # a probe after probe_every rounds without drafting
-    gate.observe(1, True, verified=3, accepted=0, seconds=0.038)  # the probe did not pay: back off
-    assert gate.probe_every == 8 and not gate.should_draft(1)
-    for _ in range(8):
-        gate.observe(1, False, 0, 0, 0.021)
-    assert gate.should_draft(1)
-    # The text got easy: 2.5 accepted of 3, 5 ms of drafting: 3.5 tokens in 28 ms beats 1 in 21 ms.
-    for _ in range(6):
-        gate.observe(1, True, verified=3, accepted=2.5, seconds=0.028)
-    assert gate.idle == 0 and gate.should_draft(1) and gate.probe_every == 4  # a probe that paid resets it
-    # Batches are measured apart (drafting for 8 costs otherwise); an unmeasured size drafts first.
-    assert gate.should_draft(8)
-    gate.observe(8, True, verified=24, accepted=2, seconds=0.120)
-    assert not gate.should_draft(8) and gate.should_draft(1)
+def _play(gate: DraftGate, num_reqs: int, rounds: int, accepted_at: dict, seconds_at: dict) -> list:
+    """`rounds` rounds of `num_reqs` requests; a round under cap c accepts accepted_at[c] drafts in all
+    and takes seconds_at[c]. Returns the caps the gate chose."""
+    caps = []
+    for _ in range(rounds):
+        c = gate.cap(num_reqs)
+        caps.append(c)
+        gate.observe(num_reqs, c != 0, 0 if c == 0 else num_reqs, accepted_at[c], seconds_at[c])
+    return caps
 
 
-def test_gate_weighs_verification_cost_as_the_table_does():
-    # Same gain and drafting cost; only the cost of verifying more tokens differs.
-    cheap, dear = DraftGate(_table(ms_per_token=0.2)), DraftGate(_table(ms_per_token=8.0))
-    for g in (cheap, dear):
-        g.observe(4, True, verified=12, accepted=4, seconds=g._t(16) + 0.004)
-        g.observe(4, False, 0, 0, g._t(4))
-    assert cheap.should_draft(4) and not dear.should_draft(4)
+def test_gate_starts_plain_and_climbs_while_each_deeper_cap_pays():
+    """Each batch size starts with no drafting; every probe_every rounds the gate probes a neighbour of
+    its best arm (one cap up or down) for probe_rounds rounds, the first of them not measured, and
+    plays the arm with the highest measured rate."""
+    gate = DraftGate(probe_every=4, probe_rounds=3)
+    accepted = {0: 0, 1: 0.6, 2: 0.8, None: 1.0}
+    seconds = {0: 0.020, 1: 0.024, 2: 0.030, None: 0.060}  # rates 50, 66.7, 60, 33.3 tokens/s
+    caps = _play(gate, 1, 4 + 3 + 4 + 3 + 8 + 3, accepted, seconds)
+    assert caps == [0] * 4 + [1] * 3 + [1] * 4 + [2] * 3 + [1] * 8 + [0] * 3
+    assert gate.stats[1][1] == pytest.approx([1.6, 0.024]) and gate.probe_every == 16
+    assert gate.skipped == 0  # (counted by ConfidenceRule)
+    # batch sizes are measured apart (drafting for 8 costs otherwise): a new one starts plain
+    assert gate.cap(8) == 0 and gate.stats[8] == {}
 
 
-def test_gate_decides_on_wall_times_not_on_a_stale_table():
-    """A table profiled on a busier machine (every step 2.5x the time the rounds now take) must not
-    hide what drafting costs: the gate compares the rates rounds measured, and where it has no plain
-    round at this size it scales the table by what it measured at the nearest size."""
-    stale = _table(base_ms=50.0, ms_per_token=2.5)  # now: 20 ms a step, +1 ms a verified token
-    gate = DraftGate(stale)
-    # drafting rounds: 0.3 accepted of 1 verified, 21 ms of target + 6 ms of drafting: 1.3 tokens / 27 ms
-    for _ in range(3):
-        gate.observe(1, True, verified=1, accepted=0.3, seconds=0.027)
-        gate.observe(1, False, 0, 0, seconds=0.020)  # 1 token / 20 ms: plain is faster
-    assert not gate.should_draft(1)
-    # 2 requests: no plain round measured yet; the table scaled by 20 / 50 ms says 21 ms, not 52.5
-    gate.observe(2, True, verified=2, accepted=0.6, seconds=0.030)  # 2.6 tokens / 30 ms < 2 / 21 ms
-    assert gate._plain_seconds(2) == pytest.approx(0.021)
-    assert not gate.should_draft(2)
-    gate.observe(2, True, verified=2, accepted=3.0, seconds=0.030)  # easy text: acc 0.7 * 0.3 + 0.3 * 1.5 ...
-    assert gate.should_draft(2)  # ... 2 x 1.66 tokens / 30 ms beats 2 / 21 ms
+def test_gate_stays_plain_when_drafting_does_not_pay():
+    gate = DraftGate(probe_every=4, probe_rounds=3)
+    accepted = {0: 0, 1: 0.2, 2: 0.3, None: 0.4}
+    seconds = {0: 0.020, 1: 0.030, 2: 0.035, None: 0.060}
+    caps = _play(gate, 2, 4 + 3 + 8 + 3 + 16, accepted, seconds)
+    assert caps == [0] * 4 + [1] * 3 + [0] * 8 + [1] * 3 + [0] * 16  # probes back off: 4, 8, 16
+    assert gate.probe_every == 16 and 2 not in gate.stats[2] and None not in gate.stats[2]
 
 
-def test_confidence_rule_skips_drafting_when_the_gate_says_so():
+def test_gate_follows_the_text():
+    gate = DraftGate(probe_every=4, probe_rounds=3)
+    accepted = {0: 0, 1: 0.2, 2: 0.2, None: 0.2}
+    seconds = {0: 0.020, 1: 0.030, 2: 0.035, None: 0.060}
+    caps = _play(gate, 1, 4 + 3 + 8 + 3, accepted, seconds)
+    assert caps == [0] * 4 + [1] * 3 + [0] * 8 + [1] * 3 and gate.probe_every == 16
+    # the text got easy: the probe re-measures cap 1 (its stale estimate dropped), which now wins and
+    # is played; probes go back to every 4 rounds, to cap 1's neighbours
+    easy = {**accepted, 1: 1.5}
+    caps = _play(gate, 1, 16 + 3 + 4, easy, seconds)
+    assert caps[:16] == [0] * 16 and caps[16:19] == [1, 1, 1] and caps[19:] == [1] * 4 and gate.probe_every == 4
+    assert gate.cap(1) in (0, 2)
+
+
+def test_gate_rejects_bad_arms():
+    with pytest.raises(ValueError, match="arms"):
+        DraftGate(arms=(0, 1, 1))
+    with pytest.raises(ValueError, match="probe_rounds"):
+        DraftGate(probe_rounds=1)
+
+
+def test_confidence_rule_caps_drafting_as_the_gate_says():
     rule = ConfidenceRule(_table())
-    assert rule.draft_caps([7, 3, 0]) == [7, 3, 0]
-    rule.observe(3, True, verified=9, accepted=0, seconds=0.200)
+    rule.gate = DraftGate(arms=(0, 2), probe_every=2)
+    assert rule.draft_caps([7, 3, 0]) == [0, 0, 0] and rule.gate.skipped == 1  # arm 0 first
     rule.observe(3, False, verified=0, accepted=0, seconds=0.022)
-    assert rule.draft_caps([7, 3, 0]) == [0, 0, 0] and rule.gate.skipped == 1
-    assert rule.draft_caps([0, 0, 0]) == [0, 0, 0] and rule.gate.skipped == 1  # nothing to skip
+    assert rule.draft_caps([7, 3, 0]) == [0, 0, 0] and rule.gate.skipped == 2
+    rule.observe(3, False, verified=0, accepted=0, seconds=0.022)
+    assert rule.draft_caps([7, 3, 0]) == [2, 2, 0]  # a probe of cap 2, never above a request's own ℓ
+    rule.observe(3, True, verified=4, accepted=0, seconds=0.040)
+    assert 2 not in rule.gate.stats[3]  # the first round after a change of arm is not measured
+    assert rule.draft_caps([0, 0, 0]) == [0, 0, 0] and rule.gate.skipped == 2  # nothing to draft: not asked
+    rule.observe(3, False, verified=0, accepted=0, seconds=0.022)  # (so this round is not counted)
+    assert rule.draft_caps([7, 3, 0]) == [2, 2, 0]
+    rule.observe(3, True, verified=4, accepted=1, seconds=0.040)
+    assert rule.gate.stats[3][2] == [pytest.approx(4 / 3), 0.040] and rule.gate.stats[3][0] == [1.0, 0.022]
 
 
 def test_gated_confidence_policy_stays_greedy_exact(demo_target, demo_plain):
@@ -284,15 +295,15 @@ def test_gated_confidence_policy_stays_greedy_exact(demo_target, demo_plain):
     from dspark.drafters import load_drafter
 
     class Alternating(DraftGate):
-        def should_draft(self, num_reqs: int) -> bool:
+        def cap(self, num_reqs: int) -> int | None:
             self.calls = getattr(self, "calls", 0) + 1
-            return self.calls % 3 == 0
+            return None if self.calls % 3 == 0 else 0
 
     drafter = load_drafter(DEMO_DRAFTER, demo_target, max_seqs=3, max_len=demo_target.context_length)
     seen: list = []
     engine = Engine(demo_target, EngineConfig(max_num_seqs=3, policy="confidence"), drafter=drafter,
                     step_cost=linear_cost(0.15))
-    engine.rule.gate = Alternating(engine.step_cost)
+    engine.rule.gate = Alternating()
     engine.round_observers.append(seen.append)
     done = _join_leave(engine)
     assert [done[i] for i in range(len(DEMO_PROMPTS))] == demo_plain
@@ -309,9 +320,9 @@ def test_deferred_commits_give_the_drafter_the_same_context(demo_target):
     from dspark.drafters.base import DraftCommit
 
     class Alternating(DraftGate):
-        def should_draft(self, num_reqs: int) -> bool:
+        def cap(self, num_reqs: int) -> int | None:
             self.calls = getattr(self, "calls", 0) + 1
-            return self.calls % 4 == 0
+            return None if self.calls % 4 == 0 else 0
 
     def run(deferred: bool):
         drafter = load_drafter(DEMO_DRAFTER, demo_target, max_seqs=3, max_len=demo_target.context_length)
@@ -320,7 +331,7 @@ def test_deferred_commits_give_the_drafter_the_same_context(demo_target):
         drafter.commit_batch = lambda batch: (calls.append([len(t) for t in batch.token_ids]), commit(batch))
         engine = Engine(demo_target, EngineConfig(max_num_seqs=3, policy="confidence"), drafter=drafter,
                         step_cost=linear_cost(0.15))
-        engine.rule.gate = Alternating(engine.step_cost)
+        engine.rule.gate = Alternating()
         if not deferred:
             engine._defer_commit = lambda slots, kept, hidden: drafter.commit_batch(DraftCommit(slots, kept, hidden))
         seen: list = []

@@ -488,6 +488,108 @@ static const ilkern_fn IL8[9] = {0, il8_1, il8_2, il8_3, il8_4, il8_5, il8_6, il
 #ifndef IL_ROWS
 #define IL_ROWS 8
 #endif
+
+/* With AVX-512 (VNNI on 512-bit registers): two blocks of 8 outputs side by side in one register (16
+ * lanes), so each row's activation broadcasts, conversions and float operations serve 16 outputs. Lane
+ * by lane the same operations, so the same bits. */
+#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__) && !defined(NO_IL_ZMM)
+#define HAVE_IL_ZMM 1
+static inline __m512i join256i(const uint8_t *a, const uint8_t *b) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)a)),
+                              _mm256_loadu_si256((const __m256i *)b), 1);
+}
+static inline __m512 join256f(const float *a, const float *b) {
+    return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(_mm256_loadu_ps(a))),
+                                               _mm256_castps_pd(_mm256_loadu_ps(b)), 1));
+}
+static inline __m512i bcast4z(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm512_set1_epi32(v);
+}
+static inline void store2x8(float *y, __m512 v) {
+    _mm256_storeu_ps(y, _mm512_castps512_ps256(v));
+    _mm256_storeu_ps(y + 8, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+}
+
+/* il: block nb, the next block at il + bb; sc8 likewise at + bs; y: outputs 8 nb .. 8 nb + 15 */
+#define IL4Z(R)                                                                                       \
+static void il4z_##R(int64_t G, const uint8_t *il, int64_t bb, const float *sc8, int64_t bs, const int8_t *qx, \
+                     int64_t qs, const float *dx, const float *sx, const int32_t *cx, int64_t ds, float *y, int64_t ys) { \
+    (void)cx;                                                                                         \
+    __m512 lo[R], hi[R];                                                                              \
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) lo[r] = hi[r] = _mm512_setzero_ps();         \
+    const __m512i m15 = _mm512_set1_epi8(15);                                                         \
+    for (int64_t g = 0; g < G; g++) {                                                                 \
+        __m512i wl[4], wh[4];                                                                         \
+        _Pragma("GCC unroll 4") for (int t = 0; t < 4; t++) {                                         \
+            __m512i v = join256i(il + g * 128 + 32 * t, il + bb + g * 128 + 32 * t);                  \
+            wl[t] = _mm512_and_si512(v, m15);                                                         \
+            wh[t] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m15);                                   \
+        }                                                                                             \
+        __m512 dv = join256f(sc8 + g * 16, sc8 + bs + g * 16), mv = join256f(sc8 + g * 16 + 8, sc8 + bs + g * 16 + 8); \
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                                         \
+            const int8_t *xq = qx + r * qs + g * GROUP;                                               \
+            __m512i sl = _mm512_setzero_si512(), sh = _mm512_setzero_si512();                         \
+            _Pragma("GCC unroll 4") for (int t = 0; t < 4; t++) {                                     \
+                sl = _mm512_dpbusd_epi32(sl, wl[t], bcast4z(xq + 4 * t));                             \
+                sh = _mm512_dpbusd_epi32(sh, wh[t], bcast4z(xq + 16 + 4 * t));                        \
+            }                                                                                         \
+            __m512 sc = _mm512_mul_ps(dv, _mm512_set1_ps(dx[r * ds + g]));                            \
+            lo[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sl), sc, lo[r]);                               \
+            lo[r] = _mm512_fmadd_ps(mv, _mm512_set1_ps(sx[r * ds + g]), lo[r]);                       \
+            hi[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sh), sc, hi[r]);                               \
+        }                                                                                             \
+    }                                                                                                 \
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) store2x8(y + r * ys, _mm512_add_ps(lo[r], hi[r])); \
+}
+#define IL8Z(R)                                                                                       \
+static void il8z_##R(int64_t G, const uint8_t *il, int64_t bb, const float *sc8, int64_t bs, const int8_t *qx, \
+                     int64_t qs, const float *dx, const float *sx, const int32_t *cx, int64_t ds, float *y, int64_t ys) { \
+    (void)sx;                                                                                         \
+    __m512 lo[R], hi[R];                                                                              \
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) lo[r] = hi[r] = _mm512_setzero_ps();         \
+    for (int64_t g = 0; g < G; g++) {                                                                 \
+        __m512i w[8];                                                                                 \
+        _Pragma("GCC unroll 8") for (int t = 0; t < 8; t++) w[t] = join256i(il + g * 256 + 32 * t, il + bb + g * 256 + 32 * t); \
+        __m512 dv = join256f(sc8 + g * 8, sc8 + bs + g * 8);                                         \
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                                         \
+            const int8_t *xq = qx + r * qs + g * GROUP;                                               \
+            __m512i sl = _mm512_set1_epi32(cx[(r * ds + g) * 2]), sh = _mm512_set1_epi32(cx[(r * ds + g) * 2 + 1]); \
+            _Pragma("GCC unroll 4") for (int t = 0; t < 4; t++) {                                     \
+                sl = _mm512_dpbusd_epi32(sl, w[t], bcast4z(xq + 4 * t));                              \
+                sh = _mm512_dpbusd_epi32(sh, w[4 + t], bcast4z(xq + 16 + 4 * t));                     \
+            }                                                                                         \
+            __m512 sc = _mm512_mul_ps(dv, _mm512_set1_ps(dx[r * ds + g]));                            \
+            lo[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sl), sc, lo[r]);                               \
+            hi[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sh), sc, hi[r]);                               \
+        }                                                                                             \
+    }                                                                                                 \
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) store2x8(y + r * ys, _mm512_add_ps(lo[r], hi[r])); \
+}
+IL4Z(1)
+IL4Z(2)
+IL4Z(3)
+IL4Z(4)
+IL4Z(5)
+IL4Z(6)
+IL4Z(7)
+IL4Z(8)
+IL8Z(1)
+IL8Z(2)
+IL8Z(3)
+IL8Z(4)
+IL8Z(5)
+IL8Z(6)
+IL8Z(7)
+IL8Z(8)
+typedef void (*ilzkern_fn)(int64_t, const uint8_t *, int64_t, const float *, int64_t, const int8_t *, int64_t,
+                           const float *, const float *, const int32_t *, int64_t, float *, int64_t);
+static const ilzkern_fn IL4Z_[9] = {0, il4z_1, il4z_2, il4z_3, il4z_4, il4z_5, il4z_6, il4z_7, il4z_8};
+static const ilzkern_fn IL8Z_[9] = {0, il8z_1, il8z_2, il8z_3, il8z_4, il8z_5, il8z_6, il8z_7, il8z_8};
+#else
+#define HAVE_IL_ZMM 0
+#endif
 #endif
 
 /* y[M, N] (row stride ys) = x[M, K] (row stride xs) @ W^T on 8-bit activations, W in the interleaved
@@ -518,6 +620,24 @@ static int run_il(int64_t q8, int64_t M, int64_t N, int64_t K, const float *x, i
     }
     const ilkern_fn *k = q8 ? IL8 : IL4;
     int64_t NB = N / 8;
+#if HAVE_IL_ZMM
+    /* pairs of blocks on 512-bit registers, an odd last block on 256-bit ones */
+    const ilzkern_fn *kz = q8 ? IL8Z_ : IL4Z_;
+    int64_t NP = (NB + 1) / 2;
+#pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : 1)
+    for (int64_t np = 0; np < NP; np++) {
+        int64_t nb = 2 * np;
+        for (int64_t r = 0; r < M; r += IL_ROWS) {
+            int64_t t = M - r < IL_ROWS ? M - r : IL_ROWS;
+            if (nb + 1 < NB)
+                kz[t](G, il + nb * bb, bb, sc8 + nb * bs, bs, qx + r * K, K, dx + r * G, sx + r * G, cx + r * G * 2, G,
+                      y + r * ys + nb * 8, ys);
+            else
+                k[t](G, il + nb * bb, sc8 + nb * bs, qx + r * K, K, dx + r * G, sx + r * G, cx + r * G * 2, G,
+                     y + r * ys + nb * 8, ys);
+        }
+    }
+#else
 #pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : 1)
     for (int64_t nb = 0; nb < NB; nb++)
         for (int64_t r = 0; r < M; r += IL_ROWS) {
@@ -525,6 +645,7 @@ static int run_il(int64_t q8, int64_t M, int64_t N, int64_t K, const float *x, i
             k[t](G, il + nb * bb, sc8 + nb * bs, qx + r * K, K, dx + r * G, sx + r * G, cx + r * G * 2, G,
                  y + r * ys + nb * 8, ys);
         }
+#endif
     return 0;
 #else
     (void)q8; (void)M; (void)N; (void)K; (void)x; (void)xs; (void)il; (void)sc8; (void)y; (void)ys; (void)threads;
