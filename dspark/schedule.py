@@ -339,11 +339,12 @@ class DraftGate:
 
         rate(arm) = R * (1 + accepted drafts per request) / wall seconds of the round
 
-    (EMAs over those rounds). Within the cap, Algorithm 1 on the calibrated confidences still chooses
+    (EMAs over those rounds: a long one for the tokens, which vary from round to round but drift
+    slowly, a short one for the seconds, which drift with the machine's load). Within the cap, Algorithm 1 on the calibrated confidences still chooses
     each request's ℓ (with its early stop). Each R starts at the first arm (no drafting: plain decoding,
     measured in this engine) and plays the best arm measured; every `probe_every` rounds it probes a
-    neighbour of that arm (one cap up or down, in turn) for `probe_rounds` rounds, re-measuring it
-    from scratch, so it climbs to deeper caps only while each step up pays and the estimates follow
+    neighbour of that arm (one cap up or down, in turn) for `probe_rounds` rounds, re-timing it from
+    scratch, so it climbs to deeper caps only while each step up pays and the estimates follow
     the text and the load; a probe that does not win doubles that interval (up to `max_probe_every`),
     one that wins resets it. The first round after a change of arm is not measured. Arm 0 is plain decoding measured in the same engine, so the policy can always fall
     back to it. Lossless: the decision reads only rounds already verified, never the drafts of the round
@@ -353,7 +354,7 @@ class DraftGate:
     ARMS: tuple[int | None, ...] = (0, 1, 2, None)
 
     def __init__(self, probe_every: int = 16, decay: float = 0.8, max_probe_every: int = 256,
-                 arms: Sequence[int | None] = ARMS, probe_rounds: int = 4) -> None:
+                 arms: Sequence[int | None] = ARMS, probe_rounds: int = 4, token_decay: float = 0.95) -> None:
         if not arms or len(set(arms)) != len(arms) or any(a is not None and a < 0 for a in arms):
             raise ValueError(f"gate arms must be distinct caps >= 0 or None, got {list(arms)}")
         if probe_rounds < 2:
@@ -362,7 +363,8 @@ class DraftGate:
         self.min_probe_every = self.probe_every = probe_every
         self.max_probe_every = max_probe_every
         self.probe_rounds = probe_rounds
-        self.decay = decay
+        self.decay = decay              # EMA weight of the old value: a round's wall seconds
+        self.token_decay = token_decay  # and its tokens per request
         self.stats: dict[int, dict[int | None, list[float]]] = {}  # R -> arm -> [tokens/request, seconds]
         self.idle = 0                # rounds since the last probe
         self.skipped = 0             # rounds the gate kept from drafting (all time)
@@ -420,10 +422,16 @@ class DraftGate:
             st = self.stats.setdefault(num_reqs, {})
             new = [1 + accepted / num_reqs, seconds]
             old = st.get(arm)
-            if self._probe is not None and self._probe[2]:  # a probe re-measures its arm: the old
-                old = None                                  # estimate is probe_every rounds stale
-                self._probe = (self._probe[0], self._probe[1], False)
-            st[arm] = new if old is None else [self._ema(a, b) for a, b in zip(old, new)]
+            if old is None:
+                st[arm] = new
+            else:
+                if self._probe is not None and self._probe[2]:  # a probe re-times its arm: the old
+                    old = [old[0], new[1]]                      # time is probe_every rounds stale
+                    self._probe = (self._probe[0], self._probe[1], False)
+                # the tokens a round yields vary a lot from round to round but drift slowly (the
+                # text): a long average; its wall time varies little but drifts with the machine's
+                # load: a short one
+                st[arm] = [self.token_decay * old[0] + (1 - self.token_decay) * new[0], self._ema(old[1], new[1])]
         self.idle += 1
         if self._probe is not None:
             left = self._probe[1] - 1

@@ -253,7 +253,7 @@ def test_gate_stays_plain_when_drafting_does_not_pay():
 
 
 def test_gate_follows_the_text():
-    gate = DraftGate(probe_every=4, probe_rounds=3)
+    gate = DraftGate(probe_every=4, probe_rounds=3, token_decay=0.5)  # a short token average, for the test
     accepted = {0: 0, 1: 0.2, 2: 0.2, None: 0.2}
     seconds = {0: 0.020, 1: 0.030, 2: 0.035, None: 0.060}
     caps = _play(gate, 1, 4 + 3 + 8 + 3, accepted, seconds)
@@ -264,6 +264,19 @@ def test_gate_follows_the_text():
     caps = _play(gate, 1, 16 + 3 + 4, easy, seconds)
     assert caps[:16] == [0] * 16 and caps[16:19] == [1, 1, 1] and caps[19:] == [1] * 4 and gate.probe_every == 4
     assert gate.cap(1) in (0, 2)
+
+
+def test_gate_keeps_a_long_token_average_and_a_short_time_average():
+    """One lucky probe round does not make drafting look paying (tokens: weight 0.05 on the newest
+    round), while a probe re-times its arm from scratch (the machine's load drifts)."""
+    gate = DraftGate(probe_every=4, probe_rounds=3)
+    accepted = {0: 0, 1: 0.2, 2: 0.2, None: 0.2}
+    seconds = {0: 0.020, 1: 0.030, 2: 0.035, None: 0.060}
+    _play(gate, 1, 4 + 3, accepted, seconds)
+    assert gate.stats[1][1] == pytest.approx([1.2, 0.030])
+    caps = _play(gate, 1, 8 + 3, {**accepted, 1: 1.0}, {**seconds, 1: 0.027})  # two lucky rounds
+    assert caps[8:] == [1, 1, 1] and gate.best(1) == 0  # 1.2 -> 1.28 tokens: 1.28 / 27 ms < 1 / 20 ms
+    assert gate.stats[1][1] == pytest.approx([0.95 * (0.95 * 1.2 + 0.1) + 0.1, 0.027])
 
 
 def test_gate_rejects_bad_arms():
