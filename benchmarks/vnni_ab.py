@@ -6,7 +6,7 @@ Loads the default model (and its bundled DSpark drafter) twice: once with DSPARK
 8-bit-activation kernels), once with the interleaved VNNI kernels (the same bits: checked here on every
 forward's logits). Times, alternating pass by pass: a target forward of k tokens of one sequence
 (k = 1, 2, 4, 8: decoding and verification), of one token for each of R sequences (R = 4, 8: batched
-decoding), and the drafter's proposal (120 tokens of context) settling at one draft or drafting all 7.
+decoding), a prompt's prefill (120 tokens), and the drafter's proposal (120 tokens of context) settling at one draft or drafting all 7.
 Prints the medians (ms) and the median of the pair-by-pair ratios; on a CPU without VNNI it says so
 and stops.
 """
@@ -81,6 +81,15 @@ def main() -> int:
     greedy = SamplingTensors.from_params([SamplingParams(temperature=0)])
     cases = [(f"forward k={k}", lambda s, k=k: forward(s, k, 1)) for k in (1, 2, 4, 8)]
     cases += [(f"forward 1 token x {r} sequences", lambda s, r=r: forward(s, 1, r)) for r in (4, 8)]
+
+    def prefill(side):
+        target, d, cache, slots = side
+
+        def run():
+            target.forward(cache, [slots[7]], [ids[:base]], all_logits=False)
+            cache.truncate(slots[7], 0)
+        return run
+    cases.append((f"prefill {base} tokens", prefill))
     for label, stop in (("settles at 1 draft", lambda c: 1), ("all 7 drafts", None)):
         cases.append((f"propose, {label}", lambda s, stop=stop: (
             lambda: s[1].propose([s[3][0]], [ids[-1]], 7, greedy, [None], stop=stop))))

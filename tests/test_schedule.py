@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from dspark import LLM, SamplingParams
 from dspark.drafters.ngram import NgramDrafter
-from dspark.schedule import (ScheduleError, StepCostTable, schedule_prefix, settled_schedule,
+from dspark.schedule import (DraftGate, ScheduleError, StepCostTable, schedule_prefix, settled_schedule,
                              survival_from_confidence)
 from helpers import PROMPTS, sampled_pairs_pvalue, untrained_dspark
 
@@ -141,6 +141,7 @@ def test_greedy_with_confidence_scheduler_equals_plain(qwen3_ckpt, plain, plain_
     assert drafter.has_confidence
     spec = LLM(model=qwen3_ckpt.path, drafter=drafter, max_num_seqs=batch, num_speculative_tokens=7,
                policy="confidence", step_cost=linear_cost(0.1))
+    spec.engine.rule.gate = DraftGate(arms=(None,))  # Algorithm 1 uncapped in every round (the gate has its tests)
     short = []  # per propose call: were fewer tokens drafted than asked for?
     draft_block = drafter.draft_block
     drafter.draft_block = lambda *a, **k: (d := draft_block(*a, **k), short.append(d.token_ids.shape[1] < max(a[2])))[0]
@@ -157,6 +158,7 @@ def test_greedy_with_confidence_scheduler_equals_plain(qwen3_ckpt, plain, plain_
 def test_sampled_with_confidence_scheduler_follows_target(qwen3_ckpt, plain):
     llm = LLM(model=qwen3_ckpt.path, drafter=untrained_dspark(plain.target, 8), max_num_seqs=8,
               num_speculative_tokens=3, policy="confidence", step_cost=linear_cost(0.1))
+    llm.engine.rule.gate = DraftGate(arms=(None,))  # drafting in every round
     pvalue, _ = sampled_pairs_pvalue(llm, qwen3_ckpt.hf_model, n=2000, top_k=4)
     assert pvalue > 1e-3, pvalue
 

@@ -15,6 +15,7 @@ import torch
 from dspark import LLM, SamplingParams
 from dspark.bundled import bundled_drafter_for, smollm2_path
 from dspark.sampling import logits_to_probs
+from dspark.schedule import DraftGate
 from helpers import pairs_pvalue
 
 GGUF = smollm2_path()
@@ -65,6 +66,7 @@ def test_dspark_with_confidence_policy_is_lossless_greedy(plain, batch):
     confidence-scheduled verification: greedy output there is plain greedy output too."""
     prompts, want = plain
     llm = LLM(model=GGUF, drafter="dspark", max_num_seqs=batch, policy="confidence")
+    llm.engine.rule.gate = DraftGate(arms=(None,))  # drafting in every round (the gate has its own tests)
     assert llm.drafter.model.config.draft_vocab_size == 8192
     outs = []
     for i in range(0, len(prompts), batch):

@@ -225,7 +225,7 @@ def plot_load_frontier(rows: Sequence[Mapping[str, Any]], path: str | Path,
             ax.annotate(str(r["concurrency"]), (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel("per-user tokens/s")
     ax.set_ylabel("aggregate tokens/s")
-    ax.set_title(title + " (labels: concurrent clients)", fontsize=10)
+    ax.set_title(title + "\n(point labels: concurrent clients)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, plt, path)

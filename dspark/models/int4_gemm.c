@@ -494,6 +494,12 @@ static const ilkern_fn IL8[9] = {0, il8_1, il8_2, il8_3, il8_4, il8_5, il8_6, il
  * by lane the same operations, so the same bits. */
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__) && !defined(NO_IL_ZMM)
 #define HAVE_IL_ZMM 1
+/* Only from this many rows: below it a step streams its weights from memory, and reading two blocks'
+ * codes side by side was slower there (a SmolLM2 decode step 4.2-4.7 -> 5.5-5.6 ms, alternating builds),
+ * while with many rows the kernel is bound by arithmetic and the wider registers gain 1.2-1.3x. */
+#ifndef IL_ZMM_MIN_ROWS
+#define IL_ZMM_MIN_ROWS 16
+#endif
 static inline __m512i join256i(const uint8_t *a, const uint8_t *b) {
     return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)a)),
                               _mm256_loadu_si256((const __m256i *)b), 1);
@@ -621,23 +627,25 @@ static int run_il(int64_t q8, int64_t M, int64_t N, int64_t K, const float *x, i
     const ilkern_fn *k = q8 ? IL8 : IL4;
     int64_t NB = N / 8;
 #if HAVE_IL_ZMM
-    /* pairs of blocks on 512-bit registers, an odd last block on 256-bit ones */
-    const ilzkern_fn *kz = q8 ? IL8Z_ : IL4Z_;
-    int64_t NP = (NB + 1) / 2;
+    if (M >= IL_ZMM_MIN_ROWS) { /* pairs of blocks on 512-bit registers, an odd last block on 256-bit ones */
+        const ilzkern_fn *kz = q8 ? IL8Z_ : IL4Z_;
+        int64_t NP = (NB + 1) / 2;
 #pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : 1)
-    for (int64_t np = 0; np < NP; np++) {
-        int64_t nb = 2 * np;
-        for (int64_t r = 0; r < M; r += IL_ROWS) {
-            int64_t t = M - r < IL_ROWS ? M - r : IL_ROWS;
-            if (nb + 1 < NB)
-                kz[t](G, il + nb * bb, bb, sc8 + nb * bs, bs, qx + r * K, K, dx + r * G, sx + r * G, cx + r * G * 2, G,
-                      y + r * ys + nb * 8, ys);
-            else
-                k[t](G, il + nb * bb, sc8 + nb * bs, qx + r * K, K, dx + r * G, sx + r * G, cx + r * G * 2, G,
-                     y + r * ys + nb * 8, ys);
+        for (int64_t np = 0; np < NP; np++) {
+            int64_t nb = 2 * np;
+            for (int64_t r = 0; r < M; r += IL_ROWS) {
+                int64_t t = M - r < IL_ROWS ? M - r : IL_ROWS;
+                if (nb + 1 < NB)
+                    kz[t](G, il + nb * bb, bb, sc8 + nb * bs, bs, qx + r * K, K, dx + r * G, sx + r * G,
+                          cx + r * G * 2, G, y + r * ys + nb * 8, ys);
+                else
+                    k[t](G, il + nb * bb, sc8 + nb * bs, qx + r * K, K, dx + r * G, sx + r * G, cx + r * G * 2, G,
+                         y + r * ys + nb * 8, ys);
+            }
         }
+        return 0;
     }
-#else
+#endif
 #pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : 1)
     for (int64_t nb = 0; nb < NB; nb++)
         for (int64_t r = 0; r < M; r += IL_ROWS) {
@@ -645,7 +653,6 @@ static int run_il(int64_t q8, int64_t M, int64_t N, int64_t K, const float *x, i
             k[t](G, il + nb * bb, sc8 + nb * bs, qx + r * K, K, dx + r * G, sx + r * G, cx + r * G * 2, G,
                  y + r * ys + nb * 8, ys);
         }
-#endif
     return 0;
 #else
     (void)q8; (void)M; (void)N; (void)K; (void)x; (void)xs; (void)il; (void)sc8; (void)y; (void)ys; (void)threads;
