@@ -402,96 +402,91 @@ static int run_a8(const qkern_fn *k, int64_t SC, int64_t gb, int64_t M, int64_t 
 int dspark_has_vnni(void) { return HAVE_VNNI; }
 
 #if HAVE_VNNI
-static inline __m256i bcast4(const int8_t *p) {
-    int32_t v;
-    memcpy(&v, p, 4);
-    return _mm256_set1_epi32(v);
-}
-
-#define IL4KERNEL(R)                                                                                  \
-static void il4_##R(int64_t G, const uint8_t *il, const float *sc8, const int8_t *qx, int64_t qs,       \
-                    const float *dx, const float *sx, const int32_t *cx, int64_t ds, float *y, int64_t ys) { \
-    (void)cx;                                                                                         \
-    __m256 lo[R], hi[R];                                                                              \
-    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) lo[r] = hi[r] = _mm256_setzero_ps();         \
-    const __m256i m15 = _mm256_set1_epi8(15);                                                         \
-    for (int64_t g = 0; g < G; g++) {                                                                 \
-        const uint8_t *b = il + g * 128;                                                              \
-        __m256i wl[4], wh[4];                                                                         \
-        _Pragma("GCC unroll 4") for (int t = 0; t < 4; t++) {                                         \
-            __m256i v = _mm256_loadu_si256((const __m256i *)(b + 32 * t));                            \
-            wl[t] = _mm256_and_si256(v, m15);                                                         \
-            wh[t] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m15);                                   \
-        }                                                                                             \
-        __m256 dv = _mm256_loadu_ps(sc8 + g * 16), mv = _mm256_loadu_ps(sc8 + g * 16 + 8);            \
-        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                                         \
-            const int8_t *xq = qx + r * qs + g * GROUP;                                               \
-            __m256i sl = _mm256_setzero_si256(), sh = _mm256_setzero_si256();                         \
-            _Pragma("GCC unroll 4") for (int t = 0; t < 4; t++) {                                     \
-                sl = DPBUSD(sl, wl[t], bcast4(xq + 4 * t));                                           \
-                sh = DPBUSD(sh, wh[t], bcast4(xq + 16 + 4 * t));                                      \
-            }                                                                                         \
-            __m256 sc = _mm256_mul_ps(dv, _mm256_broadcast_ss(dx + r * ds + g));                      \
-            lo[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sl), sc, lo[r]);                               \
-            lo[r] = _mm256_fmadd_ps(mv, _mm256_broadcast_ss(sx + r * ds + g), lo[r]);                 \
-            hi[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sh), sc, hi[r]);                               \
-        }                                                                                             \
-    }                                                                                                 \
-    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) _mm256_storeu_ps(y + r * ys, _mm256_add_ps(lo[r], hi[r])); \
-}
-
-#define IL8KERNEL(R)                                                                                  \
-static void il8_##R(int64_t G, const uint8_t *il, const float *sc8, const int8_t *qx, int64_t qs,       \
-                    const float *dx, const float *sx, const int32_t *cx, int64_t ds, float *y, int64_t ys) { \
-    (void)sx;                                                                                         \
-    __m256 lo[R], hi[R];                                                                              \
-    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) lo[r] = hi[r] = _mm256_setzero_ps();         \
-    for (int64_t g = 0; g < G; g++) {                                                                 \
-        const uint8_t *b = il + g * 256;                                                              \
-        __m256i w[8];                                                                                 \
-        _Pragma("GCC unroll 8") for (int t = 0; t < 8; t++) w[t] = _mm256_loadu_si256((const __m256i *)(b + 32 * t)); \
-        __m256 dv = _mm256_loadu_ps(sc8 + g * 8);                                                     \
-        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                                         \
-            const int8_t *xq = qx + r * qs + g * GROUP;                                               \
-            __m256i sl = _mm256_set1_epi32(cx[(r * ds + g) * 2]), sh = _mm256_set1_epi32(cx[(r * ds + g) * 2 + 1]); \
-            _Pragma("GCC unroll 4") for (int t = 0; t < 4; t++) {                                     \
-                sl = DPBUSD(sl, w[t], bcast4(xq + 4 * t));                                            \
-                sh = DPBUSD(sh, w[4 + t], bcast4(xq + 16 + 4 * t));                                   \
-            }                                                                                         \
-            __m256 sc = _mm256_mul_ps(dv, _mm256_broadcast_ss(dx + r * ds + g));                      \
-            lo[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sl), sc, lo[r]);                               \
-            hi[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sh), sc, hi[r]);                               \
-        }                                                                                             \
-    }                                                                                                 \
-    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) _mm256_storeu_ps(y + r * ys, _mm256_add_ps(lo[r], hi[r])); \
-}
-IL4KERNEL(1)
-IL4KERNEL(2)
-IL4KERNEL(3)
-IL4KERNEL(4)
-IL4KERNEL(5)
-IL4KERNEL(6)
-IL4KERNEL(7)
-IL4KERNEL(8)
-IL8KERNEL(1)
-IL8KERNEL(2)
-IL8KERNEL(3)
-IL8KERNEL(4)
-IL8KERNEL(5)
-IL8KERNEL(6)
-IL8KERNEL(7)
-IL8KERNEL(8)
-typedef void (*ilkern_fn)(int64_t, const uint8_t *, const float *, const int8_t *, int64_t, const float *,
-                          const float *, const int32_t *, int64_t, float *, int64_t);
-static const ilkern_fn IL4[9] = {0, il4_1, il4_2, il4_3, il4_4, il4_5, il4_6, il4_7, il4_8};
-static const ilkern_fn IL8[9] = {0, il8_1, il8_2, il8_3, il8_4, il8_5, il8_6, il8_7, il8_8};
 #ifndef IL_ROWS
 #define IL_ROWS 8
 #endif
 
+static inline int32_t four_bytes(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* One kernel family for both register widths: V = Y (256-bit: one block of 8 outputs) or Z (512-bit:
+ * blocks nb and nb + 1 side by side, the second block's codes bb bytes and scales bs floats further on).
+ * Each lane does the same operations at either width, so the bits do not depend on it. */
+#define Y_VI __m256i
+#define Y_VF __m256
+#define Y_ZEROF() _mm256_setzero_ps()
+#define Y_ZEROI() _mm256_setzero_si256()
+#define Y_AND(a, b) _mm256_and_si256(a, b)
+#define Y_SHR4(a) _mm256_srli_epi16(a, 4)
+#define Y_SET8(x) _mm256_set1_epi8(x)
+#define Y_SET32(x) _mm256_set1_epi32(x)
+#define Y_DP(acc, a, b) DPBUSD(acc, a, b)
+#define Y_SETF(x) _mm256_set1_ps(x)
+#define Y_MUL(a, b) _mm256_mul_ps(a, b)
+#define Y_FMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define Y_CVT(a) _mm256_cvtepi32_ps(a)
+#define Y_ADD(a, b) _mm256_add_ps(a, b)
+#define Y_LOADI(p, bb) _mm256_loadu_si256((const __m256i *)(p))
+#define Y_LOADF(p, bs) _mm256_loadu_ps(p)
+#define Y_STORE(y, v) _mm256_storeu_ps(y, v)
+
+/* Q4 (q8 = 0): per group 4 vectors of 32 code bytes, low nibbles elements 4t.., high 16 + 4t.., scales
+ * d then m (16 floats); Q8_0 (q8 = 1): 8 vectors (codes + 128), scales d (8 floats), each half's
+ * accumulator starting at -128 * sum(qx) of that half (cx). */
+#define ILKERNEL(V, NAME, R, Q8)                                                                      \
+static void NAME##_##R(int64_t G, const uint8_t *il, int64_t bb, const float *sc8, int64_t bs,          \
+                       const int8_t *qx, int64_t qs, const float *dx, const float *sx, const int32_t *cx, \
+                       int64_t ds, float *y, int64_t ys) {                                            \
+    (void)bb; (void)bs; (void)sx; (void)cx;                                                           \
+    V##_VF lo[R], hi[R];                                                                              \
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) lo[r] = hi[r] = V##_ZEROF();                  \
+    const V##_VI m15 = V##_SET8(15);                                                                  \
+    const int64_t gb = Q8 ? 256 : 128, gs = Q8 ? 8 : 16;                                              \
+    for (int64_t g = 0; g < G; g++) {                                                                 \
+        V##_VI wl[4], wh[4];                                                                          \
+        _Pragma("GCC unroll 4") for (int t = 0; t < 4; t++) {                                         \
+            if (Q8) {                                                                                 \
+                wl[t] = V##_LOADI(il + g * gb + 32 * t, bb);                                          \
+                wh[t] = V##_LOADI(il + g * gb + 32 * (4 + t), bb);                                    \
+            } else {                                                                                  \
+                V##_VI v = V##_LOADI(il + g * gb + 32 * t, bb);                                       \
+                wl[t] = V##_AND(v, m15);                                                              \
+                wh[t] = V##_AND(V##_SHR4(v), m15);                                                    \
+            }                                                                                         \
+        }                                                                                             \
+        V##_VF dv = V##_LOADF(sc8 + g * gs, bs), mv = Q8 ? V##_ZEROF() : V##_LOADF(sc8 + g * gs + 8, bs); \
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                                         \
+            const int8_t *xq = qx + r * qs + g * GROUP;                                               \
+            V##_VI sl = Q8 ? V##_SET32(cx[(r * ds + g) * 2]) : V##_ZEROI();                           \
+            V##_VI sh = Q8 ? V##_SET32(cx[(r * ds + g) * 2 + 1]) : V##_ZEROI();                       \
+            _Pragma("GCC unroll 4") for (int t = 0; t < 4; t++) {                                     \
+                sl = V##_DP(sl, wl[t], V##_SET32(four_bytes(xq + 4 * t)));                            \
+                sh = V##_DP(sh, wh[t], V##_SET32(four_bytes(xq + 16 + 4 * t)));                       \
+            }                                                                                         \
+            V##_VF sc = V##_MUL(dv, V##_SETF(dx[r * ds + g]));                                        \
+            lo[r] = V##_FMA(V##_CVT(sl), sc, lo[r]);                                                  \
+            if (!Q8) lo[r] = V##_FMA(mv, V##_SETF(sx[r * ds + g]), lo[r]);                            \
+            hi[r] = V##_FMA(V##_CVT(sh), sc, hi[r]);                                                  \
+        }                                                                                             \
+    }                                                                                                 \
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) V##_STORE(y + r * ys, V##_ADD(lo[r], hi[r])); \
+}
+#define ILKERNELS(V, NAME, Q8)                                                                        \
+    ILKERNEL(V, NAME, 1, Q8) ILKERNEL(V, NAME, 2, Q8) ILKERNEL(V, NAME, 3, Q8) ILKERNEL(V, NAME, 4, Q8) \
+    ILKERNEL(V, NAME, 5, Q8) ILKERNEL(V, NAME, 6, Q8) ILKERNEL(V, NAME, 7, Q8) ILKERNEL(V, NAME, 8, Q8) \
+    static const ilkern_fn NAME[9] = {0, NAME##_1, NAME##_2, NAME##_3, NAME##_4, NAME##_5, NAME##_6,   \
+                                      NAME##_7, NAME##_8};
+/* il: the block's codes; sc8: its scales; (Z: the next block's at + bb, + bs); y: its outputs */
+typedef void (*ilkern_fn)(int64_t, const uint8_t *, int64_t, const float *, int64_t, const int8_t *, int64_t,
+                          const float *, const float *, const int32_t *, int64_t, float *, int64_t);
+ILKERNELS(Y, IL4, 0)
+ILKERNELS(Y, IL8, 1)
+
 /* With AVX-512 (VNNI on 512-bit registers): two blocks of 8 outputs side by side in one register (16
- * lanes), so each row's activation broadcasts, conversions and float operations serve 16 outputs. Lane
- * by lane the same operations, so the same bits. */
+ * lanes), so each row's activation broadcasts, conversions and float operations serve 16 outputs. */
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__) && !defined(NO_IL_ZMM)
 #define HAVE_IL_ZMM 1
 /* Only from this many rows: below it a step streams its weights from memory, and reading two blocks'
@@ -508,91 +503,29 @@ static inline __m512 join256f(const float *a, const float *b) {
     return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(_mm256_loadu_ps(a))),
                                                _mm256_castps_pd(_mm256_loadu_ps(b)), 1));
 }
-static inline __m512i bcast4z(const int8_t *p) {
-    int32_t v;
-    memcpy(&v, p, 4);
-    return _mm512_set1_epi32(v);
-}
 static inline void store2x8(float *y, __m512 v) {
     _mm256_storeu_ps(y, _mm512_castps512_ps256(v));
     _mm256_storeu_ps(y + 8, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
 }
-
-/* il: block nb, the next block at il + bb; sc8 likewise at + bs; y: outputs 8 nb .. 8 nb + 15 */
-#define IL4Z(R)                                                                                       \
-static void il4z_##R(int64_t G, const uint8_t *il, int64_t bb, const float *sc8, int64_t bs, const int8_t *qx, \
-                     int64_t qs, const float *dx, const float *sx, const int32_t *cx, int64_t ds, float *y, int64_t ys) { \
-    (void)cx;                                                                                         \
-    __m512 lo[R], hi[R];                                                                              \
-    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) lo[r] = hi[r] = _mm512_setzero_ps();         \
-    const __m512i m15 = _mm512_set1_epi8(15);                                                         \
-    for (int64_t g = 0; g < G; g++) {                                                                 \
-        __m512i wl[4], wh[4];                                                                         \
-        _Pragma("GCC unroll 4") for (int t = 0; t < 4; t++) {                                         \
-            __m512i v = join256i(il + g * 128 + 32 * t, il + bb + g * 128 + 32 * t);                  \
-            wl[t] = _mm512_and_si512(v, m15);                                                         \
-            wh[t] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m15);                                   \
-        }                                                                                             \
-        __m512 dv = join256f(sc8 + g * 16, sc8 + bs + g * 16), mv = join256f(sc8 + g * 16 + 8, sc8 + bs + g * 16 + 8); \
-        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                                         \
-            const int8_t *xq = qx + r * qs + g * GROUP;                                               \
-            __m512i sl = _mm512_setzero_si512(), sh = _mm512_setzero_si512();                         \
-            _Pragma("GCC unroll 4") for (int t = 0; t < 4; t++) {                                     \
-                sl = _mm512_dpbusd_epi32(sl, wl[t], bcast4z(xq + 4 * t));                             \
-                sh = _mm512_dpbusd_epi32(sh, wh[t], bcast4z(xq + 16 + 4 * t));                        \
-            }                                                                                         \
-            __m512 sc = _mm512_mul_ps(dv, _mm512_set1_ps(dx[r * ds + g]));                            \
-            lo[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sl), sc, lo[r]);                               \
-            lo[r] = _mm512_fmadd_ps(mv, _mm512_set1_ps(sx[r * ds + g]), lo[r]);                       \
-            hi[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sh), sc, hi[r]);                               \
-        }                                                                                             \
-    }                                                                                                 \
-    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) store2x8(y + r * ys, _mm512_add_ps(lo[r], hi[r])); \
-}
-#define IL8Z(R)                                                                                       \
-static void il8z_##R(int64_t G, const uint8_t *il, int64_t bb, const float *sc8, int64_t bs, const int8_t *qx, \
-                     int64_t qs, const float *dx, const float *sx, const int32_t *cx, int64_t ds, float *y, int64_t ys) { \
-    (void)sx;                                                                                         \
-    __m512 lo[R], hi[R];                                                                              \
-    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) lo[r] = hi[r] = _mm512_setzero_ps();         \
-    for (int64_t g = 0; g < G; g++) {                                                                 \
-        __m512i w[8];                                                                                 \
-        _Pragma("GCC unroll 8") for (int t = 0; t < 8; t++) w[t] = join256i(il + g * 256 + 32 * t, il + bb + g * 256 + 32 * t); \
-        __m512 dv = join256f(sc8 + g * 8, sc8 + bs + g * 8);                                         \
-        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                                         \
-            const int8_t *xq = qx + r * qs + g * GROUP;                                               \
-            __m512i sl = _mm512_set1_epi32(cx[(r * ds + g) * 2]), sh = _mm512_set1_epi32(cx[(r * ds + g) * 2 + 1]); \
-            _Pragma("GCC unroll 4") for (int t = 0; t < 4; t++) {                                     \
-                sl = _mm512_dpbusd_epi32(sl, w[t], bcast4z(xq + 4 * t));                              \
-                sh = _mm512_dpbusd_epi32(sh, w[4 + t], bcast4z(xq + 16 + 4 * t));                     \
-            }                                                                                         \
-            __m512 sc = _mm512_mul_ps(dv, _mm512_set1_ps(dx[r * ds + g]));                            \
-            lo[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sl), sc, lo[r]);                               \
-            hi[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sh), sc, hi[r]);                               \
-        }                                                                                             \
-    }                                                                                                 \
-    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) store2x8(y + r * ys, _mm512_add_ps(lo[r], hi[r])); \
-}
-IL4Z(1)
-IL4Z(2)
-IL4Z(3)
-IL4Z(4)
-IL4Z(5)
-IL4Z(6)
-IL4Z(7)
-IL4Z(8)
-IL8Z(1)
-IL8Z(2)
-IL8Z(3)
-IL8Z(4)
-IL8Z(5)
-IL8Z(6)
-IL8Z(7)
-IL8Z(8)
-typedef void (*ilzkern_fn)(int64_t, const uint8_t *, int64_t, const float *, int64_t, const int8_t *, int64_t,
-                           const float *, const float *, const int32_t *, int64_t, float *, int64_t);
-static const ilzkern_fn IL4Z_[9] = {0, il4z_1, il4z_2, il4z_3, il4z_4, il4z_5, il4z_6, il4z_7, il4z_8};
-static const ilzkern_fn IL8Z_[9] = {0, il8z_1, il8z_2, il8z_3, il8z_4, il8z_5, il8z_6, il8z_7, il8z_8};
+#define Z_VI __m512i
+#define Z_VF __m512
+#define Z_ZEROF() _mm512_setzero_ps()
+#define Z_ZEROI() _mm512_setzero_si512()
+#define Z_AND(a, b) _mm512_and_si512(a, b)
+#define Z_SHR4(a) _mm512_srli_epi16(a, 4)
+#define Z_SET8(x) _mm512_set1_epi8(x)
+#define Z_SET32(x) _mm512_set1_epi32(x)
+#define Z_DP(acc, a, b) _mm512_dpbusd_epi32(acc, a, b)
+#define Z_SETF(x) _mm512_set1_ps(x)
+#define Z_MUL(a, b) _mm512_mul_ps(a, b)
+#define Z_FMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define Z_CVT(a) _mm512_cvtepi32_ps(a)
+#define Z_ADD(a, b) _mm512_add_ps(a, b)
+#define Z_LOADI(p, bb) join256i(p, (p) + (bb))
+#define Z_LOADF(p, bs) join256f(p, (p) + (bs))
+#define Z_STORE(y, v) store2x8(y, v)
+ILKERNELS(Z, IL4Z_, 0)
+ILKERNELS(Z, IL8Z_, 1)
 #else
 #define HAVE_IL_ZMM 0
 #endif
@@ -628,7 +561,7 @@ static int run_il(int64_t q8, int64_t M, int64_t N, int64_t K, const float *x, i
     int64_t NB = N / 8;
 #if HAVE_IL_ZMM
     if (M >= IL_ZMM_MIN_ROWS) { /* pairs of blocks on 512-bit registers, an odd last block on 256-bit ones */
-        const ilzkern_fn *kz = q8 ? IL8Z_ : IL4Z_;
+        const ilkern_fn *kz = q8 ? IL8Z_ : IL4Z_;
         int64_t NP = (NB + 1) / 2;
 #pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : 1)
         for (int64_t np = 0; np < NP; np++) {
@@ -639,8 +572,8 @@ static int run_il(int64_t q8, int64_t M, int64_t N, int64_t K, const float *x, i
                     kz[t](G, il + nb * bb, bb, sc8 + nb * bs, bs, qx + r * K, K, dx + r * G, sx + r * G,
                           cx + r * G * 2, G, y + r * ys + nb * 8, ys);
                 else
-                    k[t](G, il + nb * bb, sc8 + nb * bs, qx + r * K, K, dx + r * G, sx + r * G, cx + r * G * 2, G,
-                         y + r * ys + nb * 8, ys);
+                    k[t](G, il + nb * bb, bb, sc8 + nb * bs, bs, qx + r * K, K, dx + r * G, sx + r * G,
+                         cx + r * G * 2, G, y + r * ys + nb * 8, ys);
             }
         }
         return 0;
@@ -650,8 +583,8 @@ static int run_il(int64_t q8, int64_t M, int64_t N, int64_t K, const float *x, i
     for (int64_t nb = 0; nb < NB; nb++)
         for (int64_t r = 0; r < M; r += IL_ROWS) {
             int64_t t = M - r < IL_ROWS ? M - r : IL_ROWS;
-            k[t](G, il + nb * bb, sc8 + nb * bs, qx + r * K, K, dx + r * G, sx + r * G, cx + r * G * 2, G,
-                 y + r * ys + nb * 8, ys);
+            k[t](G, il + nb * bb, bb, sc8 + nb * bs, bs, qx + r * K, K, dx + r * G, sx + r * G, cx + r * G * 2,
+                 G, y + r * ys + nb * 8, ys);
         }
     return 0;
 #else
