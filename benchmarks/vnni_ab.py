@@ -18,17 +18,10 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-
-
-def timed(fn, n: int) -> float:
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    return (time.perf_counter() - t) / n * 1e3
+from round_ab import timed  # (benchmarks/ is on the path when this script runs)
 
 
 def main() -> int:
