@@ -34,6 +34,10 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--gate-arms-a", default=None,
+                    help="caps the confidence policy's drafting gate of A chooses from, e.g. 0,none "
+                         "(none: no cap; default: the gate's own, 0,1,2,none)")
+    ap.add_argument("--gate-arms-b", default=None, help="the same for B")
     ap.add_argument("--out", default="runs/load_ab.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -45,6 +49,7 @@ def main() -> None:
     from dspark.eval.prompts import load_prompt_set, prepare_prompts
     from dspark.models import load_target
     from dspark.sampling import SamplingParams
+    from dspark.schedule import DraftGate
     from dspark.server.loadtest import LoadConfig, run_level
     from dspark.train.checkpoint import atomic_write_text
 
@@ -59,14 +64,18 @@ def main() -> None:
     max_len = max(len(p) for p in prompts) + args.max_tokens
     spec = resolve_drafter(args.drafter, target)
     engines = []
-    for p in pols:
+    for p, arms in zip(pols, (args.gate_arms_a, args.gate_arms_b)):
         drafter = load_drafter(spec, target, max_seqs=max(levels), max_len=max_len) if p.speculative else None
         e = Engine(target, max_num_seqs=max(levels), max_model_len=max_len, drafter=drafter, policy=p)
+        if arms is not None:
+            if getattr(e.rule, "gate", None) is None:
+                raise SystemExit(f"--gate-arms needs the confidence policy, not {p}")
+            e.rule.gate = DraftGate(arms=[None if a.strip() == "none" else int(a) for a in arms.split(",")])
         e.run([prompts[0]], [SamplingParams(temperature=0, max_tokens=4)])  # warm-up
         engines.append(e)
     rows = []
     for c in levels:
-        cfg = LoadConfig(out=Path(args.out), policies=[str(p) for p in pols], concurrency=[c],
+        cfg = LoadConfig(out=Path(args.out), policies=list(dict.fromkeys(str(p) for p in pols)), concurrency=[c],
                          requests_per_client=args.requests_per_client, max_tokens=args.max_tokens)
         secs: list[list[float]] = [[], []]
         tokens = [0, 0]
@@ -79,6 +88,7 @@ def main() -> None:
         ratios = [(tokens[1] / b) / (tokens[0] / a) for a, b in zip(secs[0], secs[1])]
         row = {"concurrency": c, "policies": [str(p) for p in pols], "seconds": secs, "tokens": tokens,
                "ratio_b_over_a_by_pass": [round(r, 3) for r in ratios], "median_ratio": round(statistics.median(ratios), 3)}
+        row["gate_arms"] = [args.gate_arms_a, args.gate_arms_b]
         rows.append(row)
         print(f"{c} clients: {pols[0]} {[round(s, 2) for s in secs[0]]} s, {pols[1]} {[round(s, 2) for s in secs[1]]} s;"
               f" {pols[1]} / {pols[0]} throughput by pass {row['ratio_b_over_a_by_pass']} (median {row['median_ratio']})")

@@ -279,6 +279,14 @@ def test_gate_keeps_a_long_token_average_and_a_short_time_average():
     assert gate.stats[1][1] == pytest.approx([0.95 * (0.95 * 1.2 + 0.1) + 0.1, 0.027])
 
 
+def test_gate_drafts_only_when_clearly_faster_than_plain():
+    """A drafting arm must measure `margin` (5%) faster than not drafting: level arms stay plain."""
+    for faster, want in ((1.03, 0), (1.08, 1)):
+        gate = DraftGate(probe_every=4, probe_rounds=3, arms=(0, 1))
+        caps = _play(gate, 1, 4 + 3 + 2, {0: 0, 1: faster - 1}, {0: 0.020, 1: 0.020})
+        assert caps[:7] == [0] * 4 + [1] * 3 and caps[7:] == [want] * 2
+
+
 def test_gate_rejects_bad_arms():
     with pytest.raises(ValueError, match="arms"):
         DraftGate(arms=(0, 1, 1))
