@@ -340,16 +340,16 @@ class DraftGate:
         rate(arm) = R * (1 + accepted drafts per request) / wall seconds of the round
 
     (EMAs over those rounds: a long one for the tokens, which vary from round to round but drift
-    slowly, a short one for the seconds, which drift with the machine's load). Within the cap, Algorithm 1 on the calibrated confidences still chooses
-    each request's ℓ (with its early stop). Each R starts at the first arm (no drafting: plain decoding,
-    measured in this engine) and plays the best arm measured, a drafting arm only when it measures
-    `margin` (5%) faster than not drafting; every `probe_every` rounds it probes a
-    neighbour of that arm (one cap up or down, in turn) for `probe_rounds` rounds, re-timing it from
-    scratch, so it climbs to deeper caps only while each step up pays and the estimates follow
-    the text and the load; a probe that does not win doubles that interval (up to `max_probe_every`),
-    one that wins resets it. The first round after a change of arm is not measured. Arm 0 is plain decoding measured in the same engine, so the policy can always fall
-    back to it. Lossless: the decision reads only rounds already verified, never the drafts of the round
-    it decides.
+    slowly, a short one for the seconds, which drift with the machine's load). Within the cap,
+    Algorithm 1 on the calibrated confidences still chooses each request's ℓ (with its early stop).
+    Each R starts at the first arm (no drafting: plain decoding, measured in this engine, so the policy
+    can always fall back to it) and plays the best arm measured, a drafting arm only when it measures
+    `margin` (5%) faster than not drafting. Every `probe_every` rounds it probes a neighbour of that
+    arm (one cap up or down, in turn) for `probe_rounds` rounds, re-timing it from scratch, so it climbs
+    to deeper caps only while each step up pays and the estimates follow the text and the load; a
+    probe that does not win doubles that interval (up to `max_probe_every`), one that wins resets it.
+    The first round after a change of arm is not measured. Lossless: the decision reads only rounds
+    already verified, never the drafts of the round it decides.
     """
 
     ARMS: tuple[int | None, ...] = (0, 1, 2, None)
@@ -373,7 +373,7 @@ class DraftGate:
         self.skipped = 0             # rounds the gate kept from drafting (all time)
         self.chosen: dict[int | None, int] = {}  # rounds per arm (all time)
         self._probe: tuple[Any, int, bool] | None = None  # while a probe runs: see cap
-        self._turn: dict[int, int] = {}  # R -> the next probe's place among the other arms
+        self._turn: dict[int, int] = {}  # R -> the next probe's place among the best arm's neighbours
         self._arm: Any = _NO_ROUND   # the arm of the round in flight
         self._prev: Any = _NO_ROUND  # the arm of the round before
 
