@@ -1,4 +1,4 @@
-/* Weight-only 4- and 8-bit GEMMs for CPU decoding (AVX2 + FMA): float32 activations times GGUF Q4_0 / Q4_1
+/* Weight-only 4- and 8-bit GEMMs for CPU decoding (AVX2 + FMA; VNNI kernels where the CPU has them): float32 activations times GGUF Q4_0 / Q4_1
  * weights, read as 4-bit codes (a quarter of fp16's bytes), or Q8_0 weights (8-bit codes, the LM head of
  * most Q4 files), dequantized in registers.
  *

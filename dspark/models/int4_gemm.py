@@ -1,7 +1,8 @@
 """The weight-only GEMMs of `int4_gemm.c`: float32 activations times GGUF Q4_0 / Q4_1 codes (`mm`) or
 Q8_0 codes (`mm8`, for the LM head, which Q4 files usually store in Q8_0); and the same weights times
 activations quantized to 8 bits per group of 32 (`mm_a8`, `mm8_a8`: llama.cpp's numerics for these types,
-integer dot products, faster at the few rows decoding and verification run).
+integer dot products, faster at the few rows decoding and verification run); on a CPU with VNNI the same
+products, bit for bit, on weights interleaved by 8 outputs (`interleave4` / `interleave8`, `mm_il`).
 
 `dspark.models.transformer.Int4Linear` runs on it when it builds (an x86-64 CPU with AVX2 and FMA and a
 C compiler), else on torch's `aten._weight_int4pack_mm_for_cpu`. Against torch's kernel it reads the
