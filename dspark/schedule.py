@@ -384,8 +384,8 @@ class DraftGate:
     def best(self, num_reqs: int) -> int | None:
         """The measured arm with the highest rate at this batch size (the first arm before any), a
         drafting arm's rate counted `margin` lower: drafting must beat not drafting clearly, since
-        where the two are level the noise in the estimates would otherwise settle it (measured here:
-        with level arms at 2 clients the gate kept drafting, 0.88x the on/off gate's throughput)."""
+        where the two are level the noise in the estimates would otherwise settle it, and a drafter
+        that only breaks even is not worth the risk of running below plain decoding."""
         st = self.stats.get(num_reqs)
         if not st:
             return self.arms[0]
