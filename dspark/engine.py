@@ -320,7 +320,6 @@ class Engine:
         # tokens and their target features, committed in one call before the next round that drafts
         # (one drafter pass over many tokens instead of one per round; see _defer_commit).
         self._pending: dict[int, tuple[list[int], list[torch.Tensor]]] = {}
-        self._catch_up_seconds = 0.0  # the last round's time committing deferred tokens to the drafter
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.last_step = StepStats(0, 0, 0, 0)
@@ -589,7 +588,11 @@ class Engine:
         request's [anchor, drafts] in one target forward, verify on the ragged layout, keep the accepted
         prefix and the bonus, roll the rejected tail back, and commit every request to the drafter at once."""
         t_round = time.perf_counter()
-        self._catch_up_seconds = 0.0
+        catch_up = 0.0
+        if any(ells):  # the drafter's context must hold every kept token before it drafts; what that
+            # catch-up costs belongs to the rounds that deferred it, not to this round's policy
+            self._flush_commits()
+            catch_up = time.perf_counter() - t_round
         dev = self.device
         anchors = [r.last_token for r in reqs]
         sampling = SamplingTensors.from_params([r.params for r in reqs], device=dev)
@@ -645,7 +648,7 @@ class Engine:
         observe = getattr(self.rule, "observe", None)
         if observe is not None:  # the confidence policy learns what drafting costs and gains here
             observe(len(reqs), any(drafted), sum(ells), sum(v.num_accepted for v in results),
-                    time.perf_counter() - t_round - self._catch_up_seconds)
+                    time.perf_counter() - t_round - catch_up)
         if self.round_observers:
             num_drafted = [len(c) for c in conf_logits] if conf_logits is not None else drafted
             rec = RoundRecord([r.request_id for r in reqs], num_drafted, ells, [v.num_accepted for v in results],
@@ -697,10 +700,6 @@ class Engine:
         drafts: list[list[int]] = [[] for _ in reqs]
         if not rows:
             return drafts, None, None
-        t_flush = time.perf_counter()
-        self._flush_commits()  # the drafter's context must hold every kept token before it drafts
-        # (what that catch-up costs belongs to the rounds that deferred it, not to this round's policy)
-        self._catch_up_seconds = time.perf_counter() - t_flush
         sub = SamplingTensors(sampling.temperature[rows], sampling.top_k[rows], sampling.top_p[rows],
                               [sampling.greedy[i] for i in rows])
         caps = list(ells)

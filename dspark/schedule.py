@@ -410,12 +410,9 @@ class DraftGate:
         self.chosen[arm] = self.chosen.get(arm, 0) + 1
         return arm
 
-    def should_draft(self, num_reqs: int) -> bool:
-        """Whether the next round drafts at all (`cap` is not 0)."""
-        return self.cap(num_reqs) != 0
-
-    def _ema(self, old: float | None, new: float) -> float:
-        return new if old is None else self.decay * old + (1 - self.decay) * new
+    @staticmethod
+    def _ema(old: float, new: float, decay: float) -> float:
+        return decay * old + (1 - decay) * new
 
     def observe(self, num_reqs: int, drafted: bool, verified: int, accepted: int, seconds: float) -> None:
         """A finished round of `num_reqs` requests (accepted drafts in all, its wall seconds), credited
@@ -439,7 +436,7 @@ class DraftGate:
                 # the tokens a round yields vary a lot from round to round but drift slowly (the
                 # text): a long average; its wall time varies little but drifts with the machine's
                 # load: a short one
-                st[arm] = [self.token_decay * old[0] + (1 - self.token_decay) * new[0], self._ema(old[1], new[1])]
+                st[arm] = [self._ema(old[0], new[0], self.token_decay), self._ema(old[1], new[1], self.decay)]
         self.idle += 1
         if self._probe is not None:
             left = self._probe[1] - 1

@@ -1009,9 +1009,8 @@ class DSparkModel(FeatureDrafterModel):
             if any(m.bias is not None for m in ms):
                 bias = torch.cat([m.bias.detach().float() if m.bias is not None else torch.zeros(m.out_features)
                                   for m in ms]).contiguous()
-            il = int4_gemm.interleave8(codes, d) if codes.shape[0] % 8 == 0 and int4_gemm.vnni_available() else None
             return SimpleNamespace(codes=codes, d=d, sc4=int4_gemm.scales4(d, None), out_features=codes.shape[0],
-                                   bias=bias, il=il)
+                                   bias=bias, il=int4_gemm.vnni_layout(codes, d))
         eps = self.config.rms_norm_eps
         self.c_layers = [
             int4_gemm.DraftLayerWeights.of(

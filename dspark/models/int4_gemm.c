@@ -557,35 +557,26 @@ static int run_il(int64_t q8, int64_t M, int64_t N, int64_t K, const float *x, i
                     cx[(r * G + g) * 2 + h] = -128 * s;
                 }
     }
-    const ilkern_fn *k = q8 ? IL8 : IL4;
-    int64_t NB = N / 8;
+    /* units of `step` blocks of 8 outputs: 2 on 512-bit registers from IL_ZMM_MIN_ROWS rows (an odd last
+     * block on 256-bit ones), else 1 */
+    const ilkern_fn *k = q8 ? IL8 : IL4, *kw = k;
+    int64_t NB = N / 8, step = 1;
 #if HAVE_IL_ZMM
-    if (M >= IL_ZMM_MIN_ROWS) { /* pairs of blocks on 512-bit registers, an odd last block on 256-bit ones */
-        const ilkern_fn *kz = q8 ? IL8Z_ : IL4Z_;
-        int64_t NP = (NB + 1) / 2;
-#pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : 1)
-        for (int64_t np = 0; np < NP; np++) {
-            int64_t nb = 2 * np;
-            for (int64_t r = 0; r < M; r += IL_ROWS) {
-                int64_t t = M - r < IL_ROWS ? M - r : IL_ROWS;
-                if (nb + 1 < NB)
-                    kz[t](G, il + nb * bb, bb, sc8 + nb * bs, bs, qx + r * K, K, dx + r * G, sx + r * G,
-                          cx + r * G * 2, G, y + r * ys + nb * 8, ys);
-                else
-                    k[t](G, il + nb * bb, bb, sc8 + nb * bs, bs, qx + r * K, K, dx + r * G, sx + r * G,
-                         cx + r * G * 2, G, y + r * ys + nb * 8, ys);
-            }
-        }
-        return 0;
+    if (M >= IL_ZMM_MIN_ROWS) {
+        kw = q8 ? IL8Z_ : IL4Z_;
+        step = 2;
     }
 #endif
 #pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : 1)
-    for (int64_t nb = 0; nb < NB; nb++)
+    for (int64_t u = 0; u < (NB + step - 1) / step; u++) {
+        int64_t nb = u * step;
+        const ilkern_fn *f = nb + step <= NB ? kw : k;
         for (int64_t r = 0; r < M; r += IL_ROWS) {
             int64_t t = M - r < IL_ROWS ? M - r : IL_ROWS;
-            k[t](G, il + nb * bb, bb, sc8 + nb * bs, bs, qx + r * K, K, dx + r * G, sx + r * G, cx + r * G * 2,
-                 G, y + r * ys + nb * 8, ys);
+            f[t](G, il + nb * bb, bb, sc8 + nb * bs, bs, qx + r * K, K, dx + r * G, sx + r * G, cx + r * G * 2, G,
+                 y + r * ys + nb * 8, ys);
         }
+    }
     return 0;
 #else
     (void)q8; (void)M; (void)N; (void)K; (void)x; (void)xs; (void)il; (void)sc8; (void)y; (void)ys; (void)threads;

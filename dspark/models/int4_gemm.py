@@ -13,6 +13,7 @@ at every row count measured (`benchmarks/int4_gemm_bench.py`). `DSPARK_INT4_GEMM
 from __future__ import annotations
 
 import ctypes
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -228,9 +229,17 @@ def interleave8(codes: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
 def vnni_available() -> bool:
     """Whether the interleaved VNNI kernels run here (built with VNNI, passed their self-test, not turned
     off by DSPARK_VNNI=0)."""
-    import os
     lib = KERNEL.loaded or (KERNEL.library() if available() else None)
     return lib is not None and bool(getattr(lib, "vnni_ok", False)) and os.environ.get("DSPARK_VNNI", "1") != "0"
+
+
+def vnni_layout(codes: Tensor, d: Tensor, m: Tensor | None = None) -> tuple[Tensor, Tensor] | None:
+    """A weight's (codes, scales) in the VNNI kernels' layout where they run it (`mm_il`: the same bits,
+    faster), else None: Q4 packed codes [N, G, 16] with offsets m (`interleave4`), or Q8_0 codes [N, K]
+    with m None (`interleave8`); N must be a multiple of 8."""
+    if codes.shape[0] % 8 or not vnni_available():
+        return None
+    return interleave8(codes, d) if m is None else interleave4(codes, d, m)
 
 
 def _run_il(fn, x: Tensor, il: Tensor, sc8: Tensor, n: int, q8: int, threads: int) -> Tensor:

@@ -245,8 +245,7 @@ class Int4Linear:
             self.m = (zero.float() - 8 * self.d).contiguous()  # d * q + m == d * (q - 8) + zero
             if self.act8:  # the 8-bit-activation kernel reads scales and offsets by block of 4 outputs
                 self.sc4 = int4_gemm.scales4(self.d, self.m)
-                if n % 8 == 0 and int4_gemm.vnni_available():  # the same bits, faster, on VNNI
-                    self.il = int4_gemm.interleave4(self.packed, self.d, self.m)
+                self.il = int4_gemm.vnni_layout(self.packed, self.d, self.m)
         elif self.kernel == "torch":
             self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
             self.scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
@@ -319,30 +318,29 @@ class Int8Linear:
         n, k = codes.shape
         if k % self.GROUP or scale.shape != (n, k // self.GROUP):
             raise ValueError(f"int8 weight of shape {tuple(codes.shape)} needs scale [N, K/{self.GROUP}]")
-        self.codes = codes.to(torch.int8).contiguous()
-        self.d = scale.float().contiguous()
-        self.out_features = n
-        self.act8 = act8
-        self.sc4 = int4_gemm.scales4(self.d, None) if act8 else None
-        # (codes, scales) in the VNNI kernels' layout: the same bits, faster (act8 on a VNNI CPU only)
-        self.il = int4_gemm.interleave8(self.codes, self.d) if act8 and n % 8 == 0 and int4_gemm.vnni_available() \
-            else None
+        self._pack(codes, scale, act8)
         self.plan = RowPlan.probe("int8-dspark" + ("-a8" if act8 else ""), k,
                                   lambda w: Int8Linear._probe_kernel(w, act8))
 
+    def _pack(self, codes: Tensor, scale: Tensor, act8: bool) -> None:
+        self.codes = codes.to(torch.int8).contiguous()
+        self.d = scale.float().contiguous()
+        self.out_features = codes.shape[0]
+        self.act8 = act8
+        self.sc4 = int4_gemm.scales4(self.d, None) if act8 else None
+        # (codes, scales) in the VNNI kernels' layout: the same bits, faster (act8 on a VNNI CPU only)
+        self.il = int4_gemm.vnni_layout(self.codes, self.d) if act8 else None
+
     @staticmethod
     def _probe_kernel(w: Tensor, act8: bool = False) -> Callable[[Tensor], Tensor]:
+        # For RowPlan: the kernel on random codes and scales of w's shape, called directly (an
+        # Int8Linear built without a plan: building one with a plan would probe again).
         g = torch.Generator().manual_seed(1)
         n, k = w.shape
-        codes = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
-        d = torch.rand(n, k // Int8Linear.GROUP, generator=g) * 0.01
-        if act8 and n % 8 == 0 and int4_gemm.vnni_available():
-            il = int4_gemm.interleave8(codes, d)
-            return lambda x: int4_gemm.mm_il(x.reshape(-1, k), *il, n, q8=True).view(*x.shape[:-1], n)
-        if act8:
-            sc4 = int4_gemm.scales4(d, None)
-            return lambda x: int4_gemm.mm8_a8(x.reshape(-1, k), codes, sc4).view(*x.shape[:-1], n)
-        return lambda x: int4_gemm.mm8(x.reshape(-1, k), codes, d).view(*x.shape[:-1], n)
+        lin = Int8Linear.__new__(Int8Linear)
+        lin._pack(torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8),
+                  torch.rand(n, k // Int8Linear.GROUP, generator=g) * 0.01, act8)
+        return lin._call
 
     def dequantized(self) -> Tensor:
         """The model's float32 weights [N, K]."""
