@@ -513,6 +513,48 @@ def test_draft_layers_in_one_c_call_match_the_torch_ops(target) -> None:
     assert torch.allclose(a.confidence, b.confidence, atol=1e-3)
 
 
+def test_context_keys_values_in_one_c_call_match_the_torch_ops(target) -> None:
+    """With the C draft layers, what a commit appends to the drafter's cache (context features and every
+    layer's keys and values, for a prompt and for a ragged batch of kept tokens) is one C call
+    (`int4_gemm.draft_context`); it writes what the torch ops write, at the same positions, and leaves
+    every other cache entry alone."""
+    from dspark.drafters.base import DraftCommit
+    from dspark.models import int4_gemm, row_attention
+
+    if not (int4_gemm.available() and row_attention.available()):
+        pytest.skip("no int8 GEMM or row attention kernel here")
+    caches, calls = {}, []
+    orig = int4_gemm.draft_context
+    for use in (True, False):
+        model = make_model(target, seed=7, intermediate_size=96)
+        model.float()
+        assert model.pack_fp16_weights() > 0
+        assert model.c_context is not None
+        d = DSparkDrafter(model, max_seqs=4, max_len=64)
+        d.use_c_layers = use
+        calls.clear()
+        try:
+            int4_gemm.draft_context = lambda *a, **k: calls.append(a[1].shape[0]) or orig(*a, **k)  # type: ignore
+            with torch.inference_mode():
+                for s, n in enumerate((9, 2, 17)):
+                    d.add_sequence(s, list(range(10 + s, 10 + s + n)), taps(d.model, n, seed=s))
+                kept = [[5, 6, 7], [8], [9, 10]]
+                hidden = torch.stack([torch.cat([taps(d.model, len(k), seed=10 + i),
+                                                 torch.zeros(3 - len(k), *taps(d.model, 1).shape[1:])])
+                                      for i, k in enumerate(kept)])
+                d.commit_batch(DraftCommit([2, 0, 1], kept, hidden))
+        finally:
+            int4_gemm.draft_context = orig  # type: ignore[assignment]
+        assert calls == ([9, 2, 17, 6] if use else [])  # one call a commit, its rows only
+        assert [d.context_length(s) for s in range(3)] == [10, 4, 20]
+        caches[use] = (d.cache.k.clone(), d.cache.v.clone())
+    (kc, vc), (kt, vt) = caches[True], caches[False]
+    assert torch.equal(kc == 0, kt == 0) and torch.equal(vc == 0, vt == 0)  # the same entries written
+    assert torch.allclose(kc, kt, atol=1e-4), (kc - kt).abs().max()
+    assert torch.allclose(vc, vt, atol=1e-4), (vc - vt).abs().max()
+    assert (kc != 0).any()
+
+
 def test_inference_projections_run_int8_close_to_float(target) -> None:
     """`pack_fp16_weights` puts a drafter's projections on the int8 GEMM (Q8_0 weights, 8-bit
     activations) where it builds: under inference_mode they stay within a percent of the float32

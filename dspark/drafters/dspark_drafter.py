@@ -985,13 +985,15 @@ class DSparkModel(FeatureDrafterModel):
             self.confidence_head = ConfidenceHead(cfg.hidden_size + extra)
 
     c_layers: "list[int4_gemm.DraftLayerWeights] | None" = None  # set by pack_fp16_weights where it can
+    c_context: "int4_gemm.DraftContextWeights | None" = None  # likewise, with c_layers
 
     def pack_fp16_weights(self) -> int:
         """As `FeatureDrafterModel.pack_fp16_weights`; then, where every projection went to the int8 GEMM and
         the row attention kernel runs, each draft layer is also described for `int4_gemm.draft_layer`
-        (q|k|v and gate|up fused by rows: the same codes and scales, so the same outputs) in `c_layers`."""
+        (q|k|v and gate|up fused by rows: the same codes and scales, so the same outputs) in `c_layers`, and
+        what a commit computes (context features and every layer's keys and values) in `c_context`."""
         n = super().pack_fp16_weights()
-        self.c_layers = None
+        self.c_layers = self.c_context = None
         if not n:
             return n
         a = self.layers[0].self_attn
@@ -1019,6 +1021,12 @@ class DSparkModel(FeatureDrafterModel):
                 fuse(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj), fuse(layer.self_attn.o_proj),
                 fuse(layer.mlp.gate_proj, layer.mlp.up_proj), fuse(layer.mlp.down_proj), a.Hq, a.Hkv, a.D)
             for layer in self.layers]
+        self.c_context = None
+        if hasattr(self.fc, "q8"):
+            self.c_context = int4_gemm.DraftContextWeights.of(
+                self.fc.q8, self.hidden_norm.weight, eps,
+                [fuse(layer.self_attn.k_proj, layer.self_attn.v_proj) for layer in self.layers],
+                [layer.self_attn.k_norm.weight for layer in self.layers], a.Hkv, a.D)
         return n
 
     @classmethod
@@ -1244,7 +1252,13 @@ class DSparkDrafter(FeatureDrafter):
     @torch.inference_mode()
     def commit_batch(self, batch: DraftCommit) -> None:
         """Append the context K/V of every sequence's kept tokens in one ragged pass."""
-        feats = self.model.context_features(self._batch_features_in(batch))  # [num_reqs, k_max, H]
+        taps = self._batch_features_in(batch)  # [num_reqs, k_max, L, H]
+        if self._context_c_runs(taps):
+            lens = [len(t) for t in batch.token_ids]
+            rows = taps[0, :lens[0]] if len(lens) == 1 else torch.cat([t[:n] for t, n in zip(taps, lens)])
+            self._append_context_c([self._cslot(s) for s in batch.slots], lens, rows)
+            return
+        feats = self.model.context_features(taps)  # [num_reqs, k_max, H]
         cb = self.cache.prepare([self._cslot(s) for s in batch.slots], [len(t) for t in batch.token_ids],
                                 max_position=self.cache.max_len)
         for i, (k, v) in enumerate(self.model.context_keys_values(feats, cb.positions)):
@@ -1261,7 +1275,11 @@ class DSparkDrafter(FeatureDrafter):
         """Append the K/V of `n` new context positions (only these; nothing is recomputed)."""
         cslot = self._cslot(slot)
         model = self.model
-        feats = model.context_features(self._features_in(target_hidden, n).unsqueeze(0))  # [1, n, H]
+        taps = self._features_in(target_hidden, n)  # [n, L, H]
+        if self._context_c_runs(taps):
+            self._append_context_c([cslot], [n], taps)
+            return
+        feats = model.context_features(taps.unsqueeze(0))  # [1, n, H]
         batch = self.cache.prepare([cslot], [n], max_position=self.cache.max_len)
         for i, (k, v) in enumerate(model.context_keys_values(feats, batch.positions)):
             self.cache.update(i, batch, k, v)
@@ -1393,6 +1411,27 @@ class DSparkDrafter(FeatureDrafter):
             k_layer, v_layer = self.cache.layer_tensors(i)
             int4_gemm.draft_layer(xf, w, cos, sin, k_layer, v_layer, row_slot, row_pos, row_len, attn, D ** -0.5)
         return model.norm(xf.view(n, G, H))
+
+    def _context_c_runs(self, taps: Tensor) -> bool:
+        """Whether a commit's context keys and values go through `int4_gemm.draft_context` (with the C
+        draft layers, on float32 CPU taps and cache)."""
+        return (self.use_c_layers and self.model.c_context is not None and taps.dtype == torch.float32
+                and taps.device.type == "cpu" and self.cache.k.dtype == torch.float32 and self.cache.device.type == "cpu")
+
+    def _append_context_c(self, cslots: list[int], lens: list[int], taps: Tensor) -> None:
+        """`commit_batch` / `_append_context` in one C call: taps [sum(lens), L, H], the rows of each
+        cache slot in turn."""
+        model = self.model
+        batch = self.cache.prepare(cslots, lens, max_position=self.cache.max_len)  # checks; where rows go
+        pos = [s + j for s, n in zip(batch.start, lens) for j in range(n)]
+        cos, sin = model.rope(torch.tensor(pos, dtype=torch.int64))  # [M, 1, D]
+        D = cos.shape[-1]
+        feats = taps.reshape(taps.shape[0], -1).contiguous()
+        row_slot = torch.tensor([c for c, n in zip(cslots, lens) for _ in range(n)], dtype=torch.int64)
+        int4_gemm.draft_context(model.c_context, feats, cos.reshape(-1, D).float().contiguous(),
+                                sin.reshape(-1, D).float().contiguous(), self.cache.k, self.cache.v, row_slot,
+                                torch.tensor(pos, dtype=torch.int64))
+        self.cache.commit(batch)
 
     def _greedy_kernel_fits(self, sampling: SamplingTensors, h: Tensor) -> bool:
         """Whether this block can be drafted by the greedy Markov kernel (`markov_kernel`): every row

@@ -869,3 +869,59 @@ int dspark_draft_layer(const struct dspark_draft_layer_weights *w, int64_t M, fl
     if (rc == 0) rc = dspark_layer_out(M, K, x, K, att, A, &w->o, w->norm_post, w->eps, &w->gu, w->I, &w->dn, threads);
     return rc;
 }
+
+/* ---- A DSpark drafter's context keys and values in one call ---------------------------------------
+ * What a commit appends to the drafter's cache for M new context positions: the features
+ * rmsnorm(fc(taps)) (taps: the target's hidden states at the drafter's target layers, concatenated),
+ * then for every draft layer its keys (k_proj, the key-head RMSNorm, half-rotating RoPE) and values
+ * (v_proj) of those features, written at position row_pos[r] of cache slot row_slot[r]. The same
+ * projections (k|v fused by rows) and the same norm and RoPE arithmetic as dspark_draft_layer's block
+ * rows; what it saves against the torch ops is their Python and dispatch (~20 calls a commit). */
+
+struct dspark_draft_context_weights {
+    struct q4w fc;              /* [K, F] */
+    const float *hidden_norm;
+    float eps;
+    int64_t K, F, Hkv, D, L;    /* L draft layers */
+    const struct q4w *kv;       /* [L]: k|v of each layer, n = 2 Hkv D */
+    const float *const *k_norm; /* [L] */
+};
+
+/* feats [M, F] contiguous; cos, sin [M, D] (each row's position, sign-folded sin); k_cache / v_cache: layer
+ * 0's cache, layer l at + l * layer_stride. Returns 0, -1 on bad sizes, -2 without memory. */
+int dspark_draft_context(const struct dspark_draft_context_weights *w, int64_t M, const float *feats,
+                         const float *cos, const float *sin, float *k_cache, float *v_cache, int64_t layer_stride,
+                         int64_t slot_stride, int64_t head_stride, int64_t pos_stride, const int64_t *row_slot,
+                         const int64_t *row_pos, int64_t threads) {
+    if (M < 1) return M == 0 ? 0 : -1;
+    int64_t K = w->K, Hkv = w->Hkv, D = w->D, N = 2 * Hkv * D, half = D / 2;
+    if (D % 16 || D > MAX_D || K % GROUP || w->F % GROUP || w->fc.n != K) return -1;
+    for (int64_t l = 0; l < w->L; l++)
+        if (w->kv[l].n != N) return -1;
+    float *y = scratch(S_T, sizeof(float) * (size_t)M * (size_t)K), *h = scratch(S_H, sizeof(float) * (size_t)M * (size_t)K);
+    float *kv = scratch(S_QKV, sizeof(float) * (size_t)M * (size_t)N);
+    if (!y || !h || !kv) return -2;
+    int rc = q4_mm(&w->fc, M, w->F, feats, y, threads);
+    if (rc) return rc;
+    for (int64_t r = 0; r < M; r++) rms_row(K, y + r * K, w->hidden_norm, w->eps, h + r * K);
+    for (int64_t l = 0; l < w->L; l++) {
+        rc = q4_mm(&w->kv[l], M, K, h, kv, threads);
+        if (rc) return rc;
+        float *kc = k_cache + l * layer_stride, *vc = v_cache + l * layer_stride;
+        for (int64_t r = 0; r < M; r++) {
+            const float *cs = cos + r * D, *sn = sin + r * D;
+            int64_t at = row_slot[r] * slot_stride + row_pos[r] * pos_stride;
+            for (int64_t g = 0; g < Hkv; g++) {
+                float t[MAX_D], *dst = kc + at + g * head_stride;
+                rms_row(D, kv + r * N + g * D, w->k_norm[l], w->eps, t);
+                for (int64_t i = 0; i < D; i += 8) {
+                    int64_t j = i < half ? i + half : i - half; /* roll(t, D / 2)[i] = t[i - D / 2 mod D] */
+                    __m256 a = _mm256_mul_ps(_mm256_loadu_ps(t + i), _mm256_loadu_ps(cs + i));
+                    _mm256_storeu_ps(dst + i, _mm256_add_ps(a, _mm256_mul_ps(_mm256_loadu_ps(t + j), _mm256_loadu_ps(sn + i))));
+                }
+                memcpy(vc + at + g * head_stride, kv + r * N + (Hkv + g) * D, sizeof(float) * (size_t)D);
+            }
+        }
+    }
+    return 0;
+}

@@ -127,6 +127,8 @@ def _setup(lib: ctypes.CDLL) -> bool:
     lib.dspark_layers.restype = ctypes.c_int
     lib.dspark_draft_layer.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, f32, i64]
     lib.dspark_draft_layer.restype = ctypes.c_int
+    lib.dspark_draft_context.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, ptr, i64]
+    lib.dspark_draft_context.restype = ctypes.c_int
     lib.dspark_il_mm_a8.argtypes = [i64, i64, i64, i64, ptr, i64, ptr, ptr, ptr, i64, i64]
     lib.dspark_il_mm_a8.restype = ctypes.c_int
     lib.dspark_has_vnni.argtypes = []
@@ -434,3 +436,42 @@ def draft_layer(x: Tensor, w: DraftLayerWeights, cos: Tensor, sin: Tensor, k_cac
         row_pos.data_ptr(), row_len.data_ptr(), attention, scale, torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"draft layer kernel returned {rc} (width {w.K}, heads {w.H}/{w.Hkv} x {w.D})")
+
+
+class DraftContextWeights(ctypes.Structure):
+    """What `dspark_draft_context` reads of a DSpark drafter (C's `struct dspark_draft_context_weights`):
+    the fc projection and hidden norm that make context features, and per draft layer its k|v projection
+    (fused by rows) and key-head norm."""
+
+    _fields_ = [("fc", _Q4W), ("hidden_norm", ctypes.c_void_p), ("eps", ctypes.c_float), ("K", ctypes.c_int64),
+                ("F", ctypes.c_int64), ("Hkv", ctypes.c_int64), ("D", ctypes.c_int64), ("L", ctypes.c_int64),
+                ("kv", ctypes.c_void_p), ("k_norm", ctypes.c_void_p)]
+
+    @classmethod
+    def of(cls, fc, hidden_norm: Tensor, eps: float, kv: list, k_norms: list[Tensor], kv_heads: int,
+           head_dim: int) -> "DraftContextWeights":
+        """fc and each of kv: `transformer.Int8Linear`s with act8 (or objects with the same fields), kv[l]
+        the k|v rows of draft layer l; k_norms: each layer's key-head RMSNorm weight [D]."""
+        hn = hidden_norm.detach().float().contiguous()
+        kn = [t.detach().float().contiguous() for t in k_norms]
+        kv_arr = (_Q4W * len(kv))(*(q4w(x) for x in kv))
+        kn_arr = (ctypes.c_void_p * len(kn))(*(t.data_ptr() for t in kn))
+        w = cls(q4w(fc), hn.data_ptr(), eps, fc.out_features, fc.codes.shape[1], kv_heads, head_dim, len(kv),
+                ctypes.addressof(kv_arr), ctypes.addressof(kn_arr))
+        w.keep = (fc, hn, kv, kn, kv_arr, kn_arr)  # the memory the pointers point into stays alive
+        return w
+
+
+def draft_context(w: DraftContextWeights, feats: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
+                  row_slot: Tensor, row_pos: Tensor) -> None:
+    """A DSpark drafter's context keys and values in one call (`dspark_draft_context`): for the M rows of
+    feats [M, F] (the target's taps, concatenated; float32 contiguous) the features rmsnorm(fc(feats)),
+    then every draft layer's keys and values of them written at position row_pos[r] of cache slot
+    row_slot[r]. k_cache / v_cache: the whole caches [layers, slots, kv heads, positions, D] float32, D
+    contiguous; cos, sin: [M, D] float32 contiguous (sign-folded sin)."""
+    rc = KERNEL.loaded.dspark_draft_context(
+        ctypes.addressof(w), feats.shape[0], feats.data_ptr(), cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(),
+        v_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
+        row_slot.data_ptr(), row_pos.data_ptr(), torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"draft context kernel returned {rc} (width {w.K}, features {w.F}, heads {w.Hkv} x {w.D})")
