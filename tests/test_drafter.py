@@ -480,23 +480,32 @@ def test_block_attention_on_the_row_kernel_matches_sdpa(target) -> None:
     assert torch.allclose(a.confidence, b.confidence, atol=1e-5)
 
 
-def test_draft_layers_in_one_c_call_match_the_torch_ops(target) -> None:
-    """With the projections on the int8 GEMM, each draft layer runs as one C call (`c_layers`: q|k|v and
-    gate|up fused, q/k head norms, half-rotating RoPE, the block rows' keys written at their positions,
-    row attention over context and block); it drafts what the same layers in torch ops draft."""
+def _c_drafter(target, seed: int, max_seqs: int, use_c: bool) -> DSparkDrafter:
+    """A random float32 drafter with its projections packed for the C draft layers (skips where the
+    kernels do not build), set to use them or not."""
     from dspark.models import int4_gemm, row_attention
 
     if not (int4_gemm.available() and row_attention.available()):
         pytest.skip("no int8 GEMM or row attention kernel here")
+    model = make_model(target, seed=seed, intermediate_size=96)
+    model.float()
+    assert model.pack_fp16_weights() > 0
+    d = DSparkDrafter(model, max_seqs=max_seqs, max_len=64)
+    d.use_c_layers = use_c
+    return d
+
+
+def test_draft_layers_in_one_c_call_match_the_torch_ops(target) -> None:
+    """With the projections on the int8 GEMM, each draft layer runs as one C call (`c_layers`: q|k|v and
+    gate|up fused, q/k head norms, half-rotating RoPE, the block rows' keys written at their positions,
+    row attention over context and block); it drafts what the same layers in torch ops draft."""
+    from dspark.models import int4_gemm
+
     out, calls = {}, []
     orig = int4_gemm.draft_layer
     for use in (True, False):
-        model = make_model(target, seed=6, intermediate_size=96)
-        model.float()
-        assert model.pack_fp16_weights() > 0
-        assert model.c_layers is not None and len(model.c_layers) == 2
-        d = DSparkDrafter(model, max_seqs=3, max_len=64)
-        d.use_c_layers = use
+        d = _c_drafter(target, 6, 3, use)
+        assert d.model.c_layers is not None and len(d.model.c_layers) == 2
         for s, n in enumerate((9, 2, 17)):
             d.add_sequence(s, list(range(10 + s, 10 + s + n)), taps(d.model, n, seed=s))
         calls.clear()
@@ -519,19 +528,13 @@ def test_context_keys_values_in_one_c_call_match_the_torch_ops(target) -> None:
     (`int4_gemm.draft_context`); it writes what the torch ops write, at the same positions, and leaves
     every other cache entry alone."""
     from dspark.drafters.base import DraftCommit
-    from dspark.models import int4_gemm, row_attention
+    from dspark.models import int4_gemm
 
-    if not (int4_gemm.available() and row_attention.available()):
-        pytest.skip("no int8 GEMM or row attention kernel here")
     caches, calls = {}, []
     orig = int4_gemm.draft_context
     for use in (True, False):
-        model = make_model(target, seed=7, intermediate_size=96)
-        model.float()
-        assert model.pack_fp16_weights() > 0
-        assert model.c_context is not None
-        d = DSparkDrafter(model, max_seqs=4, max_len=64)
-        d.use_c_layers = use
+        d = _c_drafter(target, 7, 4, use)
+        assert d.model.c_context is not None
         calls.clear()
         try:
             int4_gemm.draft_context = lambda *a, **k: calls.append(a[1].shape[0]) or orig(*a, **k)  # type: ignore
