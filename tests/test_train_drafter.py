@@ -224,6 +224,37 @@ def test_reuse_freed_memory_takes_effect_on_glibc() -> None:
     assert reuse_freed_memory() is True
 
 
+def test_freed_memory_is_returned_inside_the_block_and_kept_after() -> None:
+    """`freed_memory_returned` (around the log-normalisers, whose temporaries change size every
+    sequence): inside it a freed 64 MB block goes back to the OS; after it, freed blocks are kept for
+    reuse again (`reuse_freed_memory`)."""
+    import platform
+
+    import torch
+
+    from dspark.train.common import freed_memory_returned, reuse_freed_memory
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc-only setting")
+
+    def anon_mb() -> float:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("RssAnon:")) / 1024
+
+    def grown_after_free() -> float:
+        before = anon_mb()
+        t = torch.ones(16 * 2**20)  # 64 MB, every page touched
+        del t
+        return anon_mb() - before
+
+    assert reuse_freed_memory() is True
+    with freed_memory_returned():
+        assert grown_after_free() < 16
+    grown = grown_after_free()
+    grown_again = grown_after_free()  # reuses what the first kept: no more growth
+    assert grown > 48 and grown_again < 16
+
+
 def test_split_keeps_every_response_to_a_prompt_on_one_side(data_file, tmp_path) -> None:
     """Held-out prompts stay held out when more responses to the same prompts are appended (a second
     sample, another temperature); a file with one response per prompt splits as before."""

@@ -8,6 +8,7 @@ resume from it, so a killed run started again continues exactly where its last c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import shlex
@@ -89,6 +90,34 @@ def reuse_freed_memory() -> bool:
         return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
     except (OSError, AttributeError):
         return False
+
+
+@contextlib.contextmanager
+def freed_memory_returned():
+    """Within the block, glibc's malloc defaults again (blocks over 128 KB mapped and unmapped, free
+    memory at the top of the heap trimmed); `reuse_freed_memory` again after it.
+
+    For work that allocates large temporaries of a new size every time between small long-lived ones:
+    kept for reuse, those fragment the heap until the process runs out of memory (the log-normalisers of
+    SmolLM2's stored data: 24 GB after 3,300 sequences). Off-glibc this does nothing."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        libc = None
+    m_trim_threshold, m_mmap_threshold, m_mmap_max = -1, -3, -4
+    try:
+        if libc is not None:
+            libc.mallopt(m_mmap_max, 65536)
+            libc.mallopt(m_mmap_threshold, 128 * 1024)
+            libc.mallopt(m_trim_threshold, 128 * 1024)
+        yield
+    finally:
+        if libc is not None:
+            libc.malloc_trim(0)
+            reuse_freed_memory()
 
 
 def lr_at(step: int, cfg: Schedule) -> float:

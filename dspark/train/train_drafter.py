@@ -50,8 +50,8 @@ from dspark.errors import DSparkError
 from dspark.train.checkpoint import atomic_write_text
 from dspark.train.common import (OPTIMISER_OPTIONS, RUN_OPTIONS, RunConfig, adamw, add_config_options,
                                  add_output_options, card_header, command_line, data_parallel, dist_info, due,
-                                 lr_at, optimizer_step, previous_checkpoint, progress_bar, resume, reuse_freed_memory,
-                                 save_checkpoint, stop_requested)
+                                 freed_memory_returned, lr_at, optimizer_step, previous_checkpoint, progress_bar,
+                                 resume, reuse_freed_memory, save_checkpoint, stop_requested)
 from dspark.train.losses import LossTerms, LossWeights, loss_terms, total_loss
 
 # Held-out split: fixed, independent of --seed, so runs with different seeds validate on the same data.
@@ -681,7 +681,8 @@ def _train(cfg: TrainDrafterConfig, rank: int, world: int, load_target) -> Path:
         if stored is not None:
             stored.normalisers = TargetNormalisers(target, model.draft_ids,
                                                    store=TargetNormalisers.store_path(target, data.train))
-            stored.normalisers.fill(data.train + data.val, stored, show_progress=rank == 0)
+            with freed_memory_returned():  # a new size of temporaries every sequence: see there
+                stored.normalisers.fill(data.train + data.val, stored, show_progress=rank == 0)
     ddp_model = data_parallel(model, world)
 
     local_bs = cfg.batch_size // world
