@@ -214,7 +214,9 @@ def test_datagen_templates_instruction_prompts(qwen3_ckpt, tmp_path):
     assert raw["chat_template"] is False and raw["prompt_ids"] == tok.encode("Say hi")
 
 
-def test_written_files_follow_the_umask(tmp_path):
+def test_written_files_follow_the_umask(tmp_path, target):
+    """Files users keep (JSON, checkpoints, a saved drafter's weights and config) get the permissions any
+    other tool's would (the umask), not the 0600 of a temporary file."""
     import os
     import stat
 
@@ -224,9 +226,10 @@ def test_written_files_follow_the_umask(tmp_path):
     try:
         atomic_write_text(tmp_path / "x.json", "{}")
         atomic_torch_save({"a": 1}, tmp_path / "c.pt")
+        untrained_dspark(target, 1).model.save_pretrained(tmp_path / "d")
     finally:
         os.umask(old)
-    for name in ("x.json", "c.pt"):
+    for name in ("x.json", "c.pt", "d/model.safetensors", "d/config.json"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
 
 

@@ -108,6 +108,11 @@ def test_errors_name_the_culprit(tmp_path, target):
         acceptance.resolve_drafter_arg("zzz")
     with pytest.raises(EvalError, match="num-prompts"):
         make_cfg(tmp_path, num_prompts=0)
+    # A directory named like a bare name would silently replace it under one label: an error naming LABEL=DIR.
+    (tmp_path / "dspark").mkdir()
+    with pytest.raises(EvalError, match=r"both get the label 'dspark'.*LABEL=DIR"):
+        acceptance.resolve_drafter_args(["dspark", str(tmp_path / "dspark")])
+    assert list(acceptance.resolve_drafter_args(["dspark", f"new={tmp_path / 'dspark'}"])) == ["dspark", "new"]
     # The command line turns these into one line on stderr and exit status 2.
     rc = acceptance.main(["--drafters", "ngram", "--data-dir", str(missing), "--sets", "humaneval",
                           "--out", str(tmp_path / "x.json")])

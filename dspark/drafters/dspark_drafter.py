@@ -895,18 +895,14 @@ class FeatureDrafterModel(nn.Module):
 
     def save_pretrained(self, out: str | Path, dtype: torch.dtype | None = None) -> Path:
         """Write `config.json` + `model.safetensors` (without the target's embedding / LM head)."""
-        from safetensors.torch import save_file
-
-        from dspark.train.checkpoint import atomic_write_text
+        from dspark.train.checkpoint import atomic_save_safetensors, atomic_write_text
 
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         dtype = dtype or self.dtype
         tensors = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
                    for k, v in self.state_dict().items()}
-        tmp = out / (WEIGHTS_FILE + ".tmp")
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-        tmp.replace(out / WEIGHTS_FILE)
+        atomic_save_safetensors(tensors, out / WEIGHTS_FILE, metadata={"format": "pt"})
         raw = {**self.config.to_json_dict(dtype), **getattr(self, "target_fields", {})}
         atomic_write_text(out / "config.json", json.dumps(raw, indent=2) + "\n")
         return out

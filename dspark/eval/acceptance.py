@@ -93,6 +93,20 @@ def resolve_drafter_arg(arg: str) -> tuple[str, str | Path]:
     raise EvalError(f"drafter {arg!r} is neither a directory nor a known name ({', '.join(known)}){hint}")
 
 
+def resolve_drafter_args(args: Sequence[str]) -> dict[str, str | Path]:
+    """`resolve_drafter_arg` for each of --drafters, by label; two drafters under one label (a directory
+    named like a bare name, or two directories with one name) are an error naming the LABEL=DIR form,
+    since the second would silently replace the first."""
+    specs: dict[str, str | Path] = {}
+    for a in args:
+        label, spec = resolve_drafter_arg(a)
+        if label in specs:
+            raise EvalError(f"--drafters: {a!r} and {str(specs[label])!r} both get the label {label!r}; name one "
+                            f"with LABEL=DIR (e.g. {label}-new={spec})")
+        specs[label] = spec
+    return specs
+
+
 def build_drafter(spec: DrafterSpec, target: "TargetModel", max_seqs: int, max_len: int) -> "Drafter":
     if hasattr(spec, "propose") and not isinstance(spec, type):
         return spec  # a ready Drafter object
@@ -477,8 +491,7 @@ def evaluate(cfg: EvalConfig, drafters: Mapping[str, DrafterSpec] | None = None,
     texts = {s: load_prompt_set(cfg.data_dir, s, cfg.num_prompts) for s in cfg.sets}
     from dspark.train.checkpoint import check_writable
     check_writable(cfg.out, "--out")
-    specs: dict[str, DrafterSpec] = dict(drafters) if drafters is not None else \
-        dict(resolve_drafter_arg(a) for a in cfg.drafters)
+    specs: dict[str, DrafterSpec] = dict(drafters) if drafters is not None else resolve_drafter_args(cfg.drafters)
     if not specs:
         raise EvalError("--drafters is empty")
     if VANILLA in specs:

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from dspark.config import VerifyPolicy, parse_policies
 from dspark.entry import module_main
-from dspark.eval.acceptance import VANILLA, DrafterSpec, EvalError, build_drafter, resolve_drafter_arg, run_engine
+from dspark.eval.acceptance import VANILLA, DrafterSpec, EvalError, build_drafter, resolve_drafter_args, run_engine
 from dspark.eval.prompts import BUILTIN_PROMPTS, load_prompt_set, prepare_prompts
 
 if TYPE_CHECKING:
@@ -219,7 +219,7 @@ def benchmark(cfg: BenchConfig, drafters: Mapping[str, DrafterSpec] | None = Non
     from dspark.train.checkpoint import check_writable
     check_writable(cfg.out, "--out")
     specs: dict[str, DrafterSpec] = dict(drafters) if drafters is not None else \
-        dict(resolve_drafter_arg(a) for a in cfg.drafters if a != VANILLA)
+        resolve_drafter_args([a for a in cfg.drafters if a != VANILLA])
     model_path = Path(cfg.model) if cfg.model else (target.path if target is not None and target.path
                                                     else default_model_path())
     if target is None:
