@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The sixth SmolLM2 DSpark drafter run: about 2.5x the fourth run's training data, then fine-tuning the
+# The sixth SmolLM2 DSpark drafter run: 1.63x the fourth run's response tokens (NEW=1000 SAMPLED=1), then fine-tuning the
 # bundled drafter on it. The fifth run showed a second pass over the fourth run's 0.8M response tokens
 # overfits, so this run widens the data rather than the steps:
 #   1. SmolLM2's greedy replies (temperature 0, what a greedy user decodes) to every committed
