@@ -1017,7 +1017,6 @@ class DSparkModel(FeatureDrafterModel):
                 fuse(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj), fuse(layer.self_attn.o_proj),
                 fuse(layer.mlp.gate_proj, layer.mlp.up_proj), fuse(layer.mlp.down_proj), a.Hq, a.Hkv, a.D)
             for layer in self.layers]
-        self.c_context = None
         if hasattr(self.fc, "q8"):
             self.c_context = int4_gemm.DraftContextWeights.of(
                 self.fc.q8, self.hidden_norm.weight, eps,
@@ -1419,14 +1418,13 @@ class DSparkDrafter(FeatureDrafter):
         cache slot in turn."""
         model = self.model
         batch = self.cache.prepare(cslots, lens, max_position=self.cache.max_len)  # checks; where rows go
-        pos = [s + j for s, n in zip(batch.start, lens) for j in range(n)]
-        cos, sin = model.rope(torch.tensor(pos, dtype=torch.int64))  # [M, 1, D]
+        pos = torch.tensor([s + j for s, n in zip(batch.start, lens) for j in range(n)], dtype=torch.int64)
+        cos, sin = model.rope(pos)  # [M, 1, D]
         D = cos.shape[-1]
         feats = taps.reshape(taps.shape[0], -1).contiguous()
         row_slot = torch.tensor([c for c, n in zip(cslots, lens) for _ in range(n)], dtype=torch.int64)
         int4_gemm.draft_context(model.c_context, feats, cos.reshape(-1, D).float().contiguous(),
-                                sin.reshape(-1, D).float().contiguous(), self.cache.k, self.cache.v, row_slot,
-                                torch.tensor(pos, dtype=torch.int64))
+                                sin.reshape(-1, D).float().contiguous(), self.cache.k, self.cache.v, row_slot, pos)
         self.cache.commit(batch)
 
     def _greedy_kernel_fits(self, sampling: SamplingTensors, h: Tensor) -> bool:

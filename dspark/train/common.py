@@ -73,6 +73,22 @@ def dist_info() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
+# glibc's mallopt parameters
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
+
+
+def _glibc():
+    """The C library when it is glibc (it has `mallopt` and `malloc_trim`), else None."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
 def reuse_freed_memory() -> bool:
     """Have glibc's malloc keep freed memory for reuse instead of handing big blocks back to the OS.
 
@@ -81,15 +97,9 @@ def reuse_freed_memory() -> bool:
     free, so every step page-faults (and zeroes) gigabytes again: measured on SmolLM2, 8.6 s a step of
     which most was system time, against 2.9 s once freed memory is reused. Off-glibc this does nothing.
     Returns whether it took effect."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        m_trim_threshold, m_mmap_max = -1, -4
-        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
-    except (OSError, AttributeError):
-        return False
+    libc = _glibc()
+    return libc is not None and bool(libc.mallopt(_M_MMAP_MAX, 0)) and \
+        bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 @contextlib.contextmanager
@@ -100,19 +110,12 @@ def freed_memory_returned():
     For work that allocates large temporaries of a new size every time between small long-lived ones:
     kept for reuse, those fragment the heap until the process runs out of memory (the log-normalisers of
     SmolLM2's stored data: 24 GB after 3,300 sequences). Off-glibc this does nothing."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        libc = None
-    m_trim_threshold, m_mmap_threshold, m_mmap_max = -1, -3, -4
+    libc = _glibc()
     try:
         if libc is not None:
-            libc.mallopt(m_mmap_max, 65536)
-            libc.mallopt(m_mmap_threshold, 128 * 1024)
-            libc.mallopt(m_trim_threshold, 128 * 1024)
+            libc.mallopt(_M_MMAP_MAX, 65536)
+            libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+            libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024)
         yield
     finally:
         if libc is not None:
