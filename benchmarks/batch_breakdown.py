@@ -1,7 +1,8 @@
 """Where the time of plain decoding at batch 1 and batch 8 goes, on the calls `plain_vs_transformers.py`
 times (its 8 chat prompts, greedy, eos ignored), alternating batch 1 and batch 8 in one process.
 
-    python benchmarks/batch_breakdown.py --threads 2 [--max-tokens 64] [--repeats 3] [--out runs/batch_breakdown.json]
+    python benchmarks/batch_breakdown.py --threads 2 [--max-tokens 64] [--repeats 3] [--kv-cache-dtype auto]
+                                         [--out runs/batch_breakdown.json]
 
 For each call: wall seconds; the target's prefill forwards (prompt tokens) and decode forwards (one new
 token per sequence), and within the decode forwards the decoder layers (`int4_gemm.layers`, attention
@@ -30,6 +31,8 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=64, help="tokens generated per prompt (default: 64)")
     ap.add_argument("--repeats", type=int, default=3, help="alternating passes (default: 3)")
     ap.add_argument("--out", default="runs/batch_breakdown.json", help="results JSON (default: runs/batch_breakdown.json)")
+    from dspark.config import KV_CACHE_DTYPE_HELP, KV_CACHE_DTYPES
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES), help=KV_CACHE_DTYPE_HELP)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from dspark import LLM, SamplingParams
@@ -37,7 +40,7 @@ def main() -> int:
     from dspark.models import int4_gemm
     from dspark.train.checkpoint import atomic_write_text
 
-    llm = LLM(model=str(default_model_path()), max_num_seqs=8)
+    llm = LLM(model=str(default_model_path()), max_num_seqs=8, kv_cache_dtype=args.kv_cache_dtype)
     target = llm.target
     prompts = [llm.tokenizer.encode(llm.render_chat([{"role": "user", "content": t}])) for t in CHAT_PROMPTS]
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
@@ -89,7 +92,8 @@ def main() -> int:
         target.forward = forward
         int4_gemm.layers, int4_gemm._run_il = layers, run_il
     med = {b: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for b, rs in runs.items()}
-    print(f"threads {args.threads}; {len(prompts)} prompts x {args.max_tokens} tokens; medians of {args.repeats} (ms)")
+    print(f"threads {args.threads}; KV cache {llm.target.kv_cache_dtype}; {len(prompts)} prompts x {args.max_tokens} "
+          f"tokens; medians of {args.repeats} (ms)")
     for b in (1, 8):
         m = med[b]
         print(f"batch {b}: wall {m['wall'] * 1e3:7.0f}  prefill {m['prefill_forwards'] * 1e3:6.0f}  decode "
@@ -102,7 +106,8 @@ def main() -> int:
           f"({per_step[8] / per_step[1]:.2f} single steps); prefill {med[8]['prefill_forwards'] / med[8]['wall']:.0%} of "
           f"the batch-8 call; with a free batch-8 decode step the ratio would be {bound:.1f}x")
     out = Path(args.out)
-    atomic_write_text(out, json.dumps({"threads": args.threads, "max_tokens": args.max_tokens, "repeats": args.repeats,
+    atomic_write_text(out, json.dumps({"threads": args.threads, "kv_cache_dtype": str(llm.target.kv_cache_dtype),
+                                       "max_tokens": args.max_tokens, "repeats": args.repeats,
                                        "median_seconds": {str(b): m for b, m in med.items()},
                                        "runs": {str(b): r for b, r in runs.items()}, "b8_over_b1": round(ratio, 3),
                                        "decode_step_ms": {str(b): round(v, 3) for b, v in per_step.items()},

@@ -89,7 +89,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError("-g/--num-speculative-tokens needs a drafter (--drafter DIR or ngram)")
     llm = LLM(model=args.model, drafter="auto" if args.drafter is None else args.drafter, dtype=args.dtype,
               num_threads=args.threads, max_num_seqs=args.max_num_seqs, policy=args.policy,
-              cpu_gemm=args.cpu_gemm, attention=args.attention, reprofile=args.reprofile)
+              cpu_gemm=args.cpu_gemm, attention=args.attention, reprofile=args.reprofile,
+              kv_cache_dtype=args.kv_cache_dtype)
     if llm.model_note:
         print(f"note: {llm.model_note}", file=sys.stderr)
     if llm.drafter is None and args.num_speculative_tokens is not None:

@@ -136,6 +136,10 @@ CPU_GEMM_MODES = ("auto", "fp16", "int4", "int4-a8", "off")
 # "auto": the batch-invariant row kernel (dspark.models.row_attention) on float32 CPU models when it
 # builds; "sdpa": torch's scaled_dot_product_attention.
 ATTENTION_MODES = ("auto", "sdpa")
+# The KV cache's dtype: "auto" = float16 when the model runs on the int4 GEMM with the row attention kernel
+# (a 4-bit GGUF on CPU: what llama.cpp keeps its cache in by default; half the bytes a step's attention
+# reads), else the model's dtype; "float32" / "float16": that dtype.
+KV_CACHE_DTYPES = ("auto", "float32", "float16")
 CPU_GEMM_HELP = ("CPU projections: auto = a 4-bit GGUF's codes on the int4 GEMM with 8-bit activations (int4-a8) "
                  "when the attention is batch-invariant, other fp16-exact weights on the packed fp16 GEMM; fp16 = "
                  "never int4; int4 = the 4-bit codes with float32 activations; int4-a8 = with 8-bit activations "
@@ -144,8 +148,13 @@ CPU_GEMM_HELP = ("CPU projections: auto = a 4-bit GGUF's codes on the int4 GEMM 
 ATTENTION_HELP = ("attention kernel: auto = the batch-invariant row kernel on CPU (built with the C compiler at "
                   "first use; a token's outputs do not depend on its batch); sdpa = torch's SDPA (default: auto)")
 
+KV_CACHE_DTYPE_HELP = ("the KV cache's dtype: auto = float16 for a 4-bit GGUF on the int4 GEMM with the row kernel "
+                       "(as llama.cpp keeps it; half the bytes attention reads), else the model's dtype "
+                       "(default: auto)")
+
 
 def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
-    """--cpu-gemm and --attention, as every command that loads a target takes them."""
+    """--cpu-gemm, --attention and --kv-cache-dtype, as every command that loads a target takes them."""
     p.add_argument("--cpu-gemm", default="auto", choices=list(CPU_GEMM_MODES), help=CPU_GEMM_HELP)
     p.add_argument("--attention", default="auto", choices=list(ATTENTION_MODES), help=ATTENTION_HELP)
+    p.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES), help=KV_CACHE_DTYPE_HELP)

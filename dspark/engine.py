@@ -896,7 +896,9 @@ class LLM:
     ``cpu_gemm``: "auto" (a 4-bit GGUF's codes on the int4 GEMM when the attention is batch-invariant,
     the rest on the packed fp16-weight GEMM for fp16-exact weights), "fp16" (never int4), "int4" or "off"
     (see `load_target`). ``attention``: "auto" (the batch-invariant row kernel on CPU when it builds:
-    a request's tokens do not depend on what it is batched with) or "sdpa".
+    a request's tokens do not depend on what it is batched with) or "sdpa". ``kv_cache_dtype``: "auto"
+    (float16 for a 4-bit GGUF on the int4 GEMM, as llama.cpp keeps it; else the model's dtype),
+    "float32" or "float16" (see `load_target`).
     ``policy``: the verification policy (`dspark.config.POLICY_KINDS`): ``"static"`` verifies every
     drafted token, ``"plain"`` does not speculate, ``"fixed:K"`` verifies the first K drafts,
     ``"threshold:P"`` those whose calibrated survival stays above P, ``"confidence"`` lets the
@@ -917,7 +919,8 @@ class LLM:
                  num_speculative_tokens: int | None = None, policy: str | VerifyPolicy = "static",
                  scheduler: str | None = None, reprofile: bool = False,
                  step_cost: StepCostTable | None = None, cpu_gemm: str = "auto",
-                 max_num_batched_tokens: int | None = None, attention: str = "auto") -> None:
+                 max_num_batched_tokens: int | None = None, attention: str = "auto",
+                 kv_cache_dtype: str = "auto") -> None:
         self.num_threads = num_threads
         self.config = EngineConfig(max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                                    max_num_batched_tokens=max_num_batched_tokens,
@@ -927,7 +930,7 @@ class LLM:
         self.model_path = Path(model) if model is not None else choice.path
         self.model_note = choice.note if choice is not None else None  # e.g. how to get the real default
         self.target = load_target(self.model_path, dtype=dtype, device=device, cpu_gemm=cpu_gemm,
-                                  attention=attention)
+                                  attention=attention, kv_cache_dtype=kv_cache_dtype)
         self.tokenizer = self.target.tokenizer
         max_len = max_model_len or self.target.context_length
         self.model_label = target_label(self.target)

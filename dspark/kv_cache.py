@@ -250,9 +250,11 @@ class KVCache:
             v_flat = v_new.reshape(-1, self.num_kv_heads, self.head_dim)
         else:
             k_flat, v_flat = k_new[batch.valid], v_new[batch.valid]
-        # One scatter per tensor: advanced indices on (slot, position), heads and dim sliced.
-        k_layer[batch.write_slot, :, batch.write_pos] = k_flat
-        v_layer[batch.write_slot, :, batch.write_pos] = v_flat
+        # One scatter per tensor: advanced indices on (slot, position), heads and dim sliced (a cache
+        # kept in another dtype than the model's, e.g. float16 keys of a float32 model: rounded here,
+        # to nearest even, as the slice copy above and the C layer kernels round them).
+        k_layer[batch.write_slot, :, batch.write_pos] = k_flat.to(self.dtype)
+        v_layer[batch.write_slot, :, batch.write_pos] = v_flat.to(self.dtype)
         return k_layer, v_layer
 
     def commit(self, batch: CacheBatch) -> None:

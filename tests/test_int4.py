@@ -239,7 +239,8 @@ def test_loaded_q4_model_runs_int4_with_its_own_weights(int4_target, q4_file):
     if int4_target.transformer.layers[0].mlp.packed["down"].kernel == "dspark":
         # With the other tensors in float32 too (the default stores them as float16), only summation
         # order differs.
-        a32 = logits(load_target(q4_file, dtype="float32", cpu_gemm="int4"))
+        # (and the KV cache in float32: "auto" keeps a 4-bit GGUF's in float16)
+        a32 = logits(load_target(q4_file, dtype="float32", cpu_gemm="int4", kv_cache_dtype="float32"))
         assert (a32 - b).abs().max().item() < 1e-4 * b.std().item()
         assert torch.equal(a32.argmax(-1), b.argmax(-1))
     assert (a - b).abs().max().item() < 0.15 * b.std().item()  # torch's kernel, measured: 0.06 std
@@ -356,8 +357,9 @@ def test_verification_equals_decoding_bit_for_bit(int4_target, q4_file, gemm):
 def test_fused_layers_match_the_per_op_path(q4_file, monkeypatch, gemm):
     """The fused C layer parts (norm, QKV, RoPE / output projection, norm, gate-up, SiLU, down, residuals)
     compute the per-op layer: logits and hidden-state taps agree to float rounding, prompt and decode
-    steps, and a kept tap is not overwritten by the next layer."""
-    target = load_target(q4_file, cpu_gemm=gemm)
+    steps, and a kept tap is not overwritten by the next layer (a float32 KV cache: rounding keys to
+    float16 would turn the paths' last-bit differences into float16 ones)."""
+    target = load_target(q4_file, cpu_gemm=gemm, kv_cache_dtype="float32")
     t = target.transformer
     if not int4_gemm.available():
         pytest.skip(f"no int4 kernel here: {int4_gemm.unavailable_reason()}")
@@ -416,8 +418,9 @@ def _two_sequence_forwards(target, calls):
     return outs, cache.k.clone(), cache.v.clone()
 
 
+@pytest.mark.parametrize("kv", ["float32", "float16"])
 @pytest.mark.parametrize("gemm", GEMMS)
-def test_whole_layer_call_gives_the_bits_of_the_three_part_path(q4_file, monkeypatch, gemm):
+def test_whole_layer_call_gives_the_bits_of_the_three_part_path(q4_file, monkeypatch, gemm, kv):
     """The whole layer in one C call (parts, cache write and row attention) where every row of a call is
     on the row kernel: logits, taps and the KV cache bit-identical to the layer parts with the cache
     write and attention in Python, on decode steps of 2 sequences, a verification-sized call of 4 tokens
@@ -425,7 +428,8 @@ def test_whole_layer_call_gives_the_bits_of_the_three_part_path(q4_file, monkeyp
     if not int4_gemm.available():
         pytest.skip(f"no int4 kernel here: {int4_gemm.unavailable_reason()}")
     monkeypatch.setenv("DSPARK_ONE_CALL", "0")  # layer by layer here (the one call: the next test)
-    target = load_target(q4_file, cpu_gemm=gemm)
+    target = load_target(q4_file, cpu_gemm=gemm, kv_cache_dtype=kv)
+    assert target.kv_cache_dtype == getattr(torch, kv)  # float16: the C kernel rounds as torch's copy does
     t = target.transformer
     assert all(layer.whole is not None for layer in t.layers) and t.layer_table is None
     calls = [(ids, [0, 1]) for ids in ([[11], [12]], [[13, 14, 15, 16], [17, 18, 19, 20]], [[21, 22], [23]],
@@ -452,17 +456,18 @@ def test_whole_layer_call_gives_the_bits_of_the_three_part_path(q4_file, monkeyp
     assert torch.equal(whole[1], parts[1]) and torch.equal(whole[2], parts[2])
 
 
+@pytest.mark.parametrize("kv", ["float32", "float16"])
 @pytest.mark.parametrize("gemm", GEMMS)
-def test_all_layers_in_one_call_give_the_bits_of_layer_by_layer(q4_file, monkeypatch, gemm):
+def test_all_layers_in_one_call_give_the_bits_of_layer_by_layer(q4_file, monkeypatch, gemm, kv):
     """Every layer of a step in one C call (`int4_gemm.layers`, the taps copied out as it goes): logits,
     taps (in the order asked) and the KV cache bit-identical to one whole-layer call per layer, on
     decode steps and a verification-sized call; a ragged call or an embedding tap (-1) goes layer by
     layer; DSPARK_ONE_CALL=0 turns it off."""
     if not int4_gemm.available():
         pytest.skip(f"no int4 kernel here: {int4_gemm.unavailable_reason()}")
-    target = load_target(q4_file, cpu_gemm=gemm)
+    target = load_target(q4_file, cpu_gemm=gemm, kv_cache_dtype=kv)
     t = target.transformer
-    assert t.layer_table is not None
+    assert t.layer_table is not None and target.kv_cache_dtype == getattr(torch, kv)
     calls = [([[11], [12]], [0, 1]), ([[13, 14, 15, 16], [17, 18, 19, 20]], [1, 0]), ([[21, 22], [23]], [0]),
              ([[24], [25]], [-1, 1]), ([[26], [27]], [])]
     used = _count_rows(monkeypatch, "layers")
@@ -512,3 +517,23 @@ def test_fused_silu_and_norm_are_accurate():
     assert gate.abs().max() > 20  # the exp is exercised far from zero
     ref = x1 + dn(torch.nn.functional.silu(gate) * up)
     assert (y - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+
+
+def test_kv_cache_dtype_auto_is_float16_on_the_int4_gemm(q4_file):
+    """"auto" keeps a 4-bit GGUF's cache in float16 where it runs on the int4 GEMM and the row kernel (as
+    llama.cpp does), in the model's dtype elsewhere; the choice is part of the target's identity (cached
+    plain-decoding results and step costs are not shared across it); a bad value names the choices."""
+    if not int4_gemm.available():
+        pytest.skip(f"no int4 kernel here: {int4_gemm.unavailable_reason()}")
+    from dspark.eval.acceptance import target_identity
+
+    auto = load_target(q4_file)
+    assert auto.cpu_gemm.startswith("int4") and auto.kv_cache_dtype == torch.float16
+    cache = auto.new_cache(2, 32)
+    assert cache.k.dtype == cache.v.dtype == torch.float16
+    assert load_target(q4_file, cpu_gemm="fp16").kv_cache_dtype == torch.float32
+    forced = load_target(q4_file, kv_cache_dtype="float32")
+    assert forced.kv_cache_dtype == torch.float32
+    assert target_identity(auto)["kv_cache_dtype"] == "torch.float16" and "kv_cache_dtype" not in target_identity(forced)
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of auto, float32, float16, got 'fp8'"):
+        load_target(q4_file, kv_cache_dtype="fp8")

@@ -15,10 +15,53 @@ pytestmark = pytest.mark.skipif(not row_attention.available(),
                                 reason=f"row attention kernel unavailable: {row_attention.unavailable_reason()}")
 
 
-def _kernel(q, k, v, rows, scale):
+def _kernel(q, k, v, rows, scale, lib=None):
     out = torch.full_like(q, float("nan"))
-    row_attention._call(row_attention._library().dspark_row_attention, q, k, v, rows, out, scale)
+    lib = lib or row_attention._library()
+    fn = lib.dspark_row_attention_f16 if k.dtype == torch.float16 else lib.dspark_row_attention
+    row_attention._call(fn, q, k, v, rows, out, scale)
     return out
+
+
+def _half_cache(g, *shape):
+    """Random float16 keys or values, with float16's subnormals, signed zeros and its largest values."""
+    x = torch.randn(*shape, generator=g)
+    flat = x.view(-1)
+    flat[::97] = 3e-6 * torch.sign(flat[::97])  # subnormal in float16 (below 6.1e-5)
+    flat[5::101] = -0.0
+    flat[7::211] = 6.0e4 * torch.sign(flat[7::211]) / 1e4  # large but with a finite softmax
+    return x.half()
+
+
+@pytest.mark.parametrize("H,Hkv,D", [(9, 3, 64), (4, 4, 128), (2, 1, 24)])
+def test_float16_cache_gives_the_float32_kernels_bits_on_its_values(H, Hkv, D):
+    """A float16 KV cache (the default for 4-bit GGUFs): each half widened exactly, then the float32
+    kernel's sums, so the bits equal the float32 kernel's on the widened cache."""
+    g = torch.Generator().manual_seed(D)
+    k, v = _half_cache(g, 3, Hkv, 300, D), _half_cache(g, 3, Hkv, 300, D)
+    lengths = [1, 3, 8, 9, 64, 65, 299, 300]
+    slots = [i % 3 for i in range(len(lengths))]
+    q = torch.randn(len(lengths), H, D, generator=g) * 2
+    rows = row_attention.RowPlan.from_lists(list(range(len(lengths))), slots, lengths)
+    half = _kernel(q, k, v, rows, D ** -0.5)
+    assert torch.equal(half, _kernel(q, k.float(), v.float(), rows, D ** -0.5))
+    assert torch.isfinite(half).all()
+
+
+def test_float16_cache_without_f16c_gives_the_same_bits(tmp_path):
+    """The kernel built without -march=native (no F16C: each half widened in C, subnormals included):
+    its float16 path gives its float32 path's bits on the widened cache (no FMA there either, so its
+    bits are not the native build's)."""
+    from dspark.models.ckernel import CKernel
+
+    plain = CKernel(row_attention.SOURCE, (row_attention.FLAG_SETS[-1],), row_attention._setup, env="DSPARK_TEST_UNUSED").compile(tmp_path)
+    g = torch.Generator().manual_seed(11)
+    k, v = _half_cache(g, 2, 3, 130, 64), _half_cache(g, 2, 3, 130, 64)
+    q = torch.randn(4, 9, 64, generator=g)
+    rows = row_attention.RowPlan.from_lists([0, 1, 2, 3], [0, 1, 1, 0], [1, 17, 130, 64])
+    half = _kernel(q, k, v, rows, 0.125, lib=plain)
+    assert torch.equal(half, _kernel(q, k.float(), v.float(), rows, 0.125, lib=plain))
+    torch.testing.assert_close(half, _kernel(q, k, v, rows, 0.125), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("H,Hkv,D", [(9, 3, 64), (4, 4, 128), (8, 2, 32), (2, 1, 24)])
@@ -62,6 +105,9 @@ def targets(tmp_path_factory):
     ck = build_checkpoint(tmp_path_factory.mktemp("bf16"), "qwen3", seed=3, dtype=torch.bfloat16)
     out = {mode: load_target(ck.path, attention=mode) for mode in ("auto", "sdpa")}
     assert out["auto"].cpu_gemm == "fp16-weights"
+    out["f16-cache"] = load_target(ck.path, kv_cache_dtype="float16")
+    assert out["auto"].kv_cache_dtype == torch.float32 and out["f16-cache"].kv_cache_dtype == torch.float16
+    assert out["f16-cache"].attention == "rows"
     return out
 
 
@@ -74,10 +120,11 @@ def test_model_uses_rows_by_default(targets):
     assert targets["auto"].attention == "rows" and targets["sdpa"].attention == "sdpa"
 
 
-def test_verified_tokens_equal_decoded_tokens_bit_for_bit(targets):
+@pytest.mark.parametrize("name", ["auto", "f16-cache"])
+def test_verified_tokens_equal_decoded_tokens_bit_for_bit(targets, name):
     """What makes greedy speculation reproduce plain decoding exactly: k tokens scored in one call get the
-    logits they get when decoded one at a time."""
-    t = targets["auto"]
+    logits they get when decoded one at a time (with a float32 or a float16 KV cache)."""
+    t = targets[name]
     prompt, new = list(range(3, 40)), [50, 61, 7, 9, 101, 33, 2, 80]
     cache = t.new_cache(1, 128)
     slot = cache.allocate()
@@ -93,13 +140,19 @@ def test_verified_tokens_equal_decoded_tokens_bit_for_bit(targets):
     slot = cache.allocate()
     _prefill(ref, cache, slot, prompt)
     with torch.inference_mode():
-        torch.testing.assert_close(ref.forward(cache, [slot], [new]).logits[0], verified, atol=1e-4, rtol=1e-4)
+        reference = ref.forward(cache, [slot], [new]).logits[0]
+    if name == "auto":
+        torch.testing.assert_close(reference, verified, atol=1e-4, rtol=1e-4)
+    else:  # keys and values rounded to float16: close to the float32 model, not equal
+        torch.testing.assert_close(reference, verified, atol=2e-2, rtol=1e-2)
+        assert not torch.equal(reference, verified)
 
 
-def test_a_sequence_gets_the_same_bits_alone_and_batched(targets):
+@pytest.mark.parametrize("name", ["auto", "f16-cache"])
+def test_a_sequence_gets_the_same_bits_alone_and_batched(targets, name):
     """Ragged verification (different lengths, different numbers of new tokens, padding) beside other
     sequences gives each sequence exactly what it gets alone; so does a long chunk (SDPA path)."""
-    t = targets["auto"]
+    t = targets[name]
     prompts = [list(range(5, 25)), list(range(30, 110)), list(range(7, 12))]
     news = [[4, 5, 6], [9], list(range(60, 60 + row_attention.ROW_LIMIT + 6))]  # the last one: SDPA path
     alone = []

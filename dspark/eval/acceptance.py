@@ -149,6 +149,9 @@ def target_identity(target: "TargetModel") -> dict[str, Any]:
     fused = getattr(getattr(target, "transformer", None), "num_fused_layers", 0)
     if fused:
         ident["fused_layers"] = fused
+    kv = getattr(target, "kv_cache_dtype", target.dtype)
+    if kv != target.dtype:  # named only when it differs, as above
+        ident["kv_cache_dtype"] = str(kv)
     return ident
 
 

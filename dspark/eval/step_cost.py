@@ -49,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
     from dspark.engine import LLM
 
     llm = LLM(model=args.model, drafter="auto" if args.drafter is None else args.drafter, dtype=args.dtype,
-              cpu_gemm=args.cpu_gemm, attention=args.attention, num_threads=args.threads,
+              cpu_gemm=args.cpu_gemm, attention=args.attention, kv_cache_dtype=args.kv_cache_dtype,
+              num_threads=args.threads,
               max_num_seqs=args.max_num_seqs)
     with llm._threads():
         import torch

@@ -21,8 +21,8 @@
 #include <math.h>
 #include <immintrin.h>
 
-#if !defined(__AVX2__) || !defined(__FMA__)
-#error "the int4 GEMM needs AVX2 and FMA"
+#if !defined(__AVX2__) || !defined(__FMA__) || !defined(__F16C__)
+#error "the int4 GEMM needs AVX2, FMA and F16C (every AVX2 CPU has F16C)"
 #endif
 
 #define GROUP 32
@@ -752,17 +752,36 @@ struct dspark_layer_weights {
     int64_t K, H, Hkv, D, I;
 };
 
-typedef int (*row_attention_fn)(int64_t, int64_t, int64_t, int64_t, const float *, int64_t, int64_t, const float *,
-                                const float *, int64_t, int64_t, int64_t, const int64_t *, const int64_t *,
+/* k, v: float32, or float16 (kv_half) for dspark_row_attention_f16 */
+typedef int (*row_attention_fn)(int64_t, int64_t, int64_t, int64_t, const float *, int64_t, int64_t, const void *,
+                                const void *, int64_t, int64_t, int64_t, const int64_t *, const int64_t *,
                                 const int64_t *, float *, int64_t, int64_t, float, int64_t);
+
+/* float32 -> IEEE float16, rounding to nearest even (what torch's .half() does; F16C's vcvtps2ph with
+ * rounding mode 0) */
+static void to_half(int64_t n, const float *x, uint16_t *y) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(y + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+    for (; i < n; i++) y[i] = _cvtss_sh(x[i], _MM_FROUND_TO_NEAREST_INT);
+}
+
+/* D values of row r's key (or value) into the cache at element offset `at`: copied, or rounded to float16 */
+static inline void put_kv(void *cache, int64_t at, const float *src, int64_t D, int64_t kv_half) {
+    if (kv_half)
+        to_half(D, src, (uint16_t *)cache + at);
+    else
+        memcpy((float *)cache + at, src, sizeof(float) * (size_t)D);
+}
 
 /* x [M, K] contiguous, in place. rope [M, D / 2] (cos, sin) pairs. Row r of x is the token at position
  * row_len[r] - 1 of cache slot row_slot[r]; its key and value go there (k_cache / v_cache: slot, kv head,
- * position at the given strides), and it attends to positions 0 .. row_len[r] - 1 of that slot.
+ * position at the given strides, in elements; float32, or float16 when kv_half, rounded to nearest even,
+ * with `attention` the kernel for that type), and it attends to positions 0 .. row_len[r] - 1 of that slot.
  * Returns 0, or the first failing part's code (-1 bad sizes, -2 no memory, else the attention's). */
-int dspark_layer(const struct dspark_layer_weights *w, int64_t M, float *x, const float *rope, float *k_cache,
-                 float *v_cache, int64_t slot_stride, int64_t head_stride, int64_t pos_stride, const int64_t *row_slot,
-                 const int64_t *row_len, row_attention_fn attention, float scale, int64_t threads) {
+int dspark_layer(const struct dspark_layer_weights *w, int64_t M, float *x, const float *rope, void *k_cache,
+                 void *v_cache, int64_t slot_stride, int64_t head_stride, int64_t pos_stride, const int64_t *row_slot,
+                 const int64_t *row_len, row_attention_fn attention, float scale, int64_t kv_half, int64_t threads) {
     if (M < 1) return M == 0 ? 0 : -1;
     int64_t N = w->qkv.n, H = w->H, Hkv = w->Hkv, D = w->D, A = H * D;
     if (N != (H + 2 * Hkv) * D) return -1;
@@ -776,8 +795,8 @@ int dspark_layer(const struct dspark_layer_weights *w, int64_t M, float *x, cons
             row_q[r] = r;
             int64_t at = row_slot[r] * slot_stride + (row_len[r] - 1) * pos_stride;
             for (int64_t g = 0; g < Hkv; g++) {
-                memcpy(k_cache + at + g * head_stride, qkv + r * N + (H + g) * D, sizeof(float) * (size_t)D);
-                memcpy(v_cache + at + g * head_stride, qkv + r * N + (H + Hkv + g) * D, sizeof(float) * (size_t)D);
+                put_kv(k_cache, at + g * head_stride, qkv + r * N + (H + g) * D, D, kv_half);
+                put_kv(v_cache, at + g * head_stride, qkv + r * N + (H + Hkv + g) * D, D, kv_half);
             }
         }
         rc = attention(M, H, Hkv, D, qkv, N, D, k_cache, v_cache, slot_stride, head_stride, pos_stride, row_q,
@@ -794,12 +813,15 @@ int dspark_layer(const struct dspark_layer_weights *w, int64_t M, float *x, cons
  * hidden-state taps). The same operations as L calls, so the same bits; it saves the Python between the
  * layers (~25 us a layer). */
 int dspark_layers(const struct dspark_layer_weights *const *ws, int64_t L, int64_t M, float *x, const float *rope,
-                  float *k_cache, float *v_cache, int64_t layer_stride, int64_t slot_stride, int64_t head_stride,
+                  void *k_cache, void *v_cache, int64_t layer_stride, int64_t slot_stride, int64_t head_stride,
                   int64_t pos_stride, const int64_t *row_slot, const int64_t *row_len, row_attention_fn attention,
-                  float scale, float *taps, const int64_t *tap_layer, int64_t n_taps, int64_t threads) {
+                  float scale, float *taps, const int64_t *tap_layer, int64_t n_taps, int64_t kv_half,
+                  int64_t threads) {
+    size_t elem = kv_half ? sizeof(uint16_t) : sizeof(float);
     for (int64_t l = 0; l < L; l++) {
-        int rc = dspark_layer(ws[l], M, x, rope, k_cache + l * layer_stride, v_cache + l * layer_stride, slot_stride,
-                              head_stride, pos_stride, row_slot, row_len, attention, scale, threads);
+        int rc = dspark_layer(ws[l], M, x, rope, (char *)k_cache + (size_t)(l * layer_stride) * elem,
+                              (char *)v_cache + (size_t)(l * layer_stride) * elem, slot_stride, head_stride, pos_stride,
+                              row_slot, row_len, attention, scale, kv_half, threads);
         if (rc) return rc;
         for (int64_t j = 0; j < n_taps; j++)
             if (tap_layer[j] == l)

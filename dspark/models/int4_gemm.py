@@ -120,10 +120,10 @@ def _setup(lib: ctypes.CDLL) -> bool:
     lib.dspark_layer_in.restype = ctypes.c_int
     lib.dspark_layer_out.argtypes = [i64, i64, ptr, i64, ptr, i64, ptr, ptr, f32, ptr, i64, ptr, i64]
     lib.dspark_layer_out.restype = ctypes.c_int
-    lib.dspark_layer.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, f32, i64]
+    lib.dspark_layer.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, f32, i64, i64]
     lib.dspark_layer.restype = ctypes.c_int
     lib.dspark_layers.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, ptr, ptr, f32, ptr, ptr,
-                                  i64, i64]
+                                  i64, i64, i64]
     lib.dspark_layers.restype = ctypes.c_int
     lib.dspark_draft_layer.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, f32, i64]
     lib.dspark_draft_layer.restype = ctypes.c_int
@@ -364,17 +364,24 @@ class LayerWeights(ctypes.Structure):
         return w
 
 
+def _kv_half(k_cache: Tensor, v_cache: Tensor) -> int:
+    """1 for float16 caches, 0 for float32 (the layer kernels write and read no other type)."""
+    if k_cache.dtype != v_cache.dtype or k_cache.dtype not in (torch.float32, torch.float16):
+        raise ValueError(f"the layer kernels take float32 or float16 KV caches, got {k_cache.dtype} / {v_cache.dtype}")
+    return int(k_cache.dtype == torch.float16)
+
+
 def layer(x: Tensor, w: LayerWeights, rope: Tensor, k_cache: Tensor, v_cache: Tensor, row_slot: Tensor,
           row_len: Tensor, attention: int, scale: float) -> None:
     """A whole decoder layer in one call (`dspark_layer`), in place on x [rows, K] float32 contiguous:
     the part before attention, each row's key and value written at position row_len[r] - 1 of cache
-    slot row_slot[r] (k_cache / v_cache: [slots, kv heads, positions, D] float32, D contiguous), attention
-    over positions 0 .. row_len[r] - 1 by the row kernel at address `attention`
-    (`dspark_row_attention`), the part after it. rope: [rows, D / 2] complex64."""
+    slot row_slot[r] (k_cache / v_cache: [slots, kv heads, positions, D] float32 or float16, D contiguous),
+    attention over positions 0 .. row_len[r] - 1 by the row kernel at address `attention`
+    (`row_attention.kernel_address(k_cache.dtype)`), the part after it. rope: [rows, D / 2] complex64."""
     rc = KERNEL.loaded.dspark_layer(
         ctypes.addressof(w), x.shape[0], x.data_ptr(), torch.view_as_real(rope).data_ptr(), k_cache.data_ptr(),
         v_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), row_slot.data_ptr(),
-        row_len.data_ptr(), attention, scale, torch.get_num_threads())
+        row_len.data_ptr(), attention, scale, _kv_half(k_cache, v_cache), torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"fused layer kernel returned {rc} (width {w.K}, heads {w.H}/{w.Hkv} x {w.D})")
 
@@ -391,13 +398,13 @@ def layers(x: Tensor, table: ctypes.Array, rope: Tensor, k_cache: Tensor, v_cach
     """Every decoder layer in one call (`dspark_layers`): `layer` for each entry of `table`
     (`layer_table`) in order, in place on x [rows, K]; k_cache / v_cache: the whole caches
     [layers, slots, kv heads, positions, D]; x after layer tap_layers[j] copied to taps[:, j] ([rows,
-    n_taps, K] float32 contiguous)."""
+    n_taps, K] float32 contiguous); the caches float32 or float16, `attention` the row kernel for that type."""
     n_taps = 0 if taps is None else taps.shape[1]
     rc = KERNEL.loaded.dspark_layers(
         table, len(table), x.shape[0], x.data_ptr(), torch.view_as_real(rope).data_ptr(), k_cache.data_ptr(),
         v_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
         row_slot.data_ptr(), row_len.data_ptr(), attention, scale, _ptr(taps), _ptr(tap_layers), n_taps,
-        torch.get_num_threads())
+        _kv_half(k_cache, v_cache), torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"decoder layers kernel returned {rc}")
 

@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from dspark.config import ATTENTION_MODES, CPU_GEMM_MODES
+from dspark.config import ATTENTION_MODES, CPU_GEMM_MODES, KV_CACHE_DTYPES
 from dspark.errors import CheckpointError
 from dspark.kv_cache import KVCache
 from dspark.models.config import ModelConfig
@@ -92,6 +92,7 @@ class TargetModel:
         self.generation_config = generation_config
         self.path = path  # the model directory the weights were read from
         self.source = source if source is not None else path  # what the user named: a directory or a .gguf
+        self.kv_cache_dtype: torch.dtype = self.dtype  # what new_cache keeps keys and values in (load_target sets it)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -160,7 +161,7 @@ class TargetModel:
                 f"max_len={max_len} exceeds the model's max_position_embeddings={self.context_length}"
             )
         c = self.config
-        return KVCache(c.num_layers, max_seqs, max_len, c.num_kv_heads, c.head_dim, self.dtype, self.device)
+        return KVCache(c.num_layers, max_seqs, max_len, c.num_kv_heads, c.head_dim, self.kv_cache_dtype, self.device)
 
     # ---- pieces shared with drafters --------------------------------------------------------------
 
@@ -375,6 +376,7 @@ def load_target(
     load_tokenizer: bool = True,
     cpu_gemm: str = "auto",
     attention: str = "auto",
+    kv_cache_dtype: str = "auto",
 ) -> TargetModel:
     """Load a Hugging Face model directory (config, safetensors, tokenizer, generation config), or a
     GGUF file (converted once into a cached directory of that form, see `dspark.models.gguf`; `dtype`
@@ -392,7 +394,16 @@ def load_target(
 
     attention: "auto" computes attention with the batch-invariant row kernel
     (`dspark.models.row_attention`) on float32 CPU models when it builds, "sdpa" with torch's
-    scaled_dot_product_attention. `TargetModel.attention` says which one is in use."""
+    scaled_dot_product_attention. `TargetModel.attention` says which one is in use.
+
+    kv_cache_dtype: "auto" keeps the KV cache in float16 when the projections run on the int4 GEMM with
+    the row kernel (a 4-bit GGUF on CPU, the default there; llama.cpp's default cache type too: keys and
+    values rounded once to float16, whose 11-bit significand is finer than the 8-bit activations these
+    numerics already round to; half the bytes a decode step's attention reads), else in the model's
+    dtype; "float32" / "float16" force one. Speculative and plain decoding share the cache, so greedy
+    speculation still reproduces plain decoding token for token. `TargetModel.kv_cache_dtype` says which."""
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
     if cpu_gemm not in CPU_GEMM_MODES:
         raise ValueError(f"cpu_gemm must be one of {', '.join(CPU_GEMM_MODES)}, got {cpu_gemm!r}")
     if attention not in ATTENTION_MODES:
@@ -443,5 +454,11 @@ def load_target(
         model.pack_int4_weights(quant, act8=act8)
         model.pack_int8_lm_head(quant, act8=act8)
     model.pack_fp16_weights("off" if cpu_gemm == "off" else "auto", stored=stored)
-    return TargetModel(cfg, model, tokenizer, generation_config, path, source=source)
+    target = TargetModel(cfg, model, tokenizer, generation_config, path, source=source)
+    if kv_cache_dtype == "auto":
+        if rows and getattr(model, "int4_packed", 0):
+            target.kv_cache_dtype = torch.float16
+    else:
+        target.kv_cache_dtype = getattr(torch, kv_cache_dtype)
+    return target
 

@@ -11,7 +11,12 @@
  * decoding token for token on models whose activations are rounded to bf16 (the int4 GEMM), where any
  * last-bit difference grows over the layers.
  *
- * Built at first use by dspark/models/row_attention.py with the system C compiler; float32 only.
+ * Keys and values are float32, or float16 (`dspark_row_attention_f16`: a cache of half the bytes, the
+ * format llama.cpp keeps its KV cache in by default); each half is widened to float32 exactly and every
+ * sum is then the float32 kernel's, so the f16 kernel gives the bits the f32 kernel gives on the same
+ * (rounded) keys and values. q and out are float32 either way.
+ *
+ * Built at first use by dspark/models/row_attention.py with the system C compiler.
  */
 
 #include <stdint.h>
@@ -31,6 +36,57 @@ static inline v8 load8(const float *p) {
 }
 
 static inline void store8(float *p, v8 x) { memcpy(p, &x, sizeof x); }
+
+#if defined(__F16C__) || defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+/* a * b + c, fused where the CPU has FMA. Built with -ffp-contract=off, so the compiler fuses nothing on
+ * its own: which operations are fused is written here, the same in every copy of a loop (a contraction
+ * left to the compiler can differ between two inlined copies of the same code, and with it the bits). */
+static inline v8 fma8(v8 a, v8 b, v8 c) {
+#if defined(__FMA__)
+    return (v8)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+    return a * b + c;
+#endif
+}
+
+/* 8 float16 values widened to float32 (exact: every half is a float) */
+#if defined(__F16C__)
+static inline v8 load8h(const uint16_t *p) {
+    __m256 r = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+    v8 o;
+    memcpy(&o, &r, sizeof o);
+    return o;
+}
+#else
+static inline float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff, bits;
+    if (e == 0x1f) {
+        bits = sign | 0x7f800000u | (m << 13); /* inf, nan */
+    } else if (e) {
+        bits = sign | ((e + 112) << 23) | (m << 13);
+    } else if (m) { /* subnormal: m * 2^-24, normalised */
+        e = 113;
+        while (!(m & 0x400)) { m <<= 1; e--; }
+        bits = sign | (e << 23) | ((m & 0x3ff) << 13);
+    } else {
+        bits = sign;
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+static inline v8 load8h(const uint16_t *p) {
+    v8 o;
+    for (int i = 0; i < 8; i++) o[i] = half_to_float(p[i]);
+    return o;
+}
+#endif
+
+/* 8 keys or values at element offset i of a cache row: float32, or float16 when `half` */
+#define KV8(base, i) (half ? load8h((const uint16_t *)(base) + (i)) : load8((const float *)(base) + (i)))
 
 static inline v8 splat(float x) { return (v8){x, x, x, x, x, x, x, x}; }
 
@@ -74,9 +130,9 @@ static inline v8 exp8(v8 x) {
 
 #define MAX_D 256
 
-static inline __attribute__((always_inline)) void head_nd(const float *q, const float *k, const float *v,
+static inline __attribute__((always_inline)) void head_nd(const float *q, const void *k, const void *v,
                                                           int64_t pos_stride, int64_t L, int64_t nd,
-                                                          float scale, float *scores, float *out) {
+                                                          float scale, float *scores, float *out, int half) {
     v8 qv[MAX_D / 8];
     for (int64_t c = 0; c < nd; c++) qv[c] = load8(q + 8 * c) * splat(scale);
     float m = -3.0e38f;
@@ -84,13 +140,13 @@ static inline __attribute__((always_inline)) void head_nd(const float *q, const 
     /* Four keys at a time: four independent FMA chains. Each key's sum is the same sequence of
      * operations as in the one-key loop below, so grouping changes no score. */
     for (; j + 4 <= L; j += 4) {
-        const float *k0 = k + j * pos_stride, *k1 = k0 + pos_stride, *k2 = k1 + pos_stride, *k3 = k2 + pos_stride;
-        v8 a0 = qv[0] * load8(k0), a1 = qv[0] * load8(k1), a2 = qv[0] * load8(k2), a3 = qv[0] * load8(k3);
+        int64_t o0 = j * pos_stride, o1 = o0 + pos_stride, o2 = o1 + pos_stride, o3 = o2 + pos_stride;
+        v8 a0 = qv[0] * KV8(k, o0), a1 = qv[0] * KV8(k, o1), a2 = qv[0] * KV8(k, o2), a3 = qv[0] * KV8(k, o3);
         for (int64_t c = 1; c < nd; c++) {
-            a0 += qv[c] * load8(k0 + 8 * c);
-            a1 += qv[c] * load8(k1 + 8 * c);
-            a2 += qv[c] * load8(k2 + 8 * c);
-            a3 += qv[c] * load8(k3 + 8 * c);
+            a0 = fma8(qv[c], KV8(k, o0 + 8 * c), a0);
+            a1 = fma8(qv[c], KV8(k, o1 + 8 * c), a1);
+            a2 = fma8(qv[c], KV8(k, o2 + 8 * c), a2);
+            a3 = fma8(qv[c], KV8(k, o3 + 8 * c), a3);
         }
         float s0 = hsum8(a0), s1 = hsum8(a1), s2 = hsum8(a2), s3 = hsum8(a3);
         scores[j] = s0;
@@ -103,9 +159,9 @@ static inline __attribute__((always_inline)) void head_nd(const float *q, const 
         if (s3 > m) m = s3;
     }
     for (; j < L; j++) {
-        const float *kj = k + j * pos_stride;
-        v8 acc = qv[0] * load8(kj);
-        for (int64_t c = 1; c < nd; c++) acc += qv[c] * load8(kj + 8 * c);
+        int64_t oj = j * pos_stride;
+        v8 acc = qv[0] * KV8(k, oj);
+        for (int64_t c = 1; c < nd; c++) acc = fma8(qv[c], KV8(k, oj + 8 * c), acc);
         float s = hsum8(acc);
         scores[j] = s;
         if (s > m) m = s;
@@ -122,9 +178,9 @@ static inline __attribute__((always_inline)) void head_nd(const float *q, const 
     v8 acc[MAX_D / 8];
     for (int64_t c = 0; c < nd; c++) acc[c] = splat(0.0f);
     for (int64_t j = 0; j < L; j++) {
-        const float *vj = v + j * pos_stride;
+        int64_t oj = j * pos_stride;
         v8 p = splat(scores[j]);
-        for (int64_t c = 0; c < nd; c++) acc[c] += p * load8(vj + 8 * c);
+        for (int64_t c = 0; c < nd; c++) acc[c] = fma8(p, KV8(v, oj + 8 * c), acc[c]);
     }
     v8 inv = splat(1.0f / denom);
     for (int64_t c = 0; c < nd; c++) store8(out + 8 * c, acc[c] * inv);
@@ -133,13 +189,24 @@ static inline __attribute__((always_inline)) void head_nd(const float *q, const 
 /* One (row, head): q [D], keys/values [L, D] at pos_stride, scores scratch [L rounded up to 8].
  * Common head sizes get a copy with a constant trip count (unrolled, q and the sums in registers); each
  * computes exactly what the general loop does. */
-static void one_head(const float *q, const float *k, const float *v, int64_t pos_stride, int64_t L,
-                     int64_t D, float scale, float *scores, float *out) {
+static inline __attribute__((always_inline)) void one_head(const float *q, const void *k, const void *v,
+                                                           int64_t pos_stride, int64_t L, int64_t D, float scale,
+                                                           float *scores, float *out, int half) {
     switch (D) {
-    case 64: head_nd(q, k, v, pos_stride, L, 8, scale, scores, out); break;
-    case 128: head_nd(q, k, v, pos_stride, L, 16, scale, scores, out); break;
-    default: head_nd(q, k, v, pos_stride, L, D / 8, scale, scores, out);
+    case 64: head_nd(q, k, v, pos_stride, L, 8, scale, scores, out, half); break;
+    case 128: head_nd(q, k, v, pos_stride, L, 16, scale, scores, out, half); break;
+    default: head_nd(q, k, v, pos_stride, L, D / 8, scale, scores, out, half);
     }
+}
+
+static void one_head_f32(const float *q, const void *k, const void *v, int64_t pos_stride, int64_t L, int64_t D,
+                         float scale, float *scores, float *out) {
+    one_head(q, k, v, pos_stride, L, D, scale, scores, out, 0);
+}
+
+static void one_head_f16(const float *q, const void *k, const void *v, int64_t pos_stride, int64_t L, int64_t D,
+                         float scale, float *scores, float *out) {
+    one_head(q, k, v, pos_stride, L, D, scale, scores, out, 1);
 }
 
 /* Attention for n_rows query rows.
@@ -152,12 +219,12 @@ static void one_head(const float *q, const float *k, const float *v, int64_t pos
  * it saved there). Each pair is computed the same way on any thread, so the bits do not depend on it.
  * Returns 0, or -1 for an unsupported shape (D not a multiple of 8 or above MAX_D, H not a multiple of
  * Hkv), -2 when scratch memory cannot be had. */
-int dspark_row_attention(int64_t n_rows, int64_t H, int64_t Hkv, int64_t D,
+static int row_attention(int64_t n_rows, int64_t H, int64_t Hkv, int64_t D,
                          const float *q, int64_t q_row_stride, int64_t q_head_stride,
-                         const float *k, const float *v, int64_t slot_stride, int64_t head_stride,
+                         const void *k, const void *v, int64_t slot_stride, int64_t head_stride,
                          int64_t pos_stride, const int64_t *row_q, const int64_t *row_slot,
                          const int64_t *row_len, float *out, int64_t out_row_stride,
-                         int64_t out_head_stride, float scale, int64_t threads) {
+                         int64_t out_head_stride, float scale, int64_t threads, int half) {
     if (D % 8 || D > MAX_D || D < 8 || Hkv < 1 || H % Hkv) return -1;
     int64_t max_len = 0;
     for (int64_t r = 0; r < n_rows; r++)
@@ -176,9 +243,34 @@ int dspark_row_attention(int64_t n_rows, int64_t H, int64_t Hkv, int64_t D,
         float *sc = scores;
 #endif
         int64_t base = row_slot[r] * slot_stride + (h / group) * head_stride;
-        one_head(q + row_q[r] * q_row_stride + h * q_head_stride, k + base, v + base, pos_stride, row_len[r],
-                 D, scale, sc, out + row_q[r] * out_row_stride + h * out_head_stride);
+        const float *qh = q + row_q[r] * q_row_stride + h * q_head_stride;
+        float *oh = out + row_q[r] * out_row_stride + h * out_head_stride;
+        if (half)
+            one_head_f16(qh, (const uint16_t *)k + base, (const uint16_t *)v + base, pos_stride, row_len[r], D,
+                         scale, sc, oh);
+        else
+            one_head_f32(qh, (const float *)k + base, (const float *)v + base, pos_stride, row_len[r], D, scale,
+                         sc, oh);
     }
     free(scores);
     return 0;
+}
+
+int dspark_row_attention(int64_t n_rows, int64_t H, int64_t Hkv, int64_t D, const float *q, int64_t q_row_stride,
+                         int64_t q_head_stride, const float *k, const float *v, int64_t slot_stride,
+                         int64_t head_stride, int64_t pos_stride, const int64_t *row_q, const int64_t *row_slot,
+                         const int64_t *row_len, float *out, int64_t out_row_stride, int64_t out_head_stride,
+                         float scale, int64_t threads) {
+    return row_attention(n_rows, H, Hkv, D, q, q_row_stride, q_head_stride, k, v, slot_stride, head_stride,
+                         pos_stride, row_q, row_slot, row_len, out, out_row_stride, out_head_stride, scale, threads, 0);
+}
+
+/* The same with float16 keys and values (k, v: IEEE binary16; strides in elements). */
+int dspark_row_attention_f16(int64_t n_rows, int64_t H, int64_t Hkv, int64_t D, const float *q,
+                             int64_t q_row_stride, int64_t q_head_stride, const uint16_t *k, const uint16_t *v,
+                             int64_t slot_stride, int64_t head_stride, int64_t pos_stride, const int64_t *row_q,
+                             const int64_t *row_slot, const int64_t *row_len, float *out, int64_t out_row_stride,
+                             int64_t out_head_stride, float scale, int64_t threads) {
+    return row_attention(n_rows, H, Hkv, D, q, q_row_stride, q_head_stride, k, v, slot_stride, head_stride,
+                         pos_stride, row_q, row_slot, row_len, out, out_row_stride, out_head_stride, scale, threads, 1);
 }

@@ -33,16 +33,21 @@ from dspark.models.ckernel import CKernel
 SOURCE = Path(__file__).with_name("row_attention.c")
 ROW_LIMIT = 64  # new tokens of one sequence in one call handled row by row; more: SDPA on that sequence
 MAX_HEAD_DIM = 256  # MAX_D in row_attention.c
-FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native"], ["-O3"])
+# -ffp-contract=off: the kernel says itself which multiply-adds are fused (row_attention.c's fma8)
+FLAG_SETS = (["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"], ["-O3", "-march=native", "-ffp-contract=off"],
+             ["-O3", "-ffp-contract=off"])
+
+
+KV_DTYPES = (torch.float32, torch.float16)  # the key/value dtypes the kernel reads (q and out: float32)
 
 
 def _setup(lib: ctypes.CDLL) -> bool:
-    fn = lib.dspark_row_attention
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [i64, i64, i64, i64, ptr, i64, i64, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, i64, i64,
-                   ctypes.c_float, i64]
-    fn.restype = ctypes.c_int
-    return _self_test(fn)
+    for fn in (lib.dspark_row_attention, lib.dspark_row_attention_f16):
+        fn.argtypes = [i64, i64, i64, i64, ptr, i64, i64, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, i64, i64,
+                       ctypes.c_float, i64]
+        fn.restype = ctypes.c_int
+    return _self_test(lib.dspark_row_attention) and _self_test(lib.dspark_row_attention_f16, torch.float16)
 
 
 KERNEL = CKernel(SOURCE, FLAG_SETS, _setup, env="DSPARK_ROW_ATTENTION")
@@ -82,15 +87,16 @@ def _call(fn, q: Tensor, k: Tensor, v: Tensor, rows: "RowPlan", out: Tensor, sca
         raise RuntimeError(f"row attention kernel returned {rc} (H={H}, Hkv={k.shape[1]}, D={D})")
 
 
-def _self_test(fn) -> bool:
+def _self_test(fn, kv_dtype: torch.dtype = torch.float32) -> bool:
     g = torch.Generator().manual_seed(0)
     H, Hkv, D, L = 4, 2, 16, 21
     q = torch.randn(3, H, D, generator=g)
-    k = torch.randn(2, Hkv, 32, D, generator=g)
-    v = torch.randn(2, Hkv, 32, D, generator=g)
+    k = torch.randn(2, Hkv, 32, D, generator=g).to(kv_dtype)
+    v = torch.randn(2, Hkv, 32, D, generator=g).to(kv_dtype)
     rows = RowPlan.from_lists([0, 1, 2], [1, 0, 1], [L, 5, 1])
     out = torch.zeros_like(q)
     _call(fn, q, k, v, rows, out, D ** -0.5)
+    k, v = k.float(), v.float()  # the reference on the same (rounded) keys and values
     for r, (slot, n) in enumerate([(1, L), (0, 5), (1, 1)]):
         ref = torch.nn.functional.scaled_dot_product_attention(
             q[r:r + 1, :, None], k[slot:slot + 1, :, :n], v[slot:slot + 1, :, :n], enable_gqa=True)[0, :, 0]
@@ -139,24 +145,32 @@ def plan(slots: list[int], start: list[int], num_new: list[int], k_max: int) -> 
     return AttentionPlan(rows, long, any(n != k_max for n in num_new))
 
 
-def kernel_address() -> int:
-    """The address of `dspark_row_attention` (for C code that calls it: `int4_gemm.layer`)."""
-    return ctypes.cast((KERNEL.loaded or _library()).dspark_row_attention, ctypes.c_void_p).value  # type: ignore[union-attr]
+def _kernel(kv_dtype: torch.dtype):
+    lib = KERNEL.loaded or _library()
+    if kv_dtype not in KV_DTYPES:
+        raise ValueError(f"row attention reads float32 or float16 keys and values, not {kv_dtype}")
+    return lib.dspark_row_attention_f16 if kv_dtype == torch.float16 else lib.dspark_row_attention  # type: ignore[union-attr]
+
+
+def kernel_address(kv_dtype: torch.dtype = torch.float32) -> int:
+    """The address of `dspark_row_attention` (`_f16` for float16 keys and values), for C code that calls
+    it (`int4_gemm.layer`)."""
+    return ctypes.cast(_kernel(kv_dtype), ctypes.c_void_p).value  # type: ignore[return-value]
 
 
 def attention(q: Tensor, k_layer: Tensor, v_layer: Tensor, p: AttentionPlan, scale: float) -> Tensor:
     """q: [batch, k_max, H, D] float32 with D contiguous and rows evenly strided; k_layer, v_layer:
-    the cache's [max_seqs, Hkv, max_len, D] tensors for this layer, new keys already written.
-    Returns [batch, k_max, H * D]."""
+    the cache's [max_seqs, Hkv, max_len, D] tensors for this layer (float32 or float16), new keys
+    already written. Returns [batch, k_max, H * D] float32."""
     b, k_max, H, D = q.shape
     out = (torch.zeros if p.padded or p.long else torch.empty)(b, k_max, H, D, dtype=q.dtype)
     if p.rows is not None:
         # the library once loaded (a model planned with it keeps it; no environment lookup per layer)
-        fn = (KERNEL.loaded or _library()).dspark_row_attention  # type: ignore[union-attr]
-        _call(fn, q.view(b * k_max, H, D) if q.is_contiguous() else q.flatten(0, 1), k_layer, v_layer,
-              p.rows, out.view(b * k_max, H, D), scale)
+        _call(_kernel(k_layer.dtype), q.view(b * k_max, H, D) if q.is_contiguous() else q.flatten(0, 1), k_layer,
+              v_layer, p.rows, out.view(b * k_max, H, D), scale)
     for bi, slot, s, n in p.long:
         keys, values = k_layer[slot:slot + 1, :, :s + n], v_layer[slot:slot + 1, :, :s + n]
+        keys, values = keys.to(q.dtype), values.to(q.dtype)  # a float16 cache: its (rounded) values, widened
         mask = None
         if s:
             mask = torch.arange(s + n)[None, :] <= torch.arange(s, s + n)[:, None]

@@ -419,6 +419,8 @@ class Attention(nn.Module):
             k_layer, v_layer = cache.write(self.layer, batch, k_new, v)
             return row_attention.attention(q, k_layer, v_layer, batch.attention_plan, self.D ** -0.5)
         keys, values = cache.update(self.layer, batch, k_new, v)  # [batch, Hkv, L, D]
+        if keys.dtype != q.dtype:  # a KV cache kept in another dtype (float16 of a float32 model)
+            keys, values = keys.to(q.dtype), values.to(q.dtype)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2).contiguous(),  # [batch, H, k, D]; the CPU kernel is ~2x slower on a strided q
             keys,
@@ -459,7 +461,8 @@ class DecoderLayer(nn.Module):
         # The same parts and the attention between them in one C call (int4_gemm.layer) where the call's
         # attention is all on the row kernel: its weights described once (set with `fused`).
         self.whole: int4_gemm.LayerWeights | None = None
-        self.row_kernel = 0  # the address of the row attention kernel the one call uses
+        # the addresses of the row attention kernels the one call uses, by the KV cache's dtype
+        self.row_kernel: dict[torch.dtype, int] = {}
 
     def fusable(self) -> bool:
         """Whether the fused layer parts can run this layer: all four projections on this project's Q4
@@ -496,7 +499,7 @@ class DecoderLayer(nn.Module):
             # Every row on the row kernel, in order (no padding): the whole layer in one call.
             k_layer, v_layer = cache.layer_tensors(a.layer)
             int4_gemm.layer(y, self.whole, rope.reshape(rows, a.D // 2), k_layer, v_layer, plan.rows.row_slot,
-                            plan.rows.row_len, self.row_kernel, a.D ** -0.5)
+                            plan.rows.row_len, self.row_kernel[k_layer.dtype], a.D ** -0.5)
             return y.view(b, k, hid)
         qkv = int4_gemm.layer_in(y, self.input_norm, self.eps, a.packed["qkv"],
                                  rope.reshape(rows, a.D // 2), a.H + a.Hkv, a.D).view(b, k, a.H + 2 * a.Hkv, a.D)
@@ -596,11 +599,11 @@ class Transformer(nn.Module):
             self.fused_layers_enabled = enable
         on = getattr(self, "fused_layers_enabled", os.environ.get("DSPARK_FUSED_LAYERS", "1") != "0")
         whole = bool(on) and os.environ.get("DSPARK_WHOLE_LAYER", "1") != "0" and row_attention.available()
-        row_kernel = row_attention.kernel_address() if whole else 0
+        row_kernel = {dt: row_attention.kernel_address(dt) for dt in row_attention.KV_DTYPES} if whole else {}
         for layer in self.layers:
             layer.fused = bool(on) and layer.fusable()
             layer.whole = layer.whole_layer_weights() if layer.fused and whole else None
-            layer.row_kernel = row_kernel if layer.whole is not None else 0
+            layer.row_kernel = row_kernel if layer.whole is not None else {}
         # Every layer whole: a step's layers in one C call (int4_gemm.layers) where its attention is all rows.
         one = all(layer.whole is not None for layer in self.layers) and os.environ.get("DSPARK_ONE_CALL", "1") != "0"
         self.layer_table = int4_gemm.layer_table([layer.whole for layer in self.layers]) if one else None
@@ -701,7 +704,7 @@ class Transformer(nn.Module):
             taps = torch.empty(n, len(hidden_layer_ids), hid, dtype=torch.float32)
             tap_layers = torch.tensor(list(hidden_layer_ids), dtype=torch.int64)
         int4_gemm.layers(y, self.layer_table, rope.reshape(n, a.D // 2), cache.k, cache.v, rows.row_slot,
-                         rows.row_len, self.layers[0].row_kernel, a.D ** -0.5, taps, tap_layers)
+                         rows.row_len, self.layers[0].row_kernel[cache.k.dtype], a.D ** -0.5, taps, tap_layers)
         return y.view(b, k, hid), None if taps is None else taps.view(b, k, len(hidden_layer_ids), hid)
 
     def lm_head(self, hidden: Tensor) -> Tensor:
@@ -720,7 +723,7 @@ class Transformer(nn.Module):
         ids: [batch, k] long. Returns (last hidden state before the final norm [batch, k, hidden],
         taps [batch, k, len(hidden_layer_ids), hidden] or None).
         """
-        if self.row_attention and cache.dtype == torch.float32 and cache.device.type == "cpu":
+        if self.row_attention and cache.dtype in row_attention.KV_DTYPES and cache.device.type == "cpu":
             batch.attention_plan = row_attention.plan(batch.slots, batch.start, batch.num_new, batch.k_max)
         rope = self.rope_table[batch.positions].unsqueeze(2)  # [batch, k, 1, D/2]
         x = self.embed(ids)  # [batch, k, hidden]

@@ -59,7 +59,7 @@ def build_from_args(args: argparse.Namespace):
     if drafter.lower() in ("none", "vanilla", "plain"):
         drafter = None
     llm = LLM(model=args.model, drafter=drafter, dtype=args.dtype, cpu_gemm=getattr(args, "cpu_gemm", "auto"),
-              attention=getattr(args, "attention", "auto"),
+              attention=getattr(args, "attention", "auto"), kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
               max_num_seqs=args.max_num_seqs,
               max_model_len=args.max_model_len, num_speculative_tokens=args.num_speculative_tokens,
               policy=args.policy, reprofile=getattr(args, "reprofile", False),

@@ -91,7 +91,8 @@ def file_prompts(path: Path) -> list[str]:
 
 # Settings that decide what a response is; batch size and threads only decide how fast it comes.
 _SETTINGS = ("temperature", "top_p", "top_k", "max_tokens", "seed", "raw", "corpus", "corpus_split",
-             "num_prompts", "prompts", "store_hidden", "hidden_layers", "cpu_gemm", "attention")  # not --shard: it splits the work, each id's response is the same
+             "num_prompts", "prompts", "store_hidden", "hidden_layers", "cpu_gemm", "attention",
+             "kv_cache_dtype")  # not --shard: it splits the work, each id's response is the same
 
 
 def settings_path(out: Path) -> Path:
@@ -108,6 +109,7 @@ def check_resume_settings(out: Path, args: argparse.Namespace, llm: Any, resumin
     now["prompts"] = [str(Path(p).resolve()) for p in now["prompts"] or []]
     now["model"] = target_fingerprint(llm.target)
     now["model_path"] = str(llm.target.source)
+    now["kv_cache_dtype"] = str(llm.target.kv_cache_dtype)  # what "auto" resolved to: it decides the responses
     side = settings_path(out)
     if resuming and side.is_file():
         try:
@@ -220,7 +222,8 @@ def run(args: argparse.Namespace) -> Path:
             out.write_text(text[:text.rfind("\n") + 1], encoding="utf-8")
     out.parent.mkdir(parents=True, exist_ok=True)
     llm = LLM(model=args.model, max_num_seqs=args.batch_size, num_threads=args.threads,
-              cpu_gemm=args.cpu_gemm, attention=args.attention)
+              cpu_gemm=args.cpu_gemm, attention=args.attention,
+              kv_cache_dtype=args.kv_cache_dtype)
     check_resume_settings(out, args, llm, bool(done))
     try:
         k, n_shards = (int(x) for x in args.shard.split("/"))

@@ -297,7 +297,8 @@ def run(args: argparse.Namespace) -> Path:
     check_writable(out, "--out")
     out.parent.mkdir(parents=True, exist_ok=True)
     llm = LLM(model=args.model, drafter=None, max_num_seqs=args.batch_size, num_threads=args.threads,
-              cpu_gemm=args.cpu_gemm, attention=args.attention)
+              cpu_gemm=args.cpu_gemm, attention=args.attention,
+              kv_cache_dtype=args.kv_cache_dtype)
     rejected = generate_prompts(llm, out, args.num_prompts, mix, args.seed, args.batch_size, args.max_tokens,
                                 args.temperature, args.top_p, exclude)
     print(f"wrote {out} ({args.num_prompts} prompts; rejected: {rejected or 'none'})", file=sys.stderr)
