@@ -97,3 +97,30 @@ def test_loadtest_bad_input_is_one_line(tmp_path, capsys, extra, match):
     assert main(_argv(tmp_path, "--concurrency", "1", *extra)) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("dspark loadtest: error:") and re.search(match, err), err
+
+
+@pytest.mark.parametrize("http", [False, True])
+def test_loadtest_steps_the_engine_on_the_thread_that_loaded_the_model(tmp_path, monkeypatch, http):
+    """The engine steps on the calling thread (ServingEngine.run_here), the clients (and the HTTP
+    server) beside it: a second thread starting OpenMP teams makes libgomp put its workers to sleep
+    between parallel sections, which halved SmolLM2's decode speed in the serving loop."""
+    import threading
+
+    from dspark.engine import Engine
+
+    if http:
+        pytest.importorskip("uvicorn")
+    monkeypatch.setenv("DSPARK_CACHE_DIR", str(tmp_path / "cache"))
+    stepped_on = set()
+    real = Engine.step
+
+    def step(self):
+        stepped_on.add(threading.current_thread().name)
+        return real(self)
+
+    monkeypatch.setattr(Engine, "step", step)
+    argv = _argv(tmp_path, "--concurrency", "2", "--policies", "plain,fixed:2") + (["--http"] if http else [])
+    assert main(argv) == 0
+    assert stepped_on == {threading.current_thread().name}
+    data = json.loads((tmp_path / "load.json").read_text())
+    assert all(r["statuses"] == {"200": 4} for r in data["results"])

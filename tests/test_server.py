@@ -384,3 +384,50 @@ def test_schemathesis_fuzz_finds_no_server_errors(spec_srv, tmp_path):
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
     generated = int(re.search(r"(\d+) generated", res.stdout).group(1))
     assert generated >= 200, res.stdout[-2000:]
+
+
+def test_serving_loop_in_the_callers_thread(plain_srv):
+    """loop_thread="caller": start() starts no thread; run_here steps the engine in the calling thread
+    until asked to stop, serving requests submitted from another thread's event loop."""
+    import asyncio
+    import threading
+
+    from dspark.engine import Engine
+    from dspark.sampling import SamplingParams
+    from dspark.server.metrics import ServerMetrics
+    from dspark.server.serving import ServingEngine
+
+    engine = Engine(plain_srv.serving.engine.target, max_num_seqs=2, max_model_len=64)  # not the server's
+    serving = ServingEngine(engine, 4, ServerMetrics(), loop_thread="caller")
+    serving.start()
+    assert not serving._thread.is_alive()
+    got, stepped = {}, set()
+    real = engine.step
+
+    def step():
+        stepped.add(threading.current_thread().name)
+        return real()
+
+    def client():
+        async def go():
+            q = serving.submit_many(["caller-1"], [5, 6, 7], [SamplingParams(temperature=0, max_tokens=5)],
+                                    asyncio.get_running_loop())
+            while True:
+                _, o = await q.get()
+                if o.finished:
+                    return o
+
+        got["out"] = asyncio.run(go())
+
+    engine.step = step
+    try:
+        t = threading.Thread(target=client)
+        t.start()
+        serving.run_here(until=lambda: not t.is_alive())
+        t.join()
+    finally:
+        del engine.step
+    assert got["out"].finish_reason == "length" and got["out"].metrics.num_tokens == 5
+    assert stepped == {threading.current_thread().name}
+    with pytest.raises(ValueError, match="loop_thread must be 'background' or 'caller'"):
+        ServingEngine(engine, 4, ServerMetrics(), loop_thread="main")

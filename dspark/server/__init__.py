@@ -15,6 +15,8 @@ connections, lets the requests in flight finish, then exits.
 from __future__ import annotations
 
 import argparse
+import signal
+import threading
 
 from dspark.config import POLICY_HELP
 
@@ -48,8 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="warning", help="uvicorn log level (default: warning)")
 
 
-def build_from_args(args: argparse.Namespace):
-    """(FastAPI app, ServingEngine) from parsed `dspark serve` arguments."""
+def build_from_args(args: argparse.Namespace, loop_thread: str = "background"):
+    """(FastAPI app, ServingEngine) from parsed `dspark serve` arguments (`loop_thread`: see ServingEngine)."""
     from dspark.engine import LLM
     from dspark.server.app import build_app
     from dspark.server.metrics import ServerMetrics
@@ -68,7 +70,7 @@ def build_from_args(args: argparse.Namespace):
         print(f"note: {llm.model_note}", flush=True)
     name = args.served_model_name or llm.model_path.stem if llm.model_path.suffix == ".gguf" else \
         args.served_model_name or llm.model_path.name
-    serving = ServingEngine(llm.engine, args.max_queue_len, ServerMetrics())
+    serving = ServingEngine(llm.engine, args.max_queue_len, ServerMetrics(), loop_thread=loop_thread)
     app = build_app(serving, name, llm.drafter.name if llm.drafter is not None else None, args.drain_timeout)
     return app, serving
 
@@ -86,8 +88,26 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)  # process-wide, once, here at start-up
-    app, _ = build_from_args(args)
+    # The engine steps on this thread, the one that loaded the model (its kernels' OpenMP teams run
+    # fastest there: ServingEngine.run_here); uvicorn serves HTTP on another.
+    app, serving = build_from_args(args, loop_thread="caller")
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           timeout_graceful_shutdown=args.drain_timeout))
+    http = threading.Thread(target=server.run, name="dspark-http", daemon=True)
+    signals = {"n": 0}
+
+    def on_signal(signum, frame):  # the first SIGINT / SIGTERM drains (as uvicorn does), a second forces
+        signals["n"] += 1
+        if signals["n"] == 1:
+            server.should_exit = True
+        else:
+            server.force_exit = True
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    http.start()
     print(f"dspark serve: listening on http://{args.host}:{args.port} (OpenAI API under /v1)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=args.drain_timeout)
-    return 0
+    # Until the server has drained (its lifespan's shutdown stops this loop) or failed to start.
+    serving.run_here(until=lambda: not http.is_alive())
+    http.join(timeout=args.drain_timeout + 10)
+    return 0 if server.started else 1

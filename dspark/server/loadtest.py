@@ -262,22 +262,43 @@ def run_level(engine, prompts: Sequence[list[int]], concurrency: int, cfg: LoadC
     from dspark.server.serving import ServingEngine
 
     params = SamplingParams(temperature=0, max_tokens=cfg.max_tokens, num_speculative_tokens=cfg.gamma)
-    serving = ServingEngine(engine, max_queue_len=concurrency, metrics=ServerMetrics())
+    serving = ServingEngine(engine, max_queue_len=concurrency, metrics=ServerMetrics(), loop_thread="caller")
     if cfg.http:
         return _run_level_http(serving, prompts, concurrency, cfg, on_done, model_name)
-    serving.start()
-    try:
-        async def go() -> list[RequestResult]:
-            per = await asyncio.gather(*(_inprocess_client(serving, prompts, c, cfg, params, on_done)
-                                         for c in range(concurrency)))
-            return [r for rs in per for r in rs]
 
-        t0 = time.perf_counter()
-        results = asyncio.run(go())
-        seconds = time.perf_counter() - t0
-    finally:
-        serving.shutdown(timeout=5)
+    async def go() -> list[RequestResult]:
+        per = await asyncio.gather(*(_inprocess_client(serving, prompts, c, cfg, params, on_done)
+                                     for c in range(concurrency)))
+        return [r for rs in per for r in rs]
+
+    t0 = time.perf_counter()
+    results = clients_beside_engine(serving, lambda: asyncio.run(go()))
+    seconds = time.perf_counter() - t0
     return summarize_load(concurrency, results, seconds), results
+
+
+def clients_beside_engine(serving, clients: Callable[[], Any]) -> Any:
+    """Run `clients()` on a background thread while this thread steps the engine (`run_here`: the
+    thread that loaded the model, where its kernels run fastest); returns what it returned, or raises
+    what it raised."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = clients()
+        except BaseException as e:  # noqa: BLE001 - handed to the calling thread
+            box["error"] = e
+
+    thread = threading.Thread(target=run, name="dspark-loadtest-clients", daemon=True)
+    thread.start()
+    try:
+        serving.run_here(until=lambda: not thread.is_alive())
+    finally:
+        thread.join()
+        serving.shutdown(timeout=5)
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def _run_level_http(serving, prompts, concurrency: int, cfg: LoadConfig, on_done, model_name: str):
@@ -294,8 +315,8 @@ def _run_level_http(serving, prompts, concurrency: int, cfg: LoadConfig, on_done
         port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=server.run, name="dspark-loadtest-http", daemon=True)
-    thread.start()
-    try:
+
+    def clients():
         deadline = time.monotonic() + 30
         while not server.started:
             if time.monotonic() > deadline or not thread.is_alive():
@@ -303,6 +324,10 @@ def _run_level_http(serving, prompts, concurrency: int, cfg: LoadConfig, on_done
             time.sleep(0.02)
         return asyncio.run(run_load(f"http://127.0.0.1:{port}", [list(p) for p in prompts], concurrency,
                                     cfg.requests_per_client, cfg.max_tokens, on_done=on_done))
+
+    thread.start()
+    try:
+        return clients_beside_engine(serving, clients)  # the engine on this thread, the server and clients beside
     finally:
         server.should_exit = True
         thread.join(timeout=30)
