@@ -124,3 +124,24 @@ def test_loadtest_steps_the_engine_on_the_thread_that_loaded_the_model(tmp_path,
     assert stepped_on == {threading.current_thread().name}
     data = json.loads((tmp_path / "load.json").read_text())
     assert all(r["statuses"] == {"200": 4} for r in data["results"])
+
+
+def test_load_checks_pair_the_policies_pass_by_pass():
+    """The cells' medians can rank two policies one way while pass by pass (each pass runs both back to
+    back) the other wins every time: the paired checks take each pass's ratio, then the median."""
+    from dspark.server.loadtest import load_checks
+
+    def row(policy, passes):
+        return {"policy": policy, "concurrency": 4, "per_user_tokens_per_s": 1.0,
+                "throughput_tokens_per_s": sorted(passes)[(len(passes) - 1) // 2], "throughput_all_passes": passes}
+
+    rows = [row("plain", [100.0, 130.0, 160.0]), row("fixed:1", [90.0, 120.0, 200.0]),
+            row("confidence", [101.0, 129.0, 161.0])]
+    checks = load_checks(rows)
+    assert checks["confidence_never_below_plain"] is False  # medians: 129 < 130
+    assert checks["confidence_over_plain_paired"] == {"4": round(161 / 160, 4)}  # ratios 1.01, 0.992, 1.006
+    assert checks["confidence_never_below_plain_paired"] is True
+    assert checks["confidence_vs_best_fixed_paired"] == {"4": round(129 / 120, 4)}  # 1.12, 1.075, 0.805
+    assert checks["confidence_within_5pct_of_best_fixed_paired"] is True
+    single = load_checks([dict(r, throughput_all_passes=None) for r in rows])
+    assert "confidence_over_plain_paired" not in single and "confidence_never_below_plain" in single
