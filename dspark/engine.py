@@ -319,7 +319,7 @@ class Engine:
         # Rounds in which nothing was drafted leave the drafter's context behind: per slot, the kept
         # tokens and their target features, committed in one call before the next round that drafts
         # (one drafter pass over many tokens instead of one per round; see _defer_commit).
-        self._pending: dict[int, tuple[list[int], list[torch.Tensor]]] = {}
+        self._pending: dict[int, tuple[list[int], list[tuple[torch.Tensor, int, int]]]] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.last_step = StepStats(0, 0, 0, 0)
@@ -595,19 +595,25 @@ class Engine:
             catch_up = time.perf_counter() - t_round
         dev = self.device
         anchors = [r.last_token for r in reqs]
-        sampling = SamplingTensors.from_params([r.params for r in reqs], device=dev)
         generators = [r.generator for r in reqs]
         slots = [r.slot for r in reqs]
-        drafts, draft_probs, conf_logits = self._propose(reqs, ells, anchors, sampling, generators)
+        all_greedy = all(r.params.greedy for r in reqs)
+        if not any(ells) and all_greedy:  # a plain greedy step (the policy drafts nothing): no sampling
+            sampling, drafts, draft_probs, conf_logits = None, [[] for _ in reqs], None, None
+        else:
+            sampling = SamplingTensors.from_params([r.params for r in reqs], device=dev)
+            drafts, draft_probs, conf_logits = self._propose(reqs, ells, anchors, sampling, generators)
         drafted, ells = ells, [len(d) for d in drafts]
         starts = [self.cache.length(s) for s in slots]
         tokens = [[a] + d for a, d in zip(anchors, drafts)]
         res = self.target.forward(self.cache, slots, tokens, hidden_layer_ids=self.drafter.target_layer_ids)
-        if not any(ells) and all(sampling.greedy):
+        if not any(ells) and all_greedy:
             # Nothing drafted, all greedy: verification is the argmax of each anchor's logits.
             bonus = res.logits[:, 0].argmax(-1).tolist()
             results = [VerifyResult(0, [b]) for b in bonus]
         else:
+            if sampling is None:
+                sampling = SamplingTensors.from_params([r.params for r in reqs], device=dev)
             num_reqs, k_max, vocab = res.logits.shape
             meta = SpecDecodeMetadata.build(drafts, k_max, dev)
             logits = res.logits.reshape(num_reqs * k_max, vocab)[meta.target_logits_indices]  # [N + R, vocab]
@@ -668,7 +674,7 @@ class Engine:
             ids, feats = self._pending.setdefault(slot, ([], []))
             ids.extend(toks)
             if hidden is not None:
-                feats.append(hidden[i, :len(toks)])
+                feats.append((hidden, i, len(toks)))  # sliced at the flush: no tensor op per round
             full = full or len(ids) >= self.MAX_PENDING
         if full:
             self._flush_commits()
@@ -682,7 +688,7 @@ class Engine:
         ids = [pending[s][0] for s in slots]
         hidden = None
         if all(pending[s][1] for s in slots):
-            rows = [torch.cat(pending[s][1]) for s in slots]  # [n_s, L, H]
+            rows = [torch.cat([h[i, :n] for h, i, n in pending[s][1]]) for s in slots]  # [n_s, L, H]
             k_max = max(r.shape[0] for r in rows)
             hidden = rows[0].new_zeros(len(rows), k_max, *rows[0].shape[1:])
             for i, r in enumerate(rows):
