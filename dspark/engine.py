@@ -607,10 +607,17 @@ class Engine:
         starts = [self.cache.length(s) for s in slots]
         tokens = [[a] + d for a, d in zip(anchors, drafts)]
         res = self.target.forward(self.cache, slots, tokens, hidden_layer_ids=self.drafter.target_layer_ids)
-        if not any(ells) and all_greedy:
-            # Nothing drafted, all greedy: verification is the argmax of each anchor's logits.
-            bonus = res.logits[:, 0].argmax(-1).tolist()
-            results = [VerifyResult(0, [b]) for b in bonus]
+        if all_greedy:
+            # Greedy verification, as verify_ragged's greedy rule computes it: a draft is accepted while
+            # it is the target's argmax at its position (the first argmax on ties, as torch gives it),
+            # and the bonus is the argmax after the accepted prefix; on the host, one argmax call.
+            top = res.logits.argmax(-1).tolist()  # [R, k_max]
+            results = []
+            for d, t in zip(drafts, top):
+                a = 0
+                while a < len(d) and d[a] == t[a]:
+                    a += 1
+                results.append(VerifyResult(a, d[:a] + [t[a]]))
         else:
             if sampling is None:
                 sampling = SamplingTensors.from_params([r.params for r in reqs], device=dev)
