@@ -618,20 +618,15 @@ class Engine:
                 while a < len(d) and d[a] == t[a]:
                     a += 1
                 results.append(VerifyResult(a, d[:a] + [t[a]]))
-        else:
-            if sampling is None:
-                sampling = SamplingTensors.from_params([r.params for r in reqs], device=dev)
+        else:  # some request samples (so `sampling` was built above)
             num_reqs, k_max, vocab = res.logits.shape
             meta = SpecDecodeMetadata.build(drafts, k_max, dev)
             logits = res.logits.reshape(num_reqs * k_max, vocab)[meta.target_logits_indices]  # [N + R, vocab]
             greedy = torch.tensor(sampling.greedy, device=dev)
-            if all(sampling.greedy):
-                target_probs = logits  # greedy verification only needs the argmax
-            else:
-                rows = torch.tensor([e + 1 for e in ells], device=dev)  # target rows per request
-                target_probs = logits_to_probs(logits, sampling.temperature.repeat_interleave(rows),
-                                               sampling.top_k.repeat_interleave(rows),
-                                               sampling.top_p.repeat_interleave(rows))
+            rows = torch.tensor([e + 1 for e in ells], device=dev)  # target rows per request
+            target_probs = logits_to_probs(logits, sampling.temperature.repeat_interleave(rows),
+                                           sampling.top_k.repeat_interleave(rows),
+                                           sampling.top_p.repeat_interleave(rows))
             uniforms = draw_ragged_uniforms(ells, generators, sampling.greedy, dev)
             results = verify_ragged(meta, draft_probs, target_probs, uniforms, greedy).to_results(meta)
         kept = [tokens[i][:ver.num_accepted + 1] for i, ver in enumerate(results)]
