@@ -43,4 +43,4 @@ def module_main(
         return 2
     except KeyboardInterrupt as e:
         print(f"{prog}: {e or 'interrupted'}", file=sys.stderr)
-        return 130
+        return int(getattr(e, "exit_status", 130))  # 130 after Ctrl-C; a trainer stopped by SIGTERM: 143

@@ -185,3 +185,32 @@ def test_resume_with_changed_settings_is_refused(tmp_path, corpus, trained):
     log = json.loads((out / "training_log.json").read_text())
     assert log["step"] == 32
     assert log["train_losses"][:30] == json.loads((trained / "training_log.json").read_text())["train_losses"]
+
+
+def test_sigterm_checkpoints_and_resumes_exactly(tmp_path, corpus, trained, monkeypatch, capsys):
+    """`kill PID` (SIGTERM) mid-run, with no periodic checkpoint due: the run saves one between updates,
+    says so in one line, exits 143, and the rerun retraces the uninterrupted run."""
+    from dspark.train import pretrain as pt
+
+    real = pt.batch_offsets
+
+    def terminate_at_step_6(seed, step, *rest):
+        if step == 6:
+            os.kill(os.getpid(), signal.SIGTERM)  # delivered to the handler the run installed
+        return real(seed, step, *rest)
+
+    monkeypatch.setattr(pt, "batch_offsets", terminate_at_step_6)
+    out = tmp_path / "model"
+    argv = ["--corpus", str(corpus), "--out", str(out), "--steps", "30", "--ckpt-every", "100", *TINY]
+    before = signal.getsignal(signal.SIGTERM)
+    assert pt.main(argv) == 143
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is the run's only while it runs
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("dspark pretrain: terminated (signal 15) at step 6 of 30; checkpoint saved"), err[-1]
+    assert "Traceback" not in "\n".join(err)
+    assert torch.load(out / ".work" / "checkpoint.pt", weights_only=False)["log"]["step"] == 6
+    monkeypatch.setattr(pt, "batch_offsets", real)
+    assert pt.main(argv) == 0
+    resumed = json.loads((out / "training_log.json").read_text())["train_losses"]
+    uninterrupted = json.loads((trained / "training_log.json").read_text())["train_losses"]
+    assert resumed == pytest.approx(uninterrupted, abs=1e-4)

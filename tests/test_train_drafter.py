@@ -212,6 +212,39 @@ def test_ctrl_c_checkpoints_and_exits_130(qwen3_ckpt, data_file, tmp_path, monke
     assert losses(out) == pytest.approx(full, abs=1e-6)
 
 
+def test_sigterm_checkpoints_and_exits_143(qwen3_ckpt, data_file, tmp_path, monkeypatch, capsys) -> None:
+    """`kill PID` (SIGTERM; a run started in the background ignores Ctrl-C) between checkpoints: saved
+    like Ctrl-C, one line, status 143, the handler restored, and the rerun resumes exactly."""
+    import os
+    import signal
+
+    from dspark.train import train_drafter as td
+
+    full = losses(train(tiny(qwen3_ckpt, data_file, tmp_path / "full")))
+    real = td.batch_indices
+
+    def terminate_at_step_6(seed, step, n, bs):
+        if step == 6:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(seed, step, n, bs)
+
+    monkeypatch.setattr(td, "batch_indices", terminate_at_step_6)
+    out = tmp_path / "run"
+    argv = ["--target", str(qwen3_ckpt.path), "--data", str(data_file), "--out", str(out), "--block-size", "4",
+            "--num-layers", "1", "--markov-rank", "16", "--anchors-per-seq", "4", "--steps", "12",
+            "--batch-size", "4", "--lr", "3e-3", "--warmup-steps", "3", "--eval-every", "6", "--ckpt-every", "100",
+            "--threads", "1", "--val-percent", "20"]
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(argv) == 143
+    assert signal.getsignal(signal.SIGTERM) is before
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("dspark train-drafter: terminated (signal 15) at step 6 of 12; checkpoint saved"), err[-1]
+    assert "Traceback" not in "\n".join(err)
+    monkeypatch.setattr(td, "batch_indices", real)
+    assert main(argv) == 0
+    assert losses(out) == pytest.approx(full, abs=1e-6)
+
+
 def test_reuse_freed_memory_takes_effect_on_glibc() -> None:
     """The trainers' malloc setting (big freed blocks kept for reuse) applies where glibc is the C
     library (training runs after it are covered by the tests above, which run in the same process)."""

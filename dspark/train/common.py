@@ -12,7 +12,9 @@ import contextlib
 import math
 import os
 import shlex
+import signal
 import sys
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Protocol
@@ -274,6 +276,36 @@ def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, model: torch.
 def due(step: int, every: int, done: bool) -> bool:
     """Evaluate / checkpoint after `step` steps: every `every` steps and at the end."""
     return step % every == 0 or done
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM during a training run (`kill PID`, a scheduler stopping the job): the trainers treat it
+    as Ctrl-C (checkpoint between updates, a one-line message, resume by rerunning the command)."""
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterable[None]:
+    """While training, SIGTERM raises `Terminated` in the main thread instead of ending the process
+    at once, so the trainer saves what it has (a run started in the background ignores Ctrl-C, and
+    `kill` is how it is stopped). Elsewhere than the main thread nothing changes; the previous
+    handler comes back on exit."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated(f"terminated (signal {signum})")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def interrupted_status(e: BaseException) -> int:
+    """The exit status of a run stopped by `e`: 143 (128 + SIGTERM) for `Terminated`, else 130 (Ctrl-C)."""
+    return 128 + int(signal.SIGTERM) if isinstance(e, Terminated) else 130
 
 
 def stop_requested(cfg: Any, step: int, done: bool) -> bool:

@@ -37,7 +37,8 @@ from dspark.entry import module_main
 from dspark.train.checkpoint import atomic_write_text
 from dspark.train.common import (OPTIMISER_OPTIONS, RUN_OPTIONS, RunConfig, adamw, add_config_options,
                                  add_output_options, card_header, command_line, data_parallel, dist_info, due,
-                                 lr_at, optimizer_step, progress_bar, resume, save_checkpoint, stop_requested)
+                                 interrupted_status, lr_at, optimizer_step, progress_bar, resume, save_checkpoint,
+                                 stop_requested, terminate_as_interrupt)
 from dspark.train.corpus import CorpusError, discover, read_text, tokenize_files
 from dspark.train.tokenizer_train import EOS_TOKEN, PAD_TOKEN, save_tokenizer, train_tokenizer
 
@@ -294,6 +295,15 @@ def model_card(cfg: PretrainConfig, meta: dict, log: dict, samples: list[dict], 
     return "\n".join(lines) + "\n"
 
 
+class PretrainInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during pretraining, after the checkpoint was saved; the message says how to
+    resume, `exit_status` is what the command exits with (130 Ctrl-C, 143 SIGTERM)."""
+
+    def __init__(self, message: str, exit_status: int = 130) -> None:
+        super().__init__(message)
+        self.exit_status = exit_status
+
+
 def train(cfg: PretrainConfig) -> Path:
     cfg.validate()
     from dspark.train.checkpoint import check_writable
@@ -328,38 +338,54 @@ def train(cfg: PretrainConfig) -> Path:
     wall_before = log["wall_seconds"]
     tokens_per_step = cfg.batch_size * cfg.seq_len
     recent = []
-    while log["step"] < cfg.steps:
-        step = log["step"]
-        offs = batch_offsets(cfg.seed, step, len(train_stream), cfg.seq_len, cfg.batch_size)
-        x = windows(train_stream, offs[rank::world], cfg.seq_len)
-        logits = ddp_model(input_ids=x[:, :-1]).logits  # [batch / world, seq_len, vocab]
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1))
-        optimizer_step(opt, loss, model, cfg, step)
-        loss_v = loss.detach()
-        if world > 1:
-            torch.distributed.all_reduce(loss_v)
-            loss_v /= world
-        recent.append(loss_v.item())
-        recent = recent[-20:]
-        log["step"] = step + 1
-        log["tokens_seen"] += tokens_per_step
-        log["wall_seconds"] = wall_before + time.time() - t_start
-        log.setdefault("train_losses", []).append(round(loss_v.item(), 5))
-        bar.update(1)
-        bar.set_postfix(loss=f"{np.mean(recent):.3f}", lr=f"{lr_at(step, cfg):.1e}",
-                        tok_s=f"{tokens_per_step * bar.format_dict['rate'] if bar.format_dict.get('rate') else 0:.0f}")
-        done = log["step"] == cfg.steps
-        if rank == 0 and due(log["step"], cfg.eval_every, done):
-            v = evaluate(model, val_stream, cfg)
-            log["evals"].append({"step": log["step"], "train_loss": float(np.mean(recent)), "val_loss": v})
-            bar.write(f"step {log['step']}: train loss {np.mean(recent):.4f}, val loss {v:.4f}, ppl {math.exp(v):.2f}")
-        if rank == 0 and due(log["step"], cfg.ckpt_every, done):
+    consistent = True
+    try:
+        with terminate_as_interrupt():
+            while log["step"] < cfg.steps:
+                step = log["step"]
+                offs = batch_offsets(cfg.seed, step, len(train_stream), cfg.seq_len, cfg.batch_size)
+                x = windows(train_stream, offs[rank::world], cfg.seq_len)
+                logits = ddp_model(input_ids=x[:, :-1]).logits  # [batch / world, seq_len, vocab]
+                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1))
+                consistent = False  # from the update until the step counter moves, state is mid-step
+                optimizer_step(opt, loss, model, cfg, step)
+                loss_v = loss.detach()
+                if world > 1:
+                    torch.distributed.all_reduce(loss_v)
+                    loss_v /= world
+                recent.append(loss_v.item())
+                recent = recent[-20:]
+                log["step"] = step + 1
+                log["tokens_seen"] += tokens_per_step
+                log["wall_seconds"] = wall_before + time.time() - t_start
+                log.setdefault("train_losses", []).append(round(loss_v.item(), 5))
+                consistent = True
+                bar.update(1)
+                bar.set_postfix(loss=f"{np.mean(recent):.3f}", lr=f"{lr_at(step, cfg):.1e}",
+                                tok_s=f"{tokens_per_step * bar.format_dict['rate'] if bar.format_dict.get('rate') else 0:.0f}")
+                done = log["step"] == cfg.steps
+                if rank == 0 and due(log["step"], cfg.eval_every, done):
+                    v = evaluate(model, val_stream, cfg)
+                    log["evals"].append({"step": log["step"], "train_loss": float(np.mean(recent)), "val_loss": v})
+                    bar.write(f"step {log['step']}: train loss {np.mean(recent):.4f}, val loss {v:.4f}, ppl {math.exp(v):.2f}")
+                if rank == 0 and due(log["step"], cfg.ckpt_every, done):
+                    save_checkpoint(ckpt_path, model, opt, log, cfg)
+                if stop_requested(cfg, log["step"], done):
+                    bar.close()
+                    if world > 1:
+                        torch.distributed.destroy_process_group()
+                    return out
+    except KeyboardInterrupt as e:
+        bar.close()
+        # Ctrl-C or SIGTERM: save between updates only (weights, optimiser and step counter agree), so
+        # the resumed run is the uninterrupted one; the message says how to resume.
+        status, how = interrupted_status(e), str(e) or "interrupted"
+        if rank == 0 and consistent and log["step"] > 0:
             save_checkpoint(ckpt_path, model, opt, log, cfg)
-        if stop_requested(cfg, log["step"], done):
-            bar.close()
-            if world > 1:
-                torch.distributed.destroy_process_group()
-            return out
+            raise PretrainInterrupted(f"{how} at step {log['step']} of {cfg.steps}; checkpoint saved to "
+                                      f"{ckpt_path}; rerun the same command to resume", status) from None
+        raise PretrainInterrupted(f"{how} during step {log['step'] + 1}; rerun the same command to resume "
+                                  "from the last checkpoint", status) from None
     bar.close()
     if rank == 0:
         export(model, cfg, work, meta, log)

@@ -51,7 +51,8 @@ from dspark.train.checkpoint import atomic_write_text
 from dspark.train.common import (OPTIMISER_OPTIONS, RUN_OPTIONS, RunConfig, adamw, add_config_options,
                                  add_output_options, card_header, command_line, data_parallel, dist_info, due,
                                  freed_memory_returned, lr_at, optimizer_step, previous_checkpoint, progress_bar,
-                                 resume, reuse_freed_memory, save_checkpoint, stop_requested)
+                                 interrupted_status, resume, reuse_freed_memory, save_checkpoint, stop_requested,
+                                 terminate_as_interrupt)
 from dspark.train.losses import LossTerms, LossWeights, loss_terms, total_loss
 
 # Held-out split: fixed, independent of --seed, so runs with different seeds validate on the same data.
@@ -61,7 +62,12 @@ _VAL_STREAM = 2**31 - 1
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C during training, after the checkpoint was saved; the message says how to resume."""
+    """Ctrl-C or SIGTERM during training, after the checkpoint was saved; the message says how to
+    resume, `exit_status` is what the command exits with (130 Ctrl-C, 143 SIGTERM)."""
+
+    def __init__(self, message: str, exit_status: int = 130) -> None:
+        super().__init__(message)
+        self.exit_status = exit_status
 
 
 class DataError(DSparkError, ValueError):
@@ -691,19 +697,21 @@ def _train(cfg: TrainDrafterConfig, rank: int, world: int, load_target) -> Path:
     bar = progress_bar(cfg.steps, log["step"], f"train-drafter ({cfg.drafter})", rank)
     t_start, wall_before = time.time(), log["wall_seconds"]
     try:
-        return _train_loop(cfg, rank, world, target, data, dcfg, model, ddp_model, opt, ckpt_path, log, cache, weights,
-                           bar, t_start, wall_before, out, local_bs, stored)
-    except KeyboardInterrupt:
+        with terminate_as_interrupt():
+            return _train_loop(cfg, rank, world, target, data, dcfg, model, ddp_model, opt, ckpt_path, log, cache,
+                               weights, bar, t_start, wall_before, out, local_bs, stored)
+    except KeyboardInterrupt as e:
         bar.close()
-        # Ctrl-C: keep what was trained. The state is saved only between updates (weights, optimiser
-        # and step counter agree), so the resumed run is the uninterrupted one.
+        # Ctrl-C or SIGTERM: keep what was trained. The state is saved only between updates (weights,
+        # optimiser and step counter agree), so the resumed run is the uninterrupted one.
+        status, how = interrupted_status(e), str(e) or "interrupted"
         if rank == 0 and log.get("_consistent", True) and log["step"] > 0:
             log.pop("_consistent", None)
             save_checkpoint(ckpt_path, model, opt, log, cfg)
-            raise TrainingInterrupted(f"interrupted at step {log['step']} of {cfg.steps}; checkpoint saved to "
-                                      f"{ckpt_path}; rerun the same command to resume") from None
-        raise TrainingInterrupted(f"interrupted during step {log['step'] + 1}; rerun the same command to resume "
-                                  "from the last checkpoint") from None
+            raise TrainingInterrupted(f"{how} at step {log['step']} of {cfg.steps}; checkpoint saved to "
+                                      f"{ckpt_path}; rerun the same command to resume", status) from None
+        raise TrainingInterrupted(f"{how} during step {log['step'] + 1}; rerun the same command to resume "
+                                  "from the last checkpoint", status) from None
 
 
 def _train_loop(cfg, rank, world, target, data, dcfg, model, ddp_model, opt, ckpt_path, log, cache, weights,
@@ -725,9 +733,9 @@ def _train_loop(cfg, rank, world, target, data, dcfg, model, ddp_model, opt, ckp
         loss_v, tau_sum, blocks = _all_reduce([loss, terms.tau_sum, terms.num_blocks], world)
         tau = float(tau_sum) / max(float(blocks), 1.0)
         log["step"] = step + 1
-        log["_consistent"] = True
         log["train_losses"].append(round(float(loss_v), 6))
         log["train_tau"].append(round(tau, 4))
+        log["_consistent"] = True
         log["wall_seconds"] = wall_before + time.time() - t_start
         bar.update(1)
         recent = log["train_losses"][-20:]
