@@ -6,6 +6,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -190,8 +191,6 @@ def _ctrl_c() -> None:
 
 
 def _sigterm() -> None:
-    import signal
-
     os.kill(os.getpid(), signal.SIGTERM)  # delivered to the handler the run installed
 
 
@@ -205,7 +204,7 @@ def test_interrupt_checkpoints_and_resumes_exactly(stop, status, message, qwen3_
                                                    monkeypatch, capsys) -> None:
     """Ctrl-C or SIGTERM mid-run: one line, status 130 / 143, the SIGTERM handler only the run's while
     it runs, and a checkpoint the next run resumes from exactly."""
-    import signal
+    import torch
 
     from dspark.train import train_drafter as td
 
@@ -229,7 +228,6 @@ def test_interrupt_checkpoints_and_resumes_exactly(stop, status, message, qwen3_
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"dspark train-drafter: {message}; checkpoint saved"), err[-1]
     assert "Traceback" not in "\n".join(err)
-    import torch
     assert torch.load(out / ".work" / "checkpoint.pt", weights_only=False)["log"]["step"] == 6
     monkeypatch.setattr(td, "batch_indices", real)
     assert main(argv) == 0

@@ -17,7 +17,7 @@ import sys
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
 import torch
 
@@ -303,9 +303,28 @@ def terminate_as_interrupt() -> Iterable[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def interrupted_status(e: BaseException) -> int:
-    """The exit status of a run stopped by `e`: 143 (128 + SIGTERM) for `Terminated`, else 130 (Ctrl-C)."""
-    return 128 + int(signal.SIGTERM) if isinstance(e, Terminated) else 130
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during training, after the checkpoint (if the state allowed one) was saved;
+    the message says how to resume, `exit_status` is what the command exits with (130 Ctrl-C, 143 SIGTERM)."""
+
+    def __init__(self, message: str, exit_status: int = 130) -> None:
+        super().__init__(message)
+        self.exit_status = exit_status
+
+
+def training_interrupted(e: KeyboardInterrupt, step: int, steps: int, ckpt_path: Path,
+                         save: Callable[[], None] | None) -> TrainingInterrupted:
+    """What a trainer raises once Ctrl-C or SIGTERM (`e`) stopped it after `step` of `steps` updates:
+    `save` writes the checkpoint first (None where the state is mid-update, or on a rank that does not
+    save), and the message says where the run stopped and how to resume."""
+    status = 128 + int(signal.SIGTERM) if isinstance(e, Terminated) else 130
+    how = str(e) or "interrupted"
+    if save is None:
+        return TrainingInterrupted(f"{how} during step {step + 1}; rerun the same command to resume from the last "
+                                   "checkpoint", status)
+    save()
+    return TrainingInterrupted(f"{how} at step {step} of {steps}; checkpoint saved to {ckpt_path}; rerun the same "
+                               "command to resume", status)
 
 
 def stop_requested(cfg: Any, step: int, done: bool) -> bool:

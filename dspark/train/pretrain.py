@@ -37,8 +37,8 @@ from dspark.entry import module_main
 from dspark.train.checkpoint import atomic_write_text
 from dspark.train.common import (OPTIMISER_OPTIONS, RUN_OPTIONS, RunConfig, adamw, add_config_options,
                                  add_output_options, card_header, command_line, data_parallel, dist_info, due,
-                                 interrupted_status, lr_at, optimizer_step, progress_bar, resume, save_checkpoint,
-                                 stop_requested, terminate_as_interrupt)
+                                 lr_at, optimizer_step, progress_bar, resume, save_checkpoint, stop_requested,
+                                 terminate_as_interrupt, training_interrupted)
 from dspark.train.corpus import CorpusError, discover, read_text, tokenize_files
 from dspark.train.tokenizer_train import EOS_TOKEN, PAD_TOKEN, save_tokenizer, train_tokenizer
 
@@ -295,15 +295,6 @@ def model_card(cfg: PretrainConfig, meta: dict, log: dict, samples: list[dict], 
     return "\n".join(lines) + "\n"
 
 
-class PretrainInterrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM during pretraining, after the checkpoint was saved; the message says how to
-    resume, `exit_status` is what the command exits with (130 Ctrl-C, 143 SIGTERM)."""
-
-    def __init__(self, message: str, exit_status: int = 130) -> None:
-        super().__init__(message)
-        self.exit_status = exit_status
-
-
 def train(cfg: PretrainConfig) -> Path:
     cfg.validate()
     from dspark.train.checkpoint import check_writable
@@ -379,13 +370,10 @@ def train(cfg: PretrainConfig) -> Path:
         bar.close()
         # Ctrl-C or SIGTERM: save between updates only (weights, optimiser and step counter agree), so
         # the resumed run is the uninterrupted one; the message says how to resume.
-        status, how = interrupted_status(e), str(e) or "interrupted"
-        if rank == 0 and consistent and log["step"] > 0:
-            save_checkpoint(ckpt_path, model, opt, log, cfg)
-            raise PretrainInterrupted(f"{how} at step {log['step']} of {cfg.steps}; checkpoint saved to "
-                                      f"{ckpt_path}; rerun the same command to resume", status) from None
-        raise PretrainInterrupted(f"{how} during step {log['step'] + 1}; rerun the same command to resume "
-                                  "from the last checkpoint", status) from None
+        can_save = rank == 0 and consistent and log["step"] > 0
+        raise training_interrupted(e, log["step"], cfg.steps, ckpt_path,
+                                   (lambda: save_checkpoint(ckpt_path, model, opt, log, cfg)) if can_save else None
+                                   ) from None
     bar.close()
     if rank == 0:
         export(model, cfg, work, meta, log)

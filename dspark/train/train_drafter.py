@@ -51,23 +51,14 @@ from dspark.train.checkpoint import atomic_write_text
 from dspark.train.common import (OPTIMISER_OPTIONS, RUN_OPTIONS, RunConfig, adamw, add_config_options,
                                  add_output_options, card_header, command_line, data_parallel, dist_info, due,
                                  freed_memory_returned, lr_at, optimizer_step, previous_checkpoint, progress_bar,
-                                 interrupted_status, resume, reuse_freed_memory, save_checkpoint, stop_requested,
-                                 terminate_as_interrupt)
+                                 resume, reuse_freed_memory, save_checkpoint, stop_requested, terminate_as_interrupt,
+                                 training_interrupted)
 from dspark.train.losses import LossTerms, LossWeights, loss_terms, total_loss
 
 # Held-out split: fixed, independent of --seed, so runs with different seeds validate on the same data.
 _VAL_SPLIT_SEED = 20240611
 # Distinguishes validation anchors from training anchors in the (seed, ...) RNG keys.
 _VAL_STREAM = 2**31 - 1
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM during training, after the checkpoint was saved; the message says how to
-    resume, `exit_status` is what the command exits with (130 Ctrl-C, 143 SIGTERM)."""
-
-    def __init__(self, message: str, exit_status: int = 130) -> None:
-        super().__init__(message)
-        self.exit_status = exit_status
 
 
 class DataError(DSparkError, ValueError):
@@ -704,14 +695,10 @@ def _train(cfg: TrainDrafterConfig, rank: int, world: int, load_target) -> Path:
         bar.close()
         # Ctrl-C or SIGTERM: keep what was trained. The state is saved only between updates (weights,
         # optimiser and step counter agree), so the resumed run is the uninterrupted one.
-        status, how = interrupted_status(e), str(e) or "interrupted"
-        if rank == 0 and log.get("_consistent", True) and log["step"] > 0:
-            log.pop("_consistent", None)
-            save_checkpoint(ckpt_path, model, opt, log, cfg)
-            raise TrainingInterrupted(f"{how} at step {log['step']} of {cfg.steps}; checkpoint saved to "
-                                      f"{ckpt_path}; rerun the same command to resume", status) from None
-        raise TrainingInterrupted(f"{how} during step {log['step'] + 1}; rerun the same command to resume "
-                                  "from the last checkpoint", status) from None
+        can_save = rank == 0 and log.pop("_consistent", True) and log["step"] > 0
+        raise training_interrupted(e, log["step"], cfg.steps, ckpt_path,
+                                   (lambda: save_checkpoint(ckpt_path, model, opt, log, cfg)) if can_save else None
+                                   ) from None
 
 
 def _train_loop(cfg, rank, world, target, data, dcfg, model, ddp_model, opt, ckpt_path, log, cache, weights,
