@@ -708,8 +708,8 @@ class Engine:
         drafts: list[list[int]] = [[] for _ in reqs]
         if not rows:
             return drafts, None, None
-        sub = SamplingTensors(sampling.temperature[rows], sampling.top_k[rows], sampling.top_p[rows],
-                              [sampling.greedy[i] for i in rows])
+        sub = sampling if len(rows) == len(reqs) else SamplingTensors(
+            sampling.temperature[rows], sampling.top_k[rows], sampling.top_p[rows], [sampling.greedy[i] for i in rows])
         caps = list(ells)
         rule = self.rule
         stop, settled = None, []  # settled: the ℓ of every request, once the policy settled them

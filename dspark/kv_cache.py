@@ -18,7 +18,7 @@ Usage:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -47,9 +47,20 @@ class CacheBatch:
     slot_range: tuple[int, int] | None  # (lo, hi) when slots == range(lo, hi): read by slicing, no gather
     write_range: tuple[int, int] | None  # (start, end) when slot_range is set, all starts are equal and
     # no row is padding: the new tokens form one rectangular block, written by a plain slice copy
-    attn_mask: Tensor | None  # [batch, 1, k_max, kv_len] bool, True = may attend; None = see is_causal
     is_causal: bool  # no mask needed: plain causal (all slots empty before) or, if False, attend to all
     attention_plan: object = None  # set by a model that computes attention row by row (row_attention)
+    masked: bool = False  # attention needs `attn_mask` (neither one query a slot at equal starts nor causal)
+    _mask: Tensor | None = field(default=None, repr=False)
+
+    @property
+    def attn_mask(self) -> Tensor | None:
+        """[batch, 1, k_max, kv_len] bool, True = may attend (a new token at offset j of a slot with
+        `s` cached tokens sees cache positions <= s + j); None = see is_causal. Built on first use:
+        the C layers and the row attention kernel never read it (two tensor ops a call saved)."""
+        if self.masked and self._mask is None:
+            key_pos = torch.arange(self.kv_len, dtype=torch.long, device=self.positions.device)
+            self._mask = (key_pos[None, None, :] <= self.positions[:, :, None])[:, None]
+        return self._mask
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -192,15 +203,10 @@ class KVCache:
             write_pos = torch.tensor([s + j for s, n in zip(start, num_new) for j in range(n)], device=dev)
         positions_t = torch.tensor(positions, dtype=torch.long, device=dev)
 
-        # Masks: a new token at offset j of a slot with `s` cached tokens sees cache positions <= s + j.
-        if k_max == 1 and same_start:
-            attn_mask, is_causal = None, False  # one query per slot sees every cached key
-        elif all(s == 0 for s in start):
-            attn_mask, is_causal = None, True  # plain causal prefill; padding rows are don't-care
-        else:
-            key_pos = torch.arange(kv_len, dtype=torch.long, device=dev)
-            attn_mask = (key_pos[None, None, :] <= positions_t[:, :, None])[:, None]  # [batch, 1, k_max, kv_len]
-            is_causal = False
+        # Masks: one query a slot at equal starts sees every cached key; all slots empty is plain causal
+        # (padding rows are don't-care); anything else needs the explicit mask (`attn_mask`, built lazily).
+        masked = not (k_max == 1 and same_start) and not all(s == 0 for s in start)
+        is_causal = not masked and k_max > 1
 
         return CacheBatch(
             slots=list(slots),
@@ -215,8 +221,8 @@ class KVCache:
             slot_index=torch.tensor(slots, dtype=torch.long, device=dev) if slot_range is None else None,
             slot_range=slot_range,
             write_range=write_range,
-            attn_mask=attn_mask,
             is_causal=is_causal,
+            masked=masked,
         )
 
     def update(self, layer: int, batch: CacheBatch, k_new: Tensor, v_new: Tensor) -> tuple[Tensor, Tensor]:

@@ -835,6 +835,13 @@ class FeatureDrafterModel(nn.Module):
                 self._rope_cos, self._rope_sin = rope_tables(self._inv_freq.to(self.device), size, self.dtype)
         return self._rope_cos[positions].unsqueeze(-2), self._rope_sin[positions].unsqueeze(-2)
 
+    def rope_rows(self, positions: Tensor, max_position: int) -> tuple[Tensor, Tensor]:
+        """cos, sin `[M, D]` (contiguous, the tables' dtype) for the flat long positions `[M]`, all at
+        most `max_position` (known to the caller: no read back of the positions)."""
+        if self._rope_cos.shape[0] <= max_position or self._rope_cos.dtype != self.dtype:
+            self.rope(torch.tensor([max_position]))
+        return self._rope_cos.index_select(0, positions), self._rope_sin.index_select(0, positions)
+
     def run_layers(self, x: Tensor, positions: Tensor, kv: KeyValueSource | None, mask: Tensor | None,
                    attend: "Attend | None" = None) -> Tensor:
         """The draft layers over inputs x [b, S, H] at positions [b, S], before the final norm.
@@ -1367,10 +1374,15 @@ class DSparkDrafter(FeatureDrafter):
     use_row_attention = True
 
     def _row_kernel_runs(self) -> bool:
-        model = self.model
-        a = model.layers[0].self_attn
-        return (self.use_row_attention and self.cache.device.type == "cpu" and model.dtype == torch.float32
-                and row_attention.supports(a.Hq, a.Hkv, a.D) and row_attention.available())
+        if not self.use_row_attention or self.model.dtype != torch.float32:
+            return False
+        if self._row_kernel_ok is None:  # the rest is fixed once the drafter is built
+            a = self.model.layers[0].self_attn
+            self._row_kernel_ok = (self.cache.device.type == "cpu" and row_attention.supports(a.Hq, a.Hkv, a.D)
+                                   and row_attention.available())
+        return self._row_kernel_ok
+
+    _row_kernel_ok: bool | None = None
 
     def _row_attend(self, batch: Any, cslots: list[int], G: int) -> Attend | None:
         if not self._row_kernel_runs():
@@ -1394,18 +1406,26 @@ class DSparkDrafter(FeatureDrafter):
     def _run_block_c(self, x: Tensor, batch: Any, cslots: list[int], G: int) -> Tensor:
         model = self.model
         n, _, H = x.shape
-        D = model.layers[0].self_attn.D
         xf = x.reshape(n * G, H).float().contiguous()  # a fresh tensor (the embedding's output): updated in place
-        cos, sin = model.rope(batch.positions)  # [n, G, 1, D]
-        cos, sin = cos.reshape(n * G, D).float().contiguous(), sin.reshape(n * G, D).float().contiguous()
+        row_pos_list = [s + j for s in batch.start for j in range(G)]
+        row_pos = torch.tensor(row_pos_list, dtype=torch.int64)
+        cos, sin = model.rope_rows(row_pos, max(row_pos_list))  # [n * G, D]
         row_slot = torch.tensor([c for c in cslots for _ in range(G)], dtype=torch.int64)
-        row_pos = torch.tensor([s + j for s in batch.start for j in range(G)], dtype=torch.int64)
         row_len = torch.tensor([s + G for s in batch.start for _ in range(G)], dtype=torch.int64)
-        attn = row_attention.kernel_address()
+        attn = self._attention_address()
+        scale = model.layers[0].self_attn.D ** -0.5
+        cos, sin = cos.float(), sin.float()
         for i, w in enumerate(model.c_layers):  # type: ignore[union-attr]
             k_layer, v_layer = self.cache.layer_tensors(i)
-            int4_gemm.draft_layer(xf, w, cos, sin, k_layer, v_layer, row_slot, row_pos, row_len, attn, D ** -0.5)
+            int4_gemm.draft_layer(xf, w, cos, sin, k_layer, v_layer, row_slot, row_pos, row_len, attn, scale)
         return model.norm(xf.view(n, G, H))
+
+    _attn_address: int | None = None
+
+    def _attention_address(self) -> int:
+        if self._attn_address is None:
+            self._attn_address = row_attention.kernel_address()
+        return self._attn_address
 
     def _context_c_runs(self, taps: Tensor) -> bool:
         """Whether a commit's context keys and values go through `int4_gemm.draft_context` (with the C
@@ -1418,24 +1438,43 @@ class DSparkDrafter(FeatureDrafter):
         cache slot in turn."""
         model = self.model
         batch = self.cache.prepare(cslots, lens, max_position=self.cache.max_len)  # checks; where rows go
-        pos = torch.tensor([s + j for s, n in zip(batch.start, lens) for j in range(n)], dtype=torch.int64)
-        cos, sin = model.rope(pos)  # [M, 1, D]
-        D = cos.shape[-1]
+        pos_list = [s + j for s, n in zip(batch.start, lens) for j in range(n)]
+        pos = torch.tensor(pos_list, dtype=torch.int64)
+        cos, sin = model.rope_rows(pos, max(pos_list))  # [M, D]
         feats = taps.reshape(taps.shape[0], -1).contiguous()
         row_slot = torch.tensor([c for c, n in zip(cslots, lens) for _ in range(n)], dtype=torch.int64)
-        int4_gemm.draft_context(model.c_context, feats, cos.reshape(-1, D).float().contiguous(),
-                                sin.reshape(-1, D).float().contiguous(), self.cache.k, self.cache.v, row_slot, pos)
+        int4_gemm.draft_context(model.c_context, feats, cos.float(), sin.float(), self.cache.k, self.cache.v,
+                                row_slot, pos)
         self.cache.commit(batch)
 
     def _greedy_kernel_fits(self, sampling: SamplingTensors, h: Tensor) -> bool:
         """Whether this block can be drafted by the greedy Markov kernel (`markov_kernel`): every row
         greedy, the vanilla Markov head (rank a multiple of 8), a confidence head (if any) reading the
         Markov embedding, float32 on the CPU, no gradient."""
-        model = self.model
-        head, conf = model.markov_head, model.confidence_head
-        return (type(head) is MarkovHead and head.markov_w1.weight.shape[1] % 8 == 0 and all(sampling.greedy)
-                and h.device.type == "cpu" and not torch.is_grad_enabled()
-                and (conf is None or self.config.confidence_head_with_markov) and markov_kernel.available())
+        if not (all(sampling.greedy) and h.device.type == "cpu" and not torch.is_grad_enabled()):
+            return False
+        if self._greedy_kernel_ok is None:  # the rest is fixed once the drafter is built
+            head, conf = self.model.markov_head, self.model.confidence_head
+            self._greedy_kernel_ok = (type(head) is MarkovHead and head.markov_w1.weight.shape[1] % 8 == 0
+                                      and (conf is None or self.config.confidence_head_with_markov)
+                                      and markov_kernel.available())
+        return self._greedy_kernel_ok
+
+    _greedy_kernel_ok: bool | None = None
+
+    def _confidence_weights(self) -> tuple[Tensor | None, float]:
+        """The confidence head's weight row and bias (as a float) for the greedy kernel; the bias is read
+        again only when it changed (its version counter), a host read a round saved."""
+        ch = self.model.confidence_head
+        if ch is None:
+            return None, 0.0
+        b = ch.proj.bias
+        key = (ch.proj.weight.data_ptr(), None if b is None else (b.data_ptr(), b._version))
+        if self._conf_cache is None or self._conf_cache[0] != key:
+            self._conf_cache = (key, ch.proj.weight.detach()[0], 0.0 if b is None else float(b))
+        return self._conf_cache[1], self._conf_cache[2]
+
+    _conf_cache: tuple[Any, Tensor, float] | None = None
 
     # With `stop`, the greedy kernel drafts the block in chunks of positions [0, 2), [2, gamma): a
     # position's LM head row is computed only once the scheduler has not settled before it (most rounds
@@ -1448,11 +1487,7 @@ class DSparkDrafter(FeatureDrafter):
         the transition bias), confidences and early stop."""
         model = self.model
         head = model.markov_head
-        ch = model.confidence_head
-        cw, cb = None, 0.0
-        if ch is not None:
-            cw = ch.proj.weight.detach()[0]
-            cb = float(ch.proj.bias) if ch.proj.bias is not None else 0.0
+        cw, cb = self._confidence_weights()
         parts: list[tuple[Tensor, Tensor, Tensor, Tensor | None]] = []
         prev = anchor_t
         m, settled = gamma, None  # drafts to return; confidences the scheduler read when it settled
@@ -1475,8 +1510,11 @@ class DSparkDrafter(FeatureDrafter):
                         break
             k0 = k1
         settled = gamma if settled is None else settled
-        base, logits, tokens = (torch.cat([p[i] for p in parts], dim=1) for i in range(3))
-        conf = None if ch is None else torch.cat([p[3] for p in parts], dim=1)  # type: ignore[misc]
+        if len(parts) == 1:
+            base, logits, tokens, conf = parts[0]
+        else:
+            base, logits, tokens = (torch.cat([p[i] for p in parts], dim=1) for i in range(3))
+            conf = None if cw is None else torch.cat([p[3] for p in parts], dim=1)  # type: ignore[misc]
         n = h.shape[0]
         if m == 0:  # the scheduler settled on verifying no draft at all
             return BlockDraft(token_ids=tokens[:, :0], logits=base[:, :0], base_logits=base, probs=None,
