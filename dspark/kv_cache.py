@@ -18,6 +18,7 @@ Usage:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +33,10 @@ class CacheBatch:
 
     Symbols: batch = number of slots in the call, k_max = largest number of new tokens of any slot,
     kv_len = keys the call attends to = max over slots of (old length + new tokens).
+
+    The index tensors (`positions`, `valid`, `write_slot`, `write_pos`, `slot_index`, `attn_mask`) are
+    built from the lists on first read and kept: the C layers and the drafters' C kernels read only
+    `start`, so a decoding round does not pay a dozen small tensor builds it never uses.
     """
 
     slots: list[int]
@@ -39,28 +44,63 @@ class CacheBatch:
     start: list[int]  # each slot's length before the call = RoPE position of its first new token
     k_max: int
     kv_len: int
-    positions: Tensor  # [batch, k_max] long; padding rows clamped to a valid table index
-    valid: Tensor | None  # [batch, k_max] bool, True = real token; None when no row is padding
-    write_slot: Tensor | None  # [n_valid] long; slot of each real new token (None if write_range is set)
-    write_pos: Tensor | None  # [n_valid] long; cache position of each real new token
-    slot_index: Tensor | None  # [batch] long; None when slot_range is set
     slot_range: tuple[int, int] | None  # (lo, hi) when slots == range(lo, hi): read by slicing, no gather
     write_range: tuple[int, int] | None  # (start, end) when slot_range is set, all starts are equal and
     # no row is padding: the new tokens form one rectangular block, written by a plain slice copy
     is_causal: bool  # no mask needed: plain causal (all slots empty before) or, if False, attend to all
     attention_plan: object = None  # set by a model that computes attention row by row (row_attention)
     masked: bool = False  # attention needs `attn_mask` (neither one query a slot at equal starts nor causal)
-    _mask: Tensor | None = field(default=None, repr=False)
+    ragged: bool = False  # some slot has fewer than k_max new tokens (padding rows)
+    limit: int = 0  # the largest RoPE position a padding row is clamped to
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    _lazy: dict = field(default_factory=dict, repr=False)
+
+    def _get(self, name: str, build: Callable[[], Tensor | None]) -> Tensor | None:
+        if name not in self._lazy:
+            self._lazy[name] = build()
+        return self._lazy[name]
+
+    @property
+    def positions(self) -> Tensor:
+        """[batch, k_max] long; padding rows clamped to a valid table index."""
+        return self._get("positions", lambda: torch.tensor(
+            [[min(s + j, self.limit) for j in range(self.k_max)] for s in self.start], dtype=torch.long,
+            device=self.device))  # type: ignore[return-value]
+
+    @property
+    def valid(self) -> Tensor | None:
+        """[batch, k_max] bool, True = real token; None when no row is padding."""
+        return self._get("valid", lambda: torch.tensor(
+            [[j < n for j in range(self.k_max)] for n in self.num_new], device=self.device) if self.ragged else None)
+
+    @property
+    def write_slot(self) -> Tensor | None:
+        """[n_valid] long; slot of each real new token (None if write_range is set)."""
+        return self._get("write_slot", lambda: None if self.write_range is not None else torch.tensor(
+            [sl for sl, n in zip(self.slots, self.num_new) for _ in range(n)], device=self.device))
+
+    @property
+    def write_pos(self) -> Tensor | None:
+        """[n_valid] long; cache position of each real new token (None if write_range is set)."""
+        return self._get("write_pos", lambda: None if self.write_range is not None else torch.tensor(
+            [s + j for s, n in zip(self.start, self.num_new) for j in range(n)], device=self.device))
+
+    @property
+    def slot_index(self) -> Tensor | None:
+        """[batch] long; None when slot_range is set."""
+        return self._get("slot_index", lambda: None if self.slot_range is not None else torch.tensor(
+            self.slots, dtype=torch.long, device=self.device))
 
     @property
     def attn_mask(self) -> Tensor | None:
         """[batch, 1, k_max, kv_len] bool, True = may attend (a new token at offset j of a slot with
-        `s` cached tokens sees cache positions <= s + j); None = see is_causal. Built on first use:
-        the C layers and the row attention kernel never read it (two tensor ops a call saved)."""
-        if self.masked and self._mask is None:
-            key_pos = torch.arange(self.kv_len, dtype=torch.long, device=self.positions.device)
-            self._mask = (key_pos[None, None, :] <= self.positions[:, :, None])[:, None]
-        return self._mask
+        `s` cached tokens sees cache positions <= s + j); None = see is_causal."""
+        def build() -> Tensor | None:
+            if not self.masked:
+                return None
+            key_pos = torch.arange(self.kv_len, dtype=torch.long, device=self.device)
+            return (key_pos[None, None, :] <= self.positions[:, :, None])[:, None]
+        return self._get("attn_mask", build)
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -181,48 +221,30 @@ class KVCache:
                 )
             start.append(length)
 
-        batch, k_max = len(slots), max(num_new)
-        dev = self.device
+        k_max = max(num_new)
         kv_len = max(s + n for s, n in zip(start, num_new))
         limit = (max_position if max_position is not None else self.max_len) - 1
-        # Index lists are built in Python and turned into tensors once: on the decode path this costs
-        # less than a chain of small tensor ops.
-        positions = [[min(s + j, limit) for j in range(k_max)] for s in start]  # [batch, k_max]
         ragged = any(n != k_max for n in num_new)
         same_start = all(s == start[0] for s in start)
         lo = slots[0]
-        slot_range = (lo, lo + batch) if slots == list(range(lo, lo + batch)) else None
+        slot_range = (lo, lo + len(slots)) if slots == list(range(lo, lo + len(slots))) else None
         rectangular = slot_range is not None and not ragged and same_start
-        write_range = (start[0], start[0] + k_max) if rectangular else None
-
-        valid = write_slot = write_pos = None
-        if ragged:
-            valid = torch.tensor([[j < n for j in range(k_max)] for n in num_new], device=dev)
-        if write_range is None:  # scatter: one (slot, position) pair per real new token
-            write_slot = torch.tensor([sl for sl, n in zip(slots, num_new) for _ in range(n)], device=dev)
-            write_pos = torch.tensor([s + j for s, n in zip(start, num_new) for j in range(n)], device=dev)
-        positions_t = torch.tensor(positions, dtype=torch.long, device=dev)
-
         # Masks: one query a slot at equal starts sees every cached key; all slots empty is plain causal
-        # (padding rows are don't-care); anything else needs the explicit mask (`attn_mask`, built lazily).
+        # (padding rows are don't-care); anything else needs the explicit mask (`attn_mask`).
         masked = not (k_max == 1 and same_start) and not all(s == 0 for s in start)
-        is_causal = not masked and k_max > 1
-
         return CacheBatch(
             slots=list(slots),
             num_new=list(num_new),
             start=start,
             k_max=k_max,
             kv_len=kv_len,
-            positions=positions_t,
-            valid=valid,
-            write_slot=write_slot,
-            write_pos=write_pos,
-            slot_index=torch.tensor(slots, dtype=torch.long, device=dev) if slot_range is None else None,
             slot_range=slot_range,
-            write_range=write_range,
-            is_causal=is_causal,
+            write_range=(start[0], start[0] + k_max) if rectangular else None,
+            is_causal=not masked and k_max > 1,
             masked=masked,
+            ragged=ragged,
+            limit=limit,
+            device=self.device,
         )
 
     def update(self, layer: int, batch: CacheBatch, k_new: Tensor, v_new: Tensor) -> tuple[Tensor, Tensor]:
