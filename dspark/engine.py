@@ -53,6 +53,7 @@ from dspark.config import EngineConfig, VerifyPolicy
 from dspark.drafters.base import DraftCommit
 from dspark.errors import DSparkError
 from dspark.models import TargetModel, load_target
+from dspark.models.argmax import argmax_rows
 from dspark.sampling import SamplingParams, SamplingTensors, logits_to_probs, make_generator, sample_from_probs
 from dspark.schedule import ScheduleError, StepCostTable, policy_rule, survival_from_confidence
 from dspark.tokenizer import IncrementalDetokenizer
@@ -611,7 +612,9 @@ class Engine:
             # Greedy verification, as verify_ragged's greedy rule computes it: a draft is accepted while
             # it is the target's argmax at its position (the first argmax on ties, as torch gives it),
             # and the bonus is the argmax after the accepted prefix; on the host, one argmax call.
-            top = res.logits.argmax(-1).tolist()  # [R, k_max]
+            k_max = res.logits.shape[1]
+            flat = argmax_rows(res.logits)  # R * k_max indices, as torch.argmax(-1) gives them
+            top = [flat[i * k_max:(i + 1) * k_max] for i in range(len(drafts))]
             results = []
             for d, t in zip(drafts, top):
                 a = 0
@@ -762,7 +765,7 @@ class Engine:
     def _sample(self, logits: torch.Tensor, reqs: Sequence[Request]) -> list[int]:
         """logits: [batch, vocab] for the next position of each request."""
         if all(r.params.greedy for r in reqs):
-            return logits.argmax(dim=-1).tolist()  # same as the one-hot path, without building it
+            return argmax_rows(logits)  # same as the one-hot path, without building it
         st = SamplingTensors.from_params([r.params for r in reqs], device=logits.device)
         probs = logits_to_probs(logits, st.temperature, st.top_k, st.top_p)  # [batch, vocab]
         return sample_from_probs(probs, [r.generator for r in reqs], st.greedy).tolist()
