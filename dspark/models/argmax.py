@@ -1,8 +1,9 @@
 """Row-wise argmax of float32 CPU logits in one C call (`argmax.c`), for greedy decoding and greedy
 verification: the same indices as `torch.argmax(-1)` (the first maximum; the first NaN if a row has
-one), about 10x faster on a 49,152-token vocabulary, where torch's took 45-85 us a step at one or two
-rows and ~340 us at eight on the 2-core development machine. Anything else (another dtype or device,
-a kernel that cannot be built, `DSPARK_ARGMAX_KERNEL=0`) goes to torch."""
+one), 3.4-5.6x faster on a 49,152-token vocabulary (`python benchmarks/argmax_ab.py --threads 2`: torch
+47 us at one row, 187 us at eight, 217 us for a verification of 8 tokens; the C call 10, 38, 39 us on
+the 2-core development machine). Anything else (another dtype or device, a kernel that cannot be
+built, `DSPARK_ARGMAX_KERNEL=0`) goes to torch."""
 
 from __future__ import annotations
 
