@@ -589,7 +589,7 @@ class Engine:
         request's [anchor, drafts] in one target forward, verify on the ragged layout, keep the accepted
         prefix and the bonus, roll the rejected tail back, and commit every request to the drafter at once."""
         t_round = time.perf_counter()
-        catch_up = 0.0
+        catch_up = drafter_seconds = 0.0
         if any(ells):  # the drafter's context must hold every kept token before it drafts; what that
             # catch-up costs belongs to the rounds that deferred it, not to this round's policy
             self._flush_commits()
@@ -603,7 +603,9 @@ class Engine:
             sampling, drafts, draft_probs, conf_logits = None, [[] for _ in reqs], None, None
         else:
             sampling = SamplingTensors.from_params([r.params for r in reqs], device=dev)
+            t_draft = time.perf_counter()
             drafts, draft_probs, conf_logits = self._propose(reqs, ells, anchors, sampling, generators)
+            drafter_seconds = time.perf_counter() - t_draft
         drafted, ells = ells, [len(d) for d in drafts]
         starts = [self.cache.length(s) for s in slots]
         tokens = [[a] + d for a, d in zip(anchors, drafts)]
@@ -637,7 +639,9 @@ class Engine:
             # Keep the anchor and the accepted drafts in the target cache; the bonus is the next anchor.
             self.cache.truncate(req.slot, start + 1 + ver.num_accepted)
         if any(ells):
+            t_commit = time.perf_counter()
             self.drafter.commit_batch(DraftCommit(slots, kept, res.hidden))
+            drafter_seconds += time.perf_counter() - t_commit
         else:
             self._defer_commit(slots, kept, res.hidden)
         for req, ver, ell in zip(reqs, results, ells):
@@ -659,7 +663,8 @@ class Engine:
         observe = getattr(self.rule, "observe", None)
         if observe is not None:  # the confidence policy learns what drafting costs and gains here
             observe(len(reqs), any(drafted), sum(ells), sum(v.num_accepted for v in results),
-                    time.perf_counter() - t_round - catch_up)
+                    time.perf_counter() - t_round - catch_up,
+                    drafter_seconds=drafter_seconds if any(drafted) else None)
         if self.round_observers:
             num_drafted = [len(c) for c in conf_logits] if conf_logits is not None else drafted
             rec = RoundRecord([r.request_id for r in reqs], num_drafted, ells, [v.num_accepted for v in results],

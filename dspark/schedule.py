@@ -451,15 +451,35 @@ class DraftGate:
 @dataclass
 class ConfidenceRule:
     """confidence: Algorithm 1 (`schedule_prefix`) over the step-cost table on the calibrated
-    confidences, within the cap on ℓ that the `DraftGate` sets for the round (0: no drafting)."""
+    confidences, within the cap on ℓ that the `DraftGate` sets for the round (0: no drafting).
+
+    Algorithm 1 weighs a round's expected tokens against the target's step time at B verified
+    tokens. A round that drafted also spends the drafter's time (its proposal and its commit), the
+    same whatever ℓ is chosen once it has drafted, so the round's rate is τ / (T(B) + D): with
+    D > 0 a draft pays at a lower survival than T(B+1)/T(B) − 1 alone would ask (e.g. 0.18 instead of
+    0.24 for the first draft at batch 1 with T(1) = 4.6 ms, T(2) = 5.7 ms and D = 1.5 ms). D is measured here per number of requests R,
+    an EMA of the drafter's seconds in past rounds that drafted (`observe`), never the round being
+    decided; with no measurement yet it is 0, the paper's Algorithm 1."""
 
     cost: StepCostTable | Callable[[int], float]
     needs_confidence = True
     gate: DraftGate | None = None
+    overhead_decay: float = 0.8  # EMA weight of the old value of D
+    count_drafter_time: bool = True  # False: the paper's Algorithm 1 on the table alone (timing-free)
 
     def __post_init__(self) -> None:
         if self.gate is None:
             self.gate = DraftGate()
+        self.overhead: dict[int, float] = {}  # R -> D, seconds of drafting a round
+
+    def round_cost(self, num_reqs: int) -> StepCostTable | Callable[[int], float]:
+        """Rounds per second at B verified tokens for `num_reqs` requests: 1 / (T(B) + D_R)."""
+        d = self.overhead.get(num_reqs, 0.0) if self.count_drafter_time else 0.0
+        if d <= 0.0:
+            return self.cost
+        cost = self.cost
+        seconds = cost.seconds_at if isinstance(cost, StepCostTable) else (lambda b: 1.0 / cost(b))
+        return lambda b: 1.0 / (seconds(b) + d)
 
     def draft_caps(self, caps: list[int]) -> list[int]:
         if not any(caps):  # nothing to draft: the gate is not asked (nor is the round counted)
@@ -470,14 +490,19 @@ class ConfidenceRule:
             return [0] * len(caps)
         return list(caps) if cap is None else [min(c, cap) for c in caps]
 
-    def observe(self, num_reqs: int, drafted: bool, verified: int, accepted: int, seconds: float) -> None:
+    def observe(self, num_reqs: int, drafted: bool, verified: int, accepted: int, seconds: float,
+                drafter_seconds: float | None = None) -> None:
         self.gate.observe(num_reqs, drafted, verified, accepted, seconds)
+        if drafted and drafter_seconds is not None and num_reqs >= 1 and drafter_seconds >= 0.0:
+            old = self.overhead.get(num_reqs)
+            self.overhead[num_reqs] = drafter_seconds if old is None else \
+                self.overhead_decay * old + (1 - self.overhead_decay) * drafter_seconds
 
     def lengths(self, survival: Sequence[Sequence[float]], caps: Sequence[int]) -> list[int]:
-        return schedule_prefix(survival, caps, self.cost)
+        return schedule_prefix(survival, caps, self.round_cost(len(caps)))
 
     def settled(self, survival: Sequence[Sequence[float]], caps: Sequence[int]) -> list[int] | None:
-        return settled_schedule(survival, caps, self.cost)
+        return settled_schedule(survival, caps, self.round_cost(len(caps)))
 
 
 POLICY_RULES: dict[str, Callable[[VerifyPolicy, Any], PolicyRule]] = {
