@@ -599,13 +599,13 @@ class Engine:
         generators = [r.generator for r in reqs]
         slots = [r.slot for r in reqs]
         all_greedy = all(r.params.greedy for r in reqs)
-        if not any(ells) and all_greedy:  # a plain greedy step (the policy drafts nothing): no sampling
-            sampling, drafts, draft_probs, conf_logits = None, [[] for _ in reqs], None, None
-        else:
-            sampling = SamplingTensors.from_params([r.params for r in reqs], device=dev)
-            t_draft = time.perf_counter()
-            drafts, draft_probs, conf_logits = self._propose(reqs, ells, anchors, sampling, generators)
-            drafter_seconds = time.perf_counter() - t_draft
+        if not any(ells) and all_greedy:  # a plain greedy step (the policy drafts nothing)
+            self._plain_greedy_round(reqs, slots, anchors, t_round)
+            return
+        sampling = SamplingTensors.from_params([r.params for r in reqs], device=dev)
+        t_draft = time.perf_counter()
+        drafts, draft_probs, conf_logits = self._propose(reqs, ells, anchors, sampling, generators)
+        drafter_seconds = time.perf_counter() - t_draft
         drafted, ells = ells, [len(d) for d in drafts]
         starts = [self.cache.length(s) for s in slots]
         tokens = [[a] + d for a, d in zip(anchors, drafts)]
@@ -669,6 +669,28 @@ class Engine:
             num_drafted = [len(c) for c in conf_logits] if conf_logits is not None else drafted
             rec = RoundRecord([r.request_id for r in reqs], num_drafted, ells, [v.num_accepted for v in results],
                               conf_logits)
+            for obs in self.round_observers:
+                obs(rec)
+
+    def _plain_greedy_round(self, reqs: list[Request], slots: list[int], anchors: list[int], t_round: float) -> None:
+        """A round in which no request drafts and every request is greedy: plain decoding's step (one
+        token a request, its argmax), plus what the drafter needs later (the anchors' hidden-state taps,
+        deferred to the next drafting round) and what the policy and observers read. What the general
+        round would do, without its verification bookkeeping (nothing to verify)."""
+        res = self.target.forward(self.cache, slots, [[a] for a in anchors],
+                                  hidden_layer_ids=self.drafter.target_layer_ids)
+        tops = argmax_rows(res.logits[:, 0])
+        self._defer_commit(slots, [[a] for a in anchors], res.hidden)
+        for req, tok in zip(reqs, tops):
+            req.metrics.rounds += 1
+            req.num_draft, req.num_accepted = 0, 0
+            self._append(req, [tok])
+        observe = getattr(self.rule, "observe", None)
+        if observe is not None:
+            observe(len(reqs), False, 0, 0, time.perf_counter() - t_round, drafter_seconds=None)
+        if self.round_observers:
+            zeros = [0] * len(reqs)
+            rec = RoundRecord([r.request_id for r in reqs], zeros, zeros, list(zeros), None)
             for obs in self.round_observers:
                 obs(rec)
 
