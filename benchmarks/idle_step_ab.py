@@ -1,0 +1,62 @@
+"""What an attached but idle drafter costs a decoding step: the median wall time of decode steps with
+exactly B requests (no prefill in the step) in an engine without a drafter and in one with the bundled
+DSpark drafter under the `plain` policy (the speculative engine, drafting nothing: the rounds the
+confidence policy runs when it does not draft), the two engines alternating over the same prompts.
+
+    python benchmarks/idle_step_ab.py --data-dir ../shared/benchmarks [--set humaneval] [--batch 8]
+        [--max-tokens 64] [--passes 5] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from dspark import LLM, SamplingParams
+from dspark import engine as engine_mod
+from dspark.eval.prompts import load_prompt_set
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-dir", required=True, help="benchmark prompt sets (../shared/benchmarks)")
+    ap.add_argument("--set", default="humaneval", help="prompt set (default: humaneval)")
+    ap.add_argument("--batch", type=int, default=8, help="concurrent requests (default: 8)")
+    ap.add_argument("--max-tokens", type=int, default=64, help="tokens per reply, eos ignored (default: 64)")
+    ap.add_argument("--passes", type=int, default=5, help="alternating passes (default: 5)")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    msgs = [[{"role": "user", "content": p}] for p in load_prompt_set(args.data_dir, args.set, args.batch)]
+    params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
+    steps: dict[str, list[float]] = {}
+    run = engine_mod.Engine._run
+
+    def timed_run(self, sched):
+        t0 = time.perf_counter()
+        out = run(self, sched)
+        if not sched.prefill and len(sched.decode) == args.batch:
+            steps.setdefault(getattr(self, "_bench_tag", "?"), []).append(time.perf_counter() - t0)
+        return out
+    engine_mod.Engine._run = timed_run
+    engines = {"no drafter": LLM(), "idle drafter (plain policy)": LLM(drafter="dspark", policy="plain")}
+    for tag, llm in engines.items():
+        llm.engine._bench_tag = tag
+        llm.chat(msgs, params)  # warm-up
+    steps.clear()
+    for _ in range(args.passes):
+        for llm in engines.values():
+            llm.chat(msgs, params)
+    med = {tag: statistics.median(v) * 1e3 for tag, v in steps.items()}
+    for tag, v in med.items():
+        print(f"{tag:30s} median step {v:7.3f} ms over {len(steps[tag])} steps of {args.batch} requests")
+    a, b = med["idle drafter (plain policy)"], med["no drafter"]
+    print(f"idle drafter / no drafter: {a / b:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
