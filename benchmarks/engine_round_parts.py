@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_args import add_prompt_arguments  # (benchmarks/ is on the path when this runs)
 
 import dspark
 from dspark import LLM, SamplingParams
@@ -27,14 +28,10 @@ from dspark.eval.prompts import load_prompt_set
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data-dir", required=True, help="benchmark prompt sets (../shared/benchmarks)")
-    ap.add_argument("--set", default="humaneval", help="prompt set (default: humaneval)")
-    ap.add_argument("--num-prompts", type=int, default=4, help="prompts (default: 4)")
-    ap.add_argument("--max-tokens", type=int, default=64, help="tokens per reply, eos ignored (default: 64)")
+    add_prompt_arguments(ap, count_default=4)
     ap.add_argument("--policy", default="fixed:1", help="verification policy (default: fixed:1)")
     ap.add_argument("--drafter", default="dspark", help="drafter (default: dspark, the bundled one)")
     ap.add_argument("--passes", type=int, default=3, help="passes over the prompts (default: 3)")
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
     ap.add_argument("--out", default=None, help="results JSON (default: none)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

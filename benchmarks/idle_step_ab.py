@@ -14,6 +14,7 @@ import statistics
 import time
 
 import torch
+from bench_args import add_prompt_arguments  # (benchmarks/ is on the path when this runs)
 
 from dspark import LLM, SamplingParams
 from dspark import engine as engine_mod
@@ -22,12 +23,8 @@ from dspark.eval.prompts import load_prompt_set
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data-dir", required=True, help="benchmark prompt sets (../shared/benchmarks)")
-    ap.add_argument("--set", default="humaneval", help="prompt set (default: humaneval)")
-    ap.add_argument("--batch", type=int, default=8, help="concurrent requests (default: 8)")
-    ap.add_argument("--max-tokens", type=int, default=64, help="tokens per reply, eos ignored (default: 64)")
+    add_prompt_arguments(ap, count="--batch", count_default=8, count_help="concurrent requests")
     ap.add_argument("--passes", type=int, default=5, help="alternating passes (default: 5)")
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     msgs = [[{"role": "user", "content": p}] for p in load_prompt_set(args.data_dir, args.set, args.batch)]

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_args import add_prompt_arguments  # (benchmarks/ is on the path when this runs)
 
 
 def main() -> int:
@@ -27,12 +28,8 @@ def main() -> int:
     ap.add_argument("--model", default=None, help="target (default: the default model)")
     ap.add_argument("--drafter", default="dspark", help="drafter (default: dspark, the bundled one)")
     ap.add_argument("--policies", default="fixed:1,confidence", help="policies besides plain (default: fixed:1,confidence)")
-    ap.add_argument("--data-dir", required=True, help="directory of the benchmark sets (*.jsonl with `turns`)")
-    ap.add_argument("--set", default="humaneval", help="benchmark set (default: humaneval)")
-    ap.add_argument("--num-prompts", type=int, default=8, help="prompts (default: 8)")
-    ap.add_argument("--max-tokens", type=int, default=64, help="new tokens per prompt (default: 64)")
+    add_prompt_arguments(ap, count_default=8)
     ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats (default: 3)")
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
     ap.add_argument("--out", default="runs/policy_ab.json", help="results JSON (default: runs/policy_ab.json)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
