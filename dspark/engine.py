@@ -660,15 +660,21 @@ class Engine:
                 if k < a:
                     m.accepted_by_position[k] += 1
             self._append(req, ver.emitted)
+        num_drafted = [len(c) for c in conf_logits] if conf_logits is not None else drafted
+        self._round_done(reqs, any(drafted), num_drafted, ells, [v.num_accepted for v in results], conf_logits,
+                         time.perf_counter() - t_round - catch_up, drafter_seconds if any(drafted) else None)
+
+    def _round_done(self, reqs: list[Request], asked: bool, drafted: list[int], verified: list[int],
+                    accepted: list[int], conf_logits: list[list[float]] | None, seconds: float,
+                    drafter_seconds: float | None) -> None:
+        """Tell the policy (the confidence policy learns what drafting costs and gains here) and the round
+        observers how a finished round went: whether the drafter was asked for drafts, and per request the
+        drafts made, verified and accepted."""
         observe = getattr(self.rule, "observe", None)
-        if observe is not None:  # the confidence policy learns what drafting costs and gains here
-            observe(len(reqs), any(drafted), sum(ells), sum(v.num_accepted for v in results),
-                    time.perf_counter() - t_round - catch_up,
-                    drafter_seconds=drafter_seconds if any(drafted) else None)
+        if observe is not None:
+            observe(len(reqs), asked, sum(verified), sum(accepted), seconds, drafter_seconds=drafter_seconds)
         if self.round_observers:
-            num_drafted = [len(c) for c in conf_logits] if conf_logits is not None else drafted
-            rec = RoundRecord([r.request_id for r in reqs], num_drafted, ells, [v.num_accepted for v in results],
-                              conf_logits)
+            rec = RoundRecord([r.request_id for r in reqs], drafted, verified, accepted, conf_logits)
             for obs in self.round_observers:
                 obs(rec)
 
@@ -677,22 +683,16 @@ class Engine:
         token a request, its argmax), plus what the drafter needs later (the anchors' hidden-state taps,
         deferred to the next drafting round) and what the policy and observers read. What the general
         round would do, without its verification bookkeeping (nothing to verify)."""
-        res = self.target.forward(self.cache, slots, [[a] for a in anchors],
-                                  hidden_layer_ids=self.drafter.target_layer_ids)
+        tokens = [[a] for a in anchors]
+        res = self.target.forward(self.cache, slots, tokens, hidden_layer_ids=self.drafter.target_layer_ids)
         tops = argmax_rows(res.logits[:, 0])
-        self._defer_commit(slots, [[a] for a in anchors], res.hidden)
+        self._defer_commit(slots, tokens, res.hidden)
         for req, tok in zip(reqs, tops):
             req.metrics.rounds += 1
             req.num_draft, req.num_accepted = 0, 0
             self._append(req, [tok])
-        observe = getattr(self.rule, "observe", None)
-        if observe is not None:
-            observe(len(reqs), False, 0, 0, time.perf_counter() - t_round, drafter_seconds=None)
-        if self.round_observers:
-            zeros = [0] * len(reqs)
-            rec = RoundRecord([r.request_id for r in reqs], zeros, zeros, list(zeros), None)
-            for obs in self.round_observers:
-                obs(rec)
+        n = len(reqs)
+        self._round_done(reqs, False, [0] * n, [0] * n, [0] * n, None, time.perf_counter() - t_round, None)
 
     # Deferred commits: a round that drafted nothing needs the drafter only for its context, which the
     # next drafting round reads first; so those rounds' kept tokens wait here (bounded by MAX_PENDING

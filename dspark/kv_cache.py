@@ -50,7 +50,6 @@ class CacheBatch:
     is_causal: bool  # no mask needed: plain causal (all slots empty before) or, if False, attend to all
     attention_plan: object = None  # set by a model that computes attention row by row (row_attention)
     masked: bool = False  # attention needs `attn_mask` (neither one query a slot at equal starts nor causal)
-    ragged: bool = False  # some slot has fewer than k_max new tokens (padding rows)
     limit: int = 0  # the largest RoPE position a padding row is clamped to
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     _lazy: dict = field(default_factory=dict, repr=False)
@@ -71,7 +70,8 @@ class CacheBatch:
     def valid(self) -> Tensor | None:
         """[batch, k_max] bool, True = real token; None when no row is padding."""
         return self._get("valid", lambda: torch.tensor(
-            [[j < n for j in range(self.k_max)] for n in self.num_new], device=self.device) if self.ragged else None)
+            [[j < n for j in range(self.k_max)] for n in self.num_new], device=self.device)
+            if any(n != self.k_max for n in self.num_new) else None)
 
     @property
     def write_slot(self) -> Tensor | None:
@@ -242,7 +242,6 @@ class KVCache:
             write_range=(start[0], start[0] + k_max) if rectangular else None,
             is_causal=not masked and k_max > 1,
             masked=masked,
-            ragged=ragged,
             limit=limit,
             device=self.device,
         )

@@ -826,21 +826,23 @@ class FeatureDrafterModel(nn.Module):
 
     def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """cos, sin `[..., S, 1, D]` for integer positions `[..., S]` (tables grown on demand)."""
-        need = int(positions.max()) + 1 if positions.numel() else 1
+        self._grow_rope(int(positions.max()) + 1 if positions.numel() else 1)
+        return self._rope_cos[positions].unsqueeze(-2), self._rope_sin[positions].unsqueeze(-2)
+
+    def rope_rows(self, positions: Tensor, max_position: int) -> tuple[Tensor, Tensor]:
+        """cos, sin `[M, D]` (contiguous, the tables' dtype) for the flat long positions `[M]`, all at
+        most `max_position` (known to the caller: no read back of the positions)."""
+        self._grow_rope(max_position + 1)
+        return self._rope_cos.index_select(0, positions), self._rope_sin.index_select(0, positions)
+
+    def _grow_rope(self, need: int) -> None:
+        """Make the cos / sin tables cover positions [0, need) in the model's dtype and device."""
         cos = self._rope_cos
         if cos.shape[0] < need or cos.dtype != self.dtype or cos.device != self.device:
             size = max(need, 2 * cos.shape[0], 256)
             # Normal tensors even when first needed under inference_mode: training saves them for backward.
             with torch.inference_mode(False):
                 self._rope_cos, self._rope_sin = rope_tables(self._inv_freq.to(self.device), size, self.dtype)
-        return self._rope_cos[positions].unsqueeze(-2), self._rope_sin[positions].unsqueeze(-2)
-
-    def rope_rows(self, positions: Tensor, max_position: int) -> tuple[Tensor, Tensor]:
-        """cos, sin `[M, D]` (contiguous, the tables' dtype) for the flat long positions `[M]`, all at
-        most `max_position` (known to the caller: no read back of the positions)."""
-        if self._rope_cos.shape[0] <= max_position or self._rope_cos.dtype != self.dtype:
-            self.rope(torch.tensor([max_position]))
-        return self._rope_cos.index_select(0, positions), self._rope_sin.index_select(0, positions)
 
     def run_layers(self, x: Tensor, positions: Tensor, kv: KeyValueSource | None, mask: Tensor | None,
                    attend: "Attend | None" = None) -> Tensor:

@@ -53,9 +53,7 @@ def argmax_rows(logits: Tensor) -> list[int]:
     lib = KERNEL.library() if logits.dtype == torch.float32 and logits.device.type == "cpu" else None
     if lib is None or V < 1 or logits.stride(-1) != 1:
         return logits.argmax(-1).reshape(-1).tolist()
-    x = logits.reshape(-1, V)  # a view when the rows are evenly strided; a copy otherwise
-    if x.stride(-1) != 1:
-        x = x.contiguous()
+    x = logits.reshape(-1, V)  # a view when the rows are evenly strided, else a contiguous copy
     out = torch.empty(x.shape[0], dtype=torch.int64)
     lib.dspark_argmax_rows(x.shape[0], V, x.data_ptr(), x.stride(0), out.data_ptr())
     return out.tolist()
