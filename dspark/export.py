@@ -141,6 +141,13 @@ def expected_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         elif head == "rnn":
             shapes["markov_head.joint_proj.weight"] = (3 * r, 2 * r + H)
             shapes["markov_head.joint_proj.bias"] = (3 * r,)
+        elif head == "joint":
+            shapes["markov_head.up.weight"] = (8 * r, H + r)
+            shapes["markov_head.down.weight"] = (H, 8 * r)
+    if cfg.get("block_context"):
+        shapes["block_context_proj.weight"] = (H, H)
+    if cfg.get("context_next_token"):
+        shapes["next_token_proj.weight"] = (H, H)
     if cfg.get("enable_confidence_head"):
         width = H + (r if cfg.get("confidence_head_with_markov") else 0)
         shapes["confidence_head.proj.weight"] = (1, width)
@@ -214,6 +221,15 @@ def engine_config(drafter: DrafterFiles, fmt: str) -> dict[str, Any]:
         raise DSparkError(f"{where}: {drafter.path} is a DFlash drafter (markov_rank 0); the engines' DSpark "
                           "loaders need a Markov head and their DFlash loaders read block slot k as anchor+k "
                           "(ours: anchor+k+1), so only --format deepspec applies")
+    for key, what in (("block_context", "the last context position's features added to every block input"),
+                      ("context_next_token", "each context position's features read the token after it")):
+        if fmt != "deepspec" and raw.get(key):
+            raise DSparkError(f"{where}: {drafter.path} has {key} (this project's extension: {what}), which the "
+                              "engines' DSpark loaders do not compute, so they would draft from another model; only "
+                              "--format deepspec keeps it")
+    if fmt != "deepspec" and raw.get("markov_head_type") == "joint":
+        raise DSparkError(f"{where}: {drafter.path} has the joint Markov head (this project's extension), which no "
+                          "engine's DSpark loader has; only --format deepspec keeps it")
     if fmt == "vllm" and raw.get("markov_head_type", "vanilla") != "vanilla":
         raise DSparkError(f"{where}: vLLM's Qwen3DSparkModel has only the vanilla Markov head, this drafter's "
                           f"is {raw['markov_head_type']!r}; use --format sglang")

@@ -36,11 +36,11 @@ def write_sets(d: Path) -> Path:
 
 
 def untrained_dspark(target, max_seqs: int, max_len: int | None = None, *, kind: str = "dspark", seed: int = 0,
-                     block_size: int = 8) -> DSparkDrafter:
+                     block_size: int = 8, **overrides) -> DSparkDrafter:
     """A randomly initialised drafter: its proposals are mostly rejected, so every rollback path runs."""
     cfg = DSparkConfig.for_target(target.config, target.tokenizer.mask_token_id, block_size=block_size,
                                   num_hidden_layers=1, markov_rank=0 if kind == "dflash" else 16,
-                                  drafter_type=kind)
+                                  drafter_type=kind, **overrides)
     return DSparkDrafter(DSparkModel.from_target(cfg, target, seed=seed), max_seqs,
                          max_len if max_len is not None else target.context_length)
 

@@ -226,13 +226,16 @@ def test_deepspec_layout_errors_name_file_and_key(target, tmp_path) -> None:
 
 
 def test_save_load_roundtrip_gives_identical_proposals(target, tmp_path) -> None:
-    for head in ("markov", "gated_markov", "rnn"):
-        model = make_model(target, markov_head_type=head)
+    for head in ("markov", "gated_markov", "rnn", "joint", "ctx"):
+        model = (make_model(target, block_context=True, context_next_token=True) if head == "ctx"
+                 else make_model(target, markov_head_type=head))
         a = DSparkDrafter(model, 2, 64)
         out = a.save_pretrained(tmp_path / head)
         raw = json.loads((out / "config.json").read_text())
         assert raw["architectures"] == ["Qwen3DSparkModel"] and raw["drafter_type"] == "dspark"
-        assert raw["markov_head_type"] == {"markov": "vanilla", "gated_markov": "gated", "rnn": "rnn"}[head]
+        assert raw["markov_head_type"] == {"markov": "vanilla", "gated_markov": "gated", "rnn": "rnn", "joint": "joint",
+                                      "ctx": "vanilla"}[head]
+        assert raw.get("block_context", False) == raw.get("context_next_token", False) == (head == "ctx")
         b = load_drafter(out, target, 2, 64)
         assert b.config == model.config
         for d in (a, b):
@@ -245,8 +248,9 @@ def test_save_load_roundtrip_gives_identical_proposals(target, tmp_path) -> None
         assert torch.equal(pa.confidence, pb.confidence)
 
 
-def test_incremental_context_equals_full_recompute(target) -> None:
-    model = make_model(target)
+@pytest.mark.parametrize("block_context, next_token", [(False, False), (True, False), (False, True)])
+def test_incremental_context_equals_full_recompute(target, block_context, next_token) -> None:
+    model = make_model(target, block_context=block_context, context_next_token=next_token)
     n0, chunks = 6, [3, 1, 4]
     total = n0 + sum(chunks)
     hidden = taps(model, total)
@@ -274,19 +278,25 @@ def test_incremental_context_equals_full_recompute(target) -> None:
     assert not torch.allclose(c.base_logits, b.base_logits, atol=1e-3)
 
 
-@pytest.mark.parametrize("head", ["markov", "gated_markov", "rnn"])
-def test_training_forward_equals_inference(target, head) -> None:
-    model = make_model(target, markov_head_type=head)
+@pytest.mark.parametrize("head, block_context, next_token", [
+    ("markov", False, False), ("gated_markov", False, False), ("rnn", False, False), ("joint", False, False),
+    ("markov", True, False), ("markov", False, True), ("markov", True, True)])
+def test_training_forward_equals_inference(target, head, block_context, next_token) -> None:
+    model = make_model(target, markov_head_type=head, block_context=block_context, context_next_token=next_token)
     T0 = 14
     hidden = taps(model, T0 + G)
     ids = torch.randint(4, 250, (T0,), generator=torch.Generator().manual_seed(2)).tolist()
-    anchors = [0, 5, 9, 13]
+    # (anchor 0, no context at all, exists only in training; with both options its block input is not zero there)
+    anchors = [1 if block_context and next_token else 0, 5, 9, 13]
     infer = {}
     for t in anchors:
         d = DSparkDrafter(model, 1, 64)
         d.add_sequence(0, ids[:max(t, 1)], hidden[:max(t, 1)])
         if t == 0:  # no context at all: drop the one we had to add
             d.cache.truncate(d._slots[0], 0)
+            d._pending.clear()
+            if block_context:
+                d._last_taps.zero_()
         infer[t] = draft(d, [0], [ids[t]], [GREEDY])
     # Continue the sequence with the last block's own drafts so teacher forcing replays them.
     seq = ids + infer[13].token_ids[0].tolist()
@@ -313,8 +323,9 @@ def test_training_forward_masks_past_the_end(target) -> None:
     ]
 
 
-def test_batched_propose_equals_each_alone(target) -> None:
-    model = make_model(target)
+@pytest.mark.parametrize("block_context, next_token", [(False, False), (True, False), (False, True)])
+def test_batched_propose_equals_each_alone(target, block_context, next_token) -> None:
+    model = make_model(target, block_context=block_context, context_next_token=next_token)
     lengths = [5, 11, 8]
     params = [GREEDY, SamplingParams(temperature=0.8, top_k=50, seed=7), SamplingParams(temperature=1.0, top_p=0.9, seed=8)]
     hid = [taps(model, n, seed=i) for i, n in enumerate(lengths)]

@@ -173,6 +173,23 @@ def test_bad_input_is_one_line(tmp_path, capsys):
         extra = ["--target", str(tmp_path / "t.gguf")] if fmt == "gguf" else []
         assert "DFlash drafter" in fails("--drafter", str(DEMO_DFLASH), "--format", fmt, "--out",
                                           str(tmp_path / fmt), *extra)
+    # block_context (this project's extension): deepspec only, with the reason.
+    ctx = tmp_path / "ctx"
+    shutil.copytree(DEMO_DSPARK, ctx)
+    raw = json.loads((ctx / "config.json").read_text())
+    (ctx / "config.json").write_text(json.dumps({**raw, "block_context": True, "context_next_token": True}))
+    w = load_file(str(ctx / "model.safetensors"))
+    H = int(raw["hidden_size"])
+    for key in ("block_context_proj.weight", "next_token_proj.weight"):
+        w[key] = torch.zeros(H, H, dtype=w["fc.weight"].dtype)
+    save_file(w, str(ctx / "model.safetensors"))
+    export(ctx, "deepspec", tmp_path / "ctx_deepspec")
+    assert {"block_context_proj.weight", "next_token_proj.weight"} <= set(
+        load_file(str(tmp_path / "ctx_deepspec" / "model.safetensors")))
+    for fmt in ("vllm", "sglang", "gguf"):
+        extra = ["--target", str(tmp_path / "t.gguf")] if fmt == "gguf" else []
+        assert "has block_context" in fails("--drafter", str(ctx), "--format", fmt, "--out", str(tmp_path / f"c{fmt}"),
+                                            *extra)
     assert "no config.json" in fails("--drafter", str(tmp_path), "--format", "vllm", "--out", str(tmp_path / "o"))
     assert "needs --target" in fails("--drafter", str(DEMO_DSPARK), "--format", "gguf", "--out", str(tmp_path / "g"))
     d = tmp_path / "shape"

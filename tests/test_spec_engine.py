@@ -9,6 +9,7 @@ import torch
 from dspark import LLM, SamplingParams
 from dspark.drafters.ngram import NgramDrafter
 from dspark.engine import RequestError
+from dspark.sampling import SamplingTensors
 from helpers import PROMPTS, sampled_pairs_pvalue, untrained_dspark
 
 
@@ -41,6 +42,52 @@ def test_greedy_speculative_equals_plain(qwen3_ckpt, plain, plain_greedy, kind, 
         assert all(a <= t for a, t in zip(m.accepted_by_position, m.tried_by_position))
         # Position 1 is tried every round that verified at least one draft.
         assert m.tried_by_position[0] <= m.rounds
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("policy", ["static", "confidence"])
+def test_context_extensions_follow_the_engines_commits(qwen3_ckpt, plain, plain_greedy, batch, policy):
+    """block_context + context_next_token keep state across rounds (each sequence's last taps, and its last
+    position waiting for the token after it): under the engine's real order of prompts, proposals, commits
+    and rounds without drafts, every block must equal the one a fresh drafter drafts from the whole history."""
+    from dspark.drafters import DSparkDrafter
+
+    drafter = untrained_dspark(plain.target, batch, block_context=True, context_next_token=True)
+    history: dict[int, tuple[list[int], list[torch.Tensor]]] = {}
+    add, commit, draft = drafter.add_sequence, drafter.commit_batch, drafter.draft_block
+    checked, commits = [], [0]
+
+    def add_sequence(slot, prompt_ids, target_hidden):
+        history[slot] = (list(prompt_ids), [target_hidden.clone()])
+        add(slot, prompt_ids, target_hidden)
+
+    def commit_batch(b):
+        for i, (slot, ids) in enumerate(zip(b.slots, b.token_ids)):
+            history[slot][0].extend(ids)
+            history[slot][1].append(b.hidden_of(i).clone())
+        commits[0] += 1
+        commit(b)
+
+    def draft_block(slots, anchors, num_draft_tokens, sampling, generators, stop=None):
+        out = draft(slots, anchors, num_draft_tokens, sampling, generators, stop=stop)
+        for row, (slot, anchor) in enumerate(zip(slots, anchors)):
+            ids, taps = history[slot]
+            assert drafter.context_length(slot) == len(ids)
+            fresh = DSparkDrafter(drafter.model, 1, drafter.cache.max_len)
+            fresh.add_sequence(0, ids, torch.cat(taps))
+            want = fresh.draft_block([0], [anchor], out.base_logits.shape[1], SamplingTensors.from_params(
+                [SamplingParams(temperature=0)]), [None])
+            assert torch.allclose(out.base_logits[row], want.base_logits[0], atol=1e-4)
+            checked.append(slot)
+        return out
+
+    drafter.add_sequence, drafter.commit_batch, drafter.draft_block = add_sequence, commit_batch, draft_block
+    spec = LLM(model=qwen3_ckpt.path, drafter=drafter, max_num_seqs=batch, num_speculative_tokens=4, policy=policy)
+    outs = spec.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    assert [o.token_ids for o in outs] == plain_greedy
+    assert len(checked) >= (len(PROMPTS) if policy == "static" else 5)
+    if policy == "confidence":  # its gate kept some rounds from drafting: commits completed the waiting position
+        assert commits[0] > len(checked) / batch
 
 
 def test_stop_conditions_with_speculation(qwen3_ckpt, plain):

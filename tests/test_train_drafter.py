@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 from dspark.drafters import load_drafter
 from dspark.models import load_target
@@ -135,6 +136,9 @@ def test_bad_inputs_give_clear_errors(qwen3_ckpt, data_file, tmp_path, capsys) -
     assert "bad.jsonl:1: key 'output_ids'" in err(common + ["--data", str(bad)])
     assert "--block-size must be >= 1" in err(common + ["--data", str(data_file), "--block-size", "0"])
     assert "target_layer_ids" in err(common + ["--data", str(data_file), "--target-layer-ids", "0,9"])
+    for flag in ("--block-context", "--context-next-token"):
+        assert "apply to the dspark and dflash drafters" in err(common + ["--data", str(data_file), "--drafter",
+                                                                         "eagle3", flag])
 
     nomask = tmp_path / "nomask"
     shutil.copytree(qwen3_ckpt.path, nomask)
@@ -157,6 +161,12 @@ def test_resume_with_changed_settings_is_refused(qwen3_ckpt, data_file, tmp_path
             train(replace(cfg, **change))
     with pytest.raises(CheckpointError, match="already trained 8 steps, more than --steps 4"):
         train(replace(cfg, steps=4))
+    # A checkpoint from before a setting existed resumes when the setting keeps its default.
+    state = torch.load(tmp_path / "run" / ".work" / "checkpoint.pt", weights_only=False)
+    del state["config"]["block_context"]
+    torch.save(state, tmp_path / "run" / ".work" / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match="--block-context True"):
+        train(replace(cfg, steps=9, block_context=True))
     # Raising --steps on purpose continues the finished run.
     more = losses(train(replace(cfg, steps=12)))
     assert len(more) == 12 and more[:8] == losses_of(tmp_path / "run", 8)

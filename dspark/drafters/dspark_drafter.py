@@ -296,7 +296,8 @@ class DrafterConfigBase:
 
 
 # Sequential-head names: DeepSpec writes "vanilla" / "gated" / "rnn"; the paper's words are accepted too.
-HEAD_ALIASES = {"markov": "vanilla", "vanilla": "vanilla", "gated_markov": "gated", "gated": "gated", "rnn": "rnn"}
+HEAD_ALIASES = {"markov": "vanilla", "vanilla": "vanilla", "gated_markov": "gated", "gated": "gated", "rnn": "rnn",
+                "joint": "joint"}
 
 
 @dataclass(kw_only=True)
@@ -311,6 +312,14 @@ class DSparkConfig(DrafterConfigBase):
     confidence_head_with_markov: bool = True
     num_anchors: int = 512  # training only (anchors per sequence); kept for DeepSpec compatibility
     drafter_type: str = "dspark"
+    # This project's extension (not in DeepSpec, vLLM or SGLang): every block input also gets
+    # `block_context_proj(feature of the last context position)`, the target's features in the block's
+    # residual stream (as EAGLE-3's layer input has them), not only in the draft layers' keys/values.
+    block_context: bool = False
+    # This project's extension too: context position i's features also read the token after it,
+    # hidden_norm(fc(taps_i) + next_token_proj(embed(x_{i+1}))), as EAGLE-3's context rows pair g_i with
+    # x_{i+1}; a position's keys and values are then written once the token after it is known.
+    context_next_token: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -349,6 +358,8 @@ class DSparkConfig(DrafterConfigBase):
             "num_anchors": self.num_anchors,
             "num_hidden_layers": self.num_hidden_layers,
             "layer_types": ["full_attention"] * self.num_hidden_layers,
+            **({"block_context": True} if self.block_context else {}),
+            **({"context_next_token": True} if self.context_next_token else {}),
         })
 
     @classmethod
@@ -372,6 +383,8 @@ class DSparkConfig(DrafterConfigBase):
                 confidence_head_with_markov=bool(raw.get("confidence_head_with_markov", False)) and conf,
                 num_anchors=int(raw.get("num_anchors", 512)),
                 drafter_type=str(raw.get("drafter_type") or ("dspark" if rank > 0 else "dflash")),
+                block_context=bool(raw.get("block_context", False)),
+                context_next_token=bool(raw.get("context_next_token", False)),
             )
 
         return cls._parse_json(raw, source, own)
@@ -563,6 +576,33 @@ class RNNHead(MarkovHead):
             b, state = self.step(flat_ids[:, k], flat_h[:, k], state)
             out.append(b)
         return torch.stack(out, dim=1).reshape(*lead, G, -1)
+
+
+@_register_head("joint")
+class JointMarkovHead(MarkovHead):
+    """This project's head (not in the paper or the engines): the Markov bias plus a correction in the
+    hidden space read jointly from the backbone state and the previous token, through the target's LM
+    head: δ_k = down(silu(up([h_k; W1[x_{k-1}]]))), B_k = W1[x_{k-1}] W2 + LM(δ_k). The vanilla bias is
+    the same for every context; here the previous token's effect can depend on what h_k says."""
+
+    def __init__(self, cfg: DSparkConfig) -> None:
+        super().__init__(cfg)
+        width = 8 * cfg.markov_rank
+        self.up = nn.Linear(cfg.hidden_size + cfg.markov_rank, width, bias=False)
+        self.down = nn.Linear(width, cfg.hidden_size, bias=False)
+        self.lm_head: Callable[[Tensor], Tensor] | None = None  # the drafter's LM head, set by DSparkModel
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "lm_head":  # a function of the owning model, not a submodule
+            self.__dict__[name] = value
+        else:
+            super().__setattr__(name, value)
+
+    def bias(self, prev_ids: Tensor, hidden: Tensor) -> Tensor:
+        assert self.lm_head is not None
+        e = self.markov_w1(prev_ids)
+        delta = self.down(F.silu(self.up(torch.cat([hidden, e.to(hidden.dtype)], dim=-1))))
+        return self.markov_w2(e) + self.lm_head(delta).to(e.dtype)
 
 
 class ConfidenceHead(nn.Module):
@@ -981,9 +1021,15 @@ class DSparkModel(FeatureDrafterModel):
         self.hidden_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.layers = nn.ModuleList(DraftLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.block_context_proj = (nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+                                   if cfg.block_context else None)
+        self.next_token_proj = (nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+                                if cfg.context_next_token else None)
         self.markov_head: SequentialHead | None = (
             SEQUENTIAL_HEADS[cfg.markov_head_type](cfg) if cfg.has_sequential_head else None
         )
+        if isinstance(self.markov_head, JointMarkovHead):
+            self.markov_head.lm_head = lambda h: self._shared().logits(h)
         self.confidence_head: ConfidenceHead | None = None
         if cfg.enable_confidence_head:
             extra = cfg.markov_rank if cfg.confidence_head_with_markov else 0
@@ -1041,10 +1087,16 @@ class DSparkModel(FeatureDrafterModel):
     def lm_head(self, hidden: Tensor) -> Tensor:
         return self._shared().logits(hidden).float()
 
-    def context_features(self, target_hidden: Tensor) -> Tensor:
-        """target_hidden [..., L, H] (taps in target_layer_ids order) -> context features [..., H]."""
+    def context_features(self, target_hidden: Tensor, next_ids: Tensor | None = None) -> Tensor:
+        """target_hidden [..., L, H] (taps in target_layer_ids order) -> context features [..., H];
+        with `context_next_token`, next_ids [...] are the tokens after those positions."""
         flat = target_hidden.reshape(*target_hidden.shape[:-2], -1).to(self.dtype)
-        return self.hidden_norm(self.fc(flat))
+        x = self.fc(flat)
+        if self.next_token_proj is not None:
+            if next_ids is None:
+                raise ValueError("this drafter has context_next_token: its context needs the token after each position")
+            x = x + self.next_token_proj(self.embed(next_ids))
+        return self.hidden_norm(x)
 
     def context_keys_values(self, features: Tensor, positions: Tensor) -> list[tuple[Tensor, Tensor]]:
         """Per draft layer, keys/values of context features [b, S, H] at positions [b, S]:
@@ -1057,6 +1109,17 @@ class DSparkModel(FeatureDrafterModel):
         """The draft layers over block inputs x [b, S, H] at positions [b, S] (see `run_layers`).
         Returns h [b, S, H] after the final norm."""
         return self.norm(self.run_layers(x, positions, kv, mask, attend))
+
+    def add_block_context(self, x: Tensor, last_features: Tensor | None) -> Tensor:
+        """x [b, S, H] block inputs (S = blocks x G) + the projected context features of each block's last
+        context position, last_features [b, S // G, H] (zeros where a block has no context); x unchanged
+        without `block_context`."""
+        if self.block_context_proj is None:
+            return x
+        if last_features is None:
+            raise ValueError("this drafter has block_context: its blocks need the last context position's features")
+        add = self.block_context_proj(last_features.to(x.dtype))  # [b, blocks, H]
+        return x + add.repeat_interleave(x.shape[1] // add.shape[1], dim=1)
 
     def block_inputs(self, anchor_ids: Tensor) -> Tensor:
         """anchor_ids [...] -> block token ids [..., G]: the anchor, then G-1 mask tokens."""
@@ -1097,12 +1160,16 @@ class DSparkModel(FeatureDrafterModel):
         anchor_mask, loss_mask = default_train_masks(input_ids, anchors, anchor_mask, loss_mask)
         anchors = torch.where(anchor_mask, anchors, torch.zeros_like(anchors)).clamp(0, T - 1)
 
-        feats = self.context_features(target_hidden)  # [B, T, H]
+        next_ids = torch.cat([input_ids[:, 1:], input_ids[:, -1:]], dim=1)  # the last is never seen
+        feats = self.context_features(target_hidden, next_ids)  # [B, T, H]
         ctx_pos = torch.arange(T, device=dev).expand(B, T)
         ctx_kv = self.context_keys_values(feats, ctx_pos)
 
         anchor_ids = input_ids.gather(1, anchors)  # [B, A]
         x = self.embed(self.block_inputs(anchor_ids).view(B, A * G))  # [B, A*G, H]
+        if self.block_context_proj is not None:
+            last = feats.gather(1, (anchors - 1).clamp(min=0).unsqueeze(-1).expand(-1, -1, feats.shape[-1]))
+            x = self.add_block_context(x, last * (anchors > 0).unsqueeze(-1).to(last.dtype))  # [B, A, H] per block
         offsets = torch.arange(G, device=dev)
         positions = (anchors.unsqueeze(-1) + offsets).view(B, A * G)
 
@@ -1223,6 +1290,14 @@ class DSparkDrafter(FeatureDrafter):
         self.has_confidence = model.confidence_head is not None
         # Calibration of c_k (Sequential Temperature Scaling): [G] float32 or None (raw sigmoid).
         self.confidence_temperatures: Tensor | None = None
+        # With `block_context`: the taps of each cache slot's last context position [max_seqs, L, H].
+        self._last_taps: Tensor | None = None
+        if cfg.block_context:
+            self._last_taps = torch.zeros(max_seqs, len(cfg.target_layer_ids), cfg.hidden_size,
+                                          dtype=model.dtype, device=model.device)
+        # With `context_next_token`: per cache slot, the taps [L, H] of its last context position, whose
+        # keys and values wait for the token after it (the next anchor, or the next commit's first token).
+        self._pending: dict[int, Tensor] = {}
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None, target: "TargetModel", max_seqs: int, max_len: int) -> Any:
@@ -1251,12 +1326,17 @@ class DSparkDrafter(FeatureDrafter):
     # ---- Drafter protocol ---------------------------------------------------------------------------
 
     def add_sequence(self, slot: int, prompt_ids: list[int], target_hidden: Tensor | None) -> None:
-        self._open_slot(slot, lambda cslot: self._append_context(slot, len(prompt_ids), target_hidden))
+        self._open_slot(slot, lambda cslot: self._append_context(slot, list(prompt_ids), target_hidden))
 
     @torch.inference_mode()
     def commit_batch(self, batch: DraftCommit) -> None:
         """Append the context K/V of every sequence's kept tokens in one ragged pass."""
         taps = self._batch_features_in(batch)  # [num_reqs, k_max, L, H]
+        self._keep_last_taps([self._cslot(s) for s in batch.slots], [len(t) for t in batch.token_ids], taps)
+        if self.model.next_token_proj is not None:
+            self._append_with_next([self._cslot(s) for s in batch.slots],
+                                   [t[:len(ids)] for t, ids in zip(taps, batch.token_ids)], batch.token_ids)
+            return
         if self._context_c_runs(taps):
             lens = [len(t) for t in batch.token_ids]
             rows = taps[0, :lens[0]] if len(lens) == 1 else torch.cat([t[:n] for t, n in zip(taps, lens)])
@@ -1270,16 +1350,24 @@ class DSparkDrafter(FeatureDrafter):
         self.cache.commit(cb)
 
     def context_length(self, slot: int) -> int:
-        return self.cache.length(self._cslot(slot))
+        """Positions whose target features the drafter holds (a pending one counted: see `_pending`)."""
+        cslot = self._cslot(slot)
+        return self.cache.length(cslot) + (cslot in self._pending)
 
     # ---- internals -----------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def _append_context(self, slot: int, n: int, target_hidden: Tensor | None) -> None:
-        """Append the K/V of `n` new context positions (only these; nothing is recomputed)."""
+    def _append_context(self, slot: int, ids: list[int], target_hidden: Tensor | None) -> None:
+        """Append the K/V of the new context positions of tokens `ids` (only these; nothing is recomputed)."""
         cslot = self._cslot(slot)
         model = self.model
+        n = len(ids)
         taps = self._features_in(target_hidden, n)  # [n, L, H]
+        self._keep_last_taps([cslot], [n], taps.unsqueeze(0))
+        if model.next_token_proj is not None:
+            self._pending.pop(cslot, None)  # a fresh sequence on this cache slot
+            self._append_with_next([cslot], [taps], [ids])
+            return
         if self._context_c_runs(taps):
             self._append_context_c([cslot], [n], taps)
             return
@@ -1288,6 +1376,46 @@ class DSparkDrafter(FeatureDrafter):
         for i, (k, v) in enumerate(model.context_keys_values(feats, batch.positions)):
             self.cache.update(i, batch, k, v)
         self.cache.commit(batch)
+
+    def _append_with_next(self, cslots: list[int], taps: list[Tensor], ids: list[list[int]]) -> None:
+        """`context_next_token`: per cache slot, new positions with taps [k, L, H] holding tokens ids (k of
+        them). Writes the K/V of the slot's pending position (the token after it: ids[0]) and of every new
+        position but the last, which becomes pending (the token after it is not known yet)."""
+        rows, nexts = [], []
+        for c, t, tok in zip(cslots, taps, ids):
+            r, nx = t[:-1], list(tok[1:])
+            if c in self._pending:
+                r, nx = torch.cat([self._pending.pop(c).unsqueeze(0), r]), [tok[0], *nx]
+            self._pending[c] = t[-1].clone()  # the caller may reuse its buffer
+            rows.append(r)
+            nexts.append(nx)
+        self._write_context(cslots, rows, nexts)
+
+    def _write_context(self, cslots: list[int], rows: list[Tensor], nexts: list[list[int]]) -> None:
+        """Append context positions: taps rows[i] [k_i, L, H], the tokens after them nexts[i] (k_i)."""
+        keep = [i for i, r in enumerate(rows) if len(r)]
+        if not keep:
+            return
+        model = self.model
+        lens = [len(rows[i]) for i in keep]
+        m = max(lens)
+        taps = rows[keep[0]].new_zeros(len(keep), m, *rows[keep[0]].shape[1:])
+        nxt = torch.zeros(len(keep), m, dtype=torch.long, device=taps.device)
+        for j, i in enumerate(keep):
+            taps[j, :lens[j]] = rows[i]
+            nxt[j, :lens[j]] = torch.tensor(nexts[i], dtype=torch.long)
+        feats = model.context_features(taps, nxt)  # [k, m, H]
+        cb = self.cache.prepare([cslots[i] for i in keep], lens, max_position=self.cache.max_len)
+        for i, (k, v) in enumerate(model.context_keys_values(feats, cb.positions)):
+            self.cache.update(i, cb, k, v)
+        self.cache.commit(cb)
+
+    def _keep_last_taps(self, cslots: list[int], lens: list[int], taps: Tensor) -> None:
+        """taps [n, k_max, L, H] of `lens` new positions per cache slot: remember each slot's last row."""
+        if self._last_taps is not None:
+            for c, k, t in zip(cslots, lens, taps):
+                if k:
+                    self._last_taps[c] = t[k - 1]
 
     @torch.inference_mode()
     def draft_block(self, slots: list[int], anchors: list[int], num_draft_tokens: int | list[int],
@@ -1308,9 +1436,17 @@ class DSparkDrafter(FeatureDrafter):
         cslots = [self._cslot(s) for s in slots]
         anchor_t = torch.tensor(anchors, dtype=torch.long, device=dev)  # [n]
 
+        if model.next_token_proj is not None:  # the pending positions: the anchor is the token after them
+            pend = [self._pending.pop(c, None) for c in cslots]
+            self._write_context(cslots, [p.unsqueeze(0) if p is not None else anchor_t.new_zeros(0) for p in pend],
+                                [[a] for a in anchors])
         # The whole block is always run (the backbone was trained on G inputs); only gamma are drafted.
         batch = self.cache.prepare(cslots, [G] * n, max_position=self.cache.max_len)
         x = model.embed(model.block_inputs(anchor_t))  # [n, G, H]
+        if self._last_taps is not None:
+            last = model.context_features(self._last_taps[torch.tensor(cslots, device=dev)],
+                                          anchor_t if model.next_token_proj is not None else None)  # [n, H]
+            x = model.add_block_context(x, last.unsqueeze(1))
         if self.use_c_layers and model.c_layers is not None and self._row_kernel_runs():
             h = self._run_block_c(x, batch, cslots, G)
         elif (attend := self._row_attend(batch, cslots, G)) is not None:

@@ -15,7 +15,7 @@ import shlex
 import signal
 import sys
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol
 
@@ -165,11 +165,13 @@ def _norm(name: str, value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def check_settings(saved: dict, current: dict, ckpt_path: Path, step: int) -> None:
-    """Raise CheckpointError naming every setting that differs from the checkpoint's run."""
+def check_settings(saved: dict, current: dict, ckpt_path: Path, step: int, defaults: dict | None = None) -> None:
+    """Raise CheckpointError naming every setting that differs from the checkpoint's run. A setting
+    the checkpoint lacks (added to the trainer since) counts as its default in `defaults`."""
     from dspark.errors import CheckpointError
 
     work = ckpt_path.parent
+    saved = {**{k: v for k, v in (defaults or {}).items() if k not in saved}, **saved}
     diffs = [f"{_flag(k)} {current.get(k)!r} (checkpoint: {saved.get(k)!r})"
              for k in sorted(set(saved) | set(current))
              if k not in RESUMABLE_CHANGES and k != "steps" and _norm(k, saved.get(k)) != _norm(k, current.get(k))]
@@ -216,7 +218,8 @@ def resume(ckpt_path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, 
         return log
     state, path = _load_state(ckpt_path)
     if cfg is not None and isinstance(state.get("config"), dict):
-        check_settings(state["config"], asdict(cfg), path, int(state["log"].get("step", 0)))
+        defaults = {f.name: f.default for f in fields(cfg) if f.default is not MISSING}
+        check_settings(state["config"], asdict(cfg), path, int(state["log"].get("step", 0)), defaults)
     try:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])

@@ -74,6 +74,8 @@ class TrainDrafterConfig(RunConfig):
     num_layers: int = 1
     markov_rank: int | None = None        # None: 256 for dspark, 0 for dflash
     markov_head_type: str = "markov"      # markov | gated_markov | rnn (DeepSpec: vanilla | gated | rnn)
+    block_context: bool = False           # dspark/dflash: the last context features in every block input
+    context_next_token: bool = False      # dspark/dflash: each context position also reads the token after it
     confidence_head: bool | None = None   # None: on for dspark, off for dflash
     target_layer_ids: list[int] | None = None  # None: evenly spaced, never the last layer
     mask_token_id: int | None = None      # None: the target tokenizer's mask token
@@ -100,6 +102,9 @@ class TrainDrafterConfig(RunConfig):
             raise ValueError(f"--max-seq-len must be >= 3, got {self.max_seq_len}")
         if self.markov_rank is not None and self.markov_rank < 0:
             raise ValueError(f"--markov-rank must be >= 0, got {self.markov_rank}")
+        if (self.block_context or self.context_next_token) and self.drafter == "eagle3":
+            raise ValueError("--block-context and --context-next-token apply to the dspark and dflash drafters, "
+                             "not eagle3")
         if self.markov_head_type not in HEAD_ALIASES:
             raise ValueError(f"--markov-head-type must be one of {', '.join(HEAD_ALIASES)}, "
                              f"got {self.markov_head_type!r}")
@@ -515,6 +520,7 @@ def _dspark_config(cfg: TrainDrafterConfig, target) -> DSparkConfig:
         markov_rank=rank, markov_head_type=cfg.markov_head_type, enable_confidence_head=conf,
         confidence_head_with_markov=conf and rank > 0, target_layer_ids=layer_ids,
         num_anchors=cfg.anchors_per_seq, drafter_type=cfg.drafter, draft_vocab_size=_draft_vocab_size(cfg, target),
+        block_context=cfg.block_context, context_next_token=cfg.context_next_token,
     )
 
 
@@ -817,6 +823,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"eagle3 (autoregressive, training-time test over --block-size steps) (default: {d.drafter})")
     p.add_argument("--markov-head-type", default=d.markov_head_type, choices=sorted(HEAD_ALIASES),
                    help=f"sequential head (default: {d.markov_head_type})")
+    p.add_argument("--block-context", action="store_true",
+                   help="dspark/dflash: add a learned projection of the last context position's features to "
+                        "every block input (this project's extension; the engines' DSpark loaders do not "
+                        "have it) (default: off, the paper's backbone)")
+    p.add_argument("--context-next-token", action="store_true",
+                   help="dspark/dflash: each context position's features also read the token after it (as "
+                        "EAGLE-3's rows do; this project's extension) (default: off, the paper's backbone)")
     p.add_argument("--target-layer-ids", type=_int_list, default=None,
                    help="target layers whose hidden states condition the drafter, e.g. 1,3,5 "
                         "(default: evenly spaced, never the last)")
