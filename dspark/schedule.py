@@ -348,8 +348,11 @@ class DraftGate:
     arm (one cap up or down, in turn) for `probe_rounds` rounds, re-timing it from scratch, so it climbs
     to deeper caps only while each step up pays and the estimates follow the text and the load; a
     probe that does not win doubles that interval (up to `max_probe_every`), one that wins resets it.
-    The first round after a change of arm is not measured. Lossless: the decision reads only rounds
-    already verified, never the drafts of the round it decides.
+    The first round after a change of arm is not measured. An arm's first tokens estimate at a new R
+    starts from that arm's average over every R (`pooled`, the same long EMA), not from its first few
+    rounds alone: how often drafts are accepted hardly depends on R, and a probe's handful of rounds
+    at a new batch size would otherwise let one lucky round switch it to drafting. Lossless: the
+    decision reads only rounds already verified, never the drafts of the round it decides.
     """
 
     ARMS: tuple[int | None, ...] = (0, 1, 2, None)
@@ -369,6 +372,7 @@ class DraftGate:
         self.decay = decay              # EMA weight of the old value: a round's wall seconds
         self.token_decay = token_decay  # and its tokens per request
         self.stats: dict[int, dict[int | None, list[float]]] = {}  # R -> arm -> [tokens/request, seconds]
+        self.pooled: dict[int | None, float] = {}  # arm -> tokens/request over rounds of every R
         self.idle = 0                # rounds since the last probe
         self.skipped = 0             # rounds the gate kept from drafting (all time)
         self.chosen: dict[int | None, int] = {}  # rounds per arm (all time)
@@ -427,8 +431,10 @@ class DraftGate:
             st = self.stats.setdefault(num_reqs, {})
             new = [1 + accepted / num_reqs, seconds]
             old = st.get(arm)
+            prior = self.pooled.get(arm)
+            self.pooled[arm] = new[0] if prior is None else self._ema(prior, new[0], self.token_decay)
             if old is None:
-                st[arm] = new
+                st[arm] = new if prior is None else [self._ema(prior, new[0], self.token_decay), seconds]
             else:
                 if self._probe is not None and self._probe[2]:  # a probe re-times its arm: the old
                     old = [old[0], new[1]]                      # time is probe_every rounds stale

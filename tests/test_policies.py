@@ -279,6 +279,26 @@ def test_gate_keeps_a_long_token_average_and_a_short_time_average():
     assert gate.stats[1][1] == pytest.approx([0.95 * (0.95 * 1.2 + 0.1) + 0.1, 0.027])
 
 
+def test_gate_starts_a_new_batch_size_from_the_tokens_measured_at_others():
+    """Acceptance hardly depends on the batch size: a first probe at a new R starts from the arm's
+    tokens over every R, so two lucky rounds there do not switch it to drafting (they would alone)."""
+    accepted = {0: 0, 1: 0.2, 2: 0.2, None: 0.2}
+    seconds = {0: 0.020, 1: 0.030, 2: 0.035, None: 0.060}
+    lucky = {**accepted, 1: 3.0}  # 3 of 3 drafts accepted at R = 3: 2.0 tokens a request
+    for known in (True, False):
+        gate = DraftGate(probe_every=4, probe_rounds=3)
+        if known:
+            _play(gate, 1, 4 + 3 + 8 + 3, accepted, seconds)  # R = 1: cap 1 yields 1.2 tokens
+            assert gate.pooled[1] == pytest.approx(1.2)
+        wait = gate.probe_every  # rounds to the next probe (backed off to 16 at R = 1)
+        caps = _play(gate, 3, wait + 3, lucky, seconds)
+        assert caps == [0] * wait + [1] * 3
+        if known:  # 1.2 -> 1.2 + 0.05 * 0.8 + ...: 3 * 1.28 / 30 ms < 3 / 20 ms
+            assert gate.stats[3][1][0] == pytest.approx(0.95 * (0.95 * 1.2 + 0.1) + 0.1) and gate.best(3) == 0
+        else:  # the lucky rounds alone: 3 * 2.0 / 30 ms > 3 / 20 ms
+            assert gate.stats[3][1][0] == pytest.approx(2.0) and gate.best(3) == 1
+
+
 def test_gate_drafts_only_when_clearly_faster_than_plain():
     """A drafting arm must measure `margin` (5%) faster than not drafting: level arms stay plain."""
     for faster, want in ((1.03, 0), (1.08, 1)):
