@@ -71,9 +71,11 @@ def test_loadtest_repeats_interleave_and_report_the_median_pass(tmp_path, monkey
 
     monkeypatch.setattr(lt, "run_level", recording)
     assert main(_argv(tmp_path, "--concurrency", "1,2", "--policies", "plain,fixed:2", "--repeats", "3")) == 0
-    # Every pass runs each level under every policy back to back, then the next pass.
+    # Every pass runs each level under every policy back to back, then the next pass; every other
+    # pass in the reverse order of policies (ABBA).
     one_pass = [("plain", 1), ("fixed:2", 1), ("plain", 2), ("fixed:2", 2)]
-    assert order == one_pass * 3
+    reverse = [("fixed:2", 1), ("plain", 1), ("fixed:2", 2), ("plain", 2)]
+    assert order == one_pass + reverse + one_pass
     data = json.loads((tmp_path / "load.json").read_text())
     assert data["config"]["repeats"] == 3 and len(data["results"]) == 4
     for r in data["results"]:

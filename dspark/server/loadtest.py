@@ -460,10 +460,12 @@ def loadtest(cfg: LoadConfig, *, target=None, progress: bool = True, plots: bool
             engine.run([prompts[0]], [SamplingParams(temperature=0, max_tokens=4)])  # warm-up
             engines.append(engine)
         # Interleaved: each pass runs every concurrency level with every policy back to back, so a
-        # change in the machine's load shows in every policy alike.
-        for _ in range(cfg.repeats):
+        # change in the machine's load shows in every policy alike; every other pass in the reverse
+        # order, so a load that rises or falls over a level's runs favours no policy (ABBA).
+        for p in range(cfg.repeats):
             for c in cfg.concurrency:
-                for i, (policy, engine) in enumerate(zip(policies, engines)):
+                order = list(enumerate(zip(policies, engines)))
+                for i, (policy, engine) in (reversed(order) if p % 2 else order):
                     bar.set_postfix_str(f"{policy} x{c}")
                     report, results = run_level(engine, prompts, c, cfg, lambda r: bar.update(1), target_label(target))
                     row = load_row(str(policy), report, results)
@@ -536,8 +538,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reprofile", action="store_true",
                    help="measure the target's step-cost table again instead of reading the cached one")
     p.add_argument("--repeats", type=int, default=1,
-                   help="interleaved passes over every (policy, concurrency) cell; each row reports the median "
-                        "pass by throughput (default: 1)")
+                   help="interleaved passes over every (policy, concurrency) cell, every other one in the reverse "
+                        "order of policies; each row reports the median pass by throughput (default: 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
