@@ -52,7 +52,7 @@ from dspark.bundled import (MODEL_ENV, REPO_MODELS, default_drafter_for, default
 from dspark.config import EngineConfig, VerifyPolicy
 from dspark.drafters.base import DraftCommit
 from dspark.errors import DSparkError
-from dspark.models import TargetModel, load_target
+from dspark.models import TargetModel, load_target, row_attention
 from dspark.models.argmax import argmax_rows
 from dspark.sampling import SamplingParams, SamplingTensors, logits_to_probs, make_generator, sample_from_probs
 from dspark.schedule import ScheduleError, StepCostTable, policy_rule, survival_from_confidence
@@ -472,11 +472,14 @@ class Engine:
         ells = self.rule.draft_caps([self._num_draft_tokens(r) for r in decode]) if self.drafter is not None \
             else [0] * len(decode)
         budget = self.max_num_batched_tokens - sum(1 + e for e in ells)
+        # A chunk never exceeds what the row attention kernel takes, so a prompt gets the same bits
+        # however the steps split it (see dspark.models.row_attention).
+        most = row_attention.ROW_LIMIT
         prefill = []
         for req in [r for r in self.running if not r.prefilled]:  # chunks of prompts already admitted
             if budget <= 0:
                 break
-            n = min(len(req.prompt_ids) - req.num_computed, budget)
+            n = min(len(req.prompt_ids) - req.num_computed, budget, most)
             prefill.append(PrefillChunk(req, n))
             budget -= n
         while budget > 0 and self.waiting and len(self.running) < self.max_num_seqs:
@@ -485,7 +488,7 @@ class Engine:
             req.t_start = time.perf_counter()
             req.metrics = RequestMetrics(num_prompt_tokens=len(req.prompt_ids))
             self.running.append(req)
-            n = min(len(req.prompt_ids), budget)
+            n = min(len(req.prompt_ids), budget, most)
             prefill.append(PrefillChunk(req, n))
             budget -= n
         return ScheduledStep(prefill, decode, ells)

@@ -149,9 +149,11 @@ def test_verified_tokens_equal_decoded_tokens_bit_for_bit(targets, name):
 
 
 @pytest.mark.parametrize("name", ["auto", "f16-cache"])
-def test_a_sequence_gets_the_same_bits_alone_and_batched(targets, name):
+def test_a_sequence_gets_the_same_bits_alone_and_batched(targets, name, monkeypatch):
     """Ragged verification (different lengths, different numbers of new tokens, padding) beside other
-    sequences gives each sequence exactly what it gets alone; so does a long chunk (SDPA path)."""
+    sequences gives each sequence exactly what it gets alone; so does a long chunk (SDPA path, here
+    over 64 tokens: the tiny model's 256 positions hold no chunk over the real limit)."""
+    monkeypatch.setattr(row_attention, "ROW_LIMIT", 64)
     t = targets[name]
     prompts = [list(range(5, 25)), list(range(30, 110)), list(range(7, 12))]
     news = [[4, 5, 6], [9], list(range(60, 60 + row_attention.ROW_LIMIT + 6))]  # the last one: SDPA path
@@ -171,6 +173,53 @@ def test_a_sequence_gets_the_same_bits_alone_and_batched(targets, name):
         together = t.forward(cache, slots, news).logits
     for i, n in enumerate(news):
         assert torch.equal(together[i, :len(n)], alone[i]), i
+
+
+@pytest.mark.parametrize("name", ["auto", "f16-cache"])
+def test_a_prompt_gets_the_same_bits_however_it_is_chunked(targets, name):
+    """Chunks up to ROW_LIMIT tokens (the engine's default step budget) run on the row kernel: a prompt
+    prefilled whole, in two chunks or token by token gives the same logits, bit for bit (how a busy
+    server splits a prompt must not change the reply)."""
+    assert row_attention.ROW_LIMIT >= 512  # the engine's default max_num_batched_tokens
+    t = targets[name]
+    prompt = [3 + (7 * i) % 200 for i in range(130)]
+
+    def last_logits(splits: list[int]) -> torch.Tensor:
+        cache = t.new_cache(1, 160)
+        slot, pos = cache.allocate(), 0
+        with torch.inference_mode():
+            for n in splits:
+                out = t.forward(cache, [slot], [prompt[pos:pos + n]]).logits[0, -1]
+                pos += n
+        return out
+
+    whole = last_logits([130])
+    for splits in ([65, 65], [100, 30], [1] * 130):
+        assert torch.equal(last_logits(splits), whole), splits
+
+
+def test_the_engine_never_prefills_a_chunk_over_the_row_limit(targets, monkeypatch):
+    """However large the step budget, prompt chunks stay on the row kernel (<= ROW_LIMIT tokens), so
+    the reply is what a small budget's chunks give, token for token."""
+    from dspark.engine import Engine
+    from dspark.sampling import SamplingParams
+
+    t = targets["f16-cache"]
+    sizes: list[int] = []
+    forward = t.forward
+
+    def recording(cache, slots, tokens, *args, **kwargs):
+        sizes.extend(len(x) for x in tokens)
+        return forward(cache, slots, tokens, *args, **kwargs)
+
+    monkeypatch.setattr(t, "forward", recording)
+    prompts = [[3 + (7 * i + j) % 200 for i in range(90)] for j in range(3)]
+    params = [SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)] * 3
+    small = [o.token_ids for o in Engine(t, max_num_seqs=3, max_num_batched_tokens=24).run(prompts, params)]
+    monkeypatch.setattr(row_attention, "ROW_LIMIT", 20)
+    sizes.clear()
+    big = [o.token_ids for o in Engine(t, max_num_seqs=3, max_num_batched_tokens=256).run(prompts, params)]
+    assert max(sizes) == 20 and big == small
 
 
 def test_prefill_in_a_group_equals_prefill_alone(targets):
