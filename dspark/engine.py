@@ -472,9 +472,9 @@ class Engine:
         ells = self.rule.draft_caps([self._num_draft_tokens(r) for r in decode]) if self.drafter is not None \
             else [0] * len(decode)
         budget = self.max_num_batched_tokens - sum(1 + e for e in ells)
-        # A chunk never exceeds what the row attention kernel takes, so a prompt gets the same bits
-        # however the steps split it (see dspark.models.row_attention).
-        most = row_attention.ROW_LIMIT
+        # On the row attention kernel a chunk never exceeds what it takes, so a prompt gets the same
+        # bits however the steps split it (see dspark.models.row_attention).
+        most = row_attention.ROW_LIMIT if self.target.attention == "rows" else budget
         prefill = []
         for req in [r for r in self.running if not r.prefilled]:  # chunks of prompts already admitted
             if budget <= 0:
