@@ -590,13 +590,8 @@ class JointMarkovHead(MarkovHead):
         width = 8 * cfg.markov_rank
         self.up = nn.Linear(cfg.hidden_size + cfg.markov_rank, width, bias=False)
         self.down = nn.Linear(width, cfg.hidden_size, bias=False)
-        self.lm_head: Callable[[Tensor], Tensor] | None = None  # the drafter's LM head, set by DSparkModel
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name == "lm_head":  # a function of the owning model, not a submodule
-            self.__dict__[name] = value
-        else:
-            super().__setattr__(name, value)
+        # the drafter's LM head, set by DSparkModel (a function, not a submodule: no weights of its own)
+        self.lm_head: Callable[[Tensor], Tensor] | None = None
 
     def bias(self, prev_ids: Tensor, hidden: Tensor) -> Tensor:
         assert self.lm_head is not None
@@ -1343,11 +1338,7 @@ class DSparkDrafter(FeatureDrafter):
             self._append_context_c([self._cslot(s) for s in batch.slots], lens, rows)
             return
         feats = self.model.context_features(taps)  # [num_reqs, k_max, H]
-        cb = self.cache.prepare([self._cslot(s) for s in batch.slots], [len(t) for t in batch.token_ids],
-                                max_position=self.cache.max_len)
-        for i, (k, v) in enumerate(self.model.context_keys_values(feats, cb.positions)):
-            self.cache.update(i, cb, k, v)
-        self.cache.commit(cb)
+        self._commit_features([self._cslot(s) for s in batch.slots], [len(t) for t in batch.token_ids], feats)
 
     def context_length(self, slot: int) -> int:
         """Positions whose target features the drafter holds (a pending one counted: see `_pending`)."""
@@ -1372,10 +1363,7 @@ class DSparkDrafter(FeatureDrafter):
             self._append_context_c([cslot], [n], taps)
             return
         feats = model.context_features(taps.unsqueeze(0))  # [1, n, H]
-        batch = self.cache.prepare([cslot], [n], max_position=self.cache.max_len)
-        for i, (k, v) in enumerate(model.context_keys_values(feats, batch.positions)):
-            self.cache.update(i, batch, k, v)
-        self.cache.commit(batch)
+        self._commit_features([cslot], [n], feats)
 
     def _append_with_next(self, cslots: list[int], taps: list[Tensor], ids: list[list[int]]) -> None:
         """`context_next_token`: per cache slot, new positions with taps [k, L, H] holding tokens ids (k of
@@ -1404,9 +1392,13 @@ class DSparkDrafter(FeatureDrafter):
         for j, i in enumerate(keep):
             taps[j, :lens[j]] = rows[i]
             nxt[j, :lens[j]] = torch.tensor(nexts[i], dtype=torch.long)
-        feats = model.context_features(taps, nxt)  # [k, m, H]
-        cb = self.cache.prepare([cslots[i] for i in keep], lens, max_position=self.cache.max_len)
-        for i, (k, v) in enumerate(model.context_keys_values(feats, cb.positions)):
+        self._commit_features([cslots[i] for i in keep], lens, model.context_features(taps, nxt))
+
+    def _commit_features(self, cslots: list[int], lens: list[int], feats: Tensor) -> None:
+        """Append `lens[i]` context positions to cache slot cslots[i]: their features feats [n, max(lens), H]
+        (rows past a slot's length are padding) -> every draft layer's keys and values."""
+        cb = self.cache.prepare(cslots, lens, max_position=self.cache.max_len)
+        for i, (k, v) in enumerate(self.model.context_keys_values(feats, cb.positions)):
             self.cache.update(i, cb, k, v)
         self.cache.commit(cb)
 
