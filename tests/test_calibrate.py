@@ -106,14 +106,16 @@ def test_calibrate_writes_results_and_the_drafter_applies_them(tmp_path, drafter
     assert 0 <= res["mean_ece_before"] <= 1 and 0 <= res["mean_ece_after"] <= 1
     assert out.with_suffix(".reliability.png").read_bytes()[:4] == b"\x89PNG"
     stored = json.loads((drafter_copy / "calibration.json").read_text())
-    assert stored["temperatures"] == res["temperatures"]
+    kept = res["stored_temperatures"]  # the fit, unless it raised the held-out ECE (then T = 1)
+    assert kept == (res["temperatures"] if res["mean_ece_after"] <= res["mean_ece_before"] else [1.0] * gamma)
+    assert stored["temperatures"] == kept
 
     from dspark.drafters import load_drafter
     from dspark.models import load_target
 
     target = load_target(DEMO_TARGET)
     d = load_drafter(drafter_copy, target, max_seqs=1, max_len=64)
-    assert d.confidence_temperatures.tolist() == pytest.approx(res["temperatures"], rel=1e-6)
+    assert d.confidence_temperatures.tolist() == pytest.approx(kept, rel=1e-6)
     (drafter_copy / "calibration.json").rename(tmp_path / "kept.json")
     assert load_drafter(drafter_copy, target, max_seqs=1, max_len=64).confidence_temperatures is None  # raw head
     (tmp_path / "kept.json").rename(drafter_copy / "calibration.json")
@@ -128,8 +130,20 @@ def test_calibrate_writes_results_and_the_drafter_applies_them(tmp_path, drafter
     d.add_sequence(0, ids, res_t.hidden[0])
     greedy = SamplingTensors.from_params([SamplingParams(temperature=0)])
     prop = d.propose([0], [ids[-1]], [gamma], greedy, [None])
-    want = torch.sigmoid(prop.confidence_logits.float() / torch.tensor(res["temperatures"], dtype=torch.float32))
+    want = torch.sigmoid(prop.confidence_logits.float() / torch.tensor(kept, dtype=torch.float32))
     assert torch.allclose(prop.confidence, want, atol=1e-6)
+
+
+def test_a_fit_that_raises_the_held_out_ece_is_not_stored():
+    """STS is fitted on half the prompts; the drafter keeps its raw head (T = 1) when the fit calibrates the
+    other half worse than no fit at all, and the fit otherwise."""
+    from dspark.eval.calibrate import stored_temperatures
+
+    fit = [20.0, 0.65, 1.6]
+    assert stored_temperatures(fit, 0.0156, 0.0205) == [1.0, 1.0, 1.0]
+    assert stored_temperatures(fit, 0.0253, 0.0216) == fit
+    assert stored_temperatures(fit, 0.02, 0.02) == fit
+    assert stored_temperatures(fit, None, None) == fit
 
 
 @pytest.mark.parametrize("extra, match", [

@@ -101,6 +101,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_bfloat16_precision_trains_the_same_drafter_in_float32_weights(qwen3_ckpt, data_file, tmp_path) -> None:
+    """--precision bfloat16 (autocast of the drafter's forward) follows the float32 run closely, keeps the
+    weights in float32, learns, resumes into a float32 run, and is refused when unknown."""
+    steps = 30
+    fp32 = losses(train(tiny(qwen3_ckpt, data_file, tmp_path / "fp32", steps=steps, eval_every=15)))
+    cfg = tiny(qwen3_ckpt, data_file, tmp_path / "bf16", steps=steps, eval_every=15, precision="bfloat16")
+    train(replace(cfg, stop_after=6))
+    ckpt = torch.load(tmp_path / "bf16" / ".work" / "checkpoint.pt", weights_only=False)
+    assert all(v.dtype == torch.float32 for v in ckpt["model"].values() if v.is_floating_point())
+    bf16 = losses(train(replace(cfg, precision="float32", steps=8)))  # a resumed run may change it
+    assert len(bf16) == 8
+    bf16 = losses(train(tiny(qwen3_ckpt, data_file, tmp_path / "bf16b", steps=steps, eval_every=15,
+                             precision="bfloat16")))
+    assert bf16 != fp32  # the products did run in bfloat16
+    assert bf16[0] == pytest.approx(fp32[0], rel=0.02)
+    assert sum(bf16[-5:]) / 5 < sum(bf16[:5]) / 5 - 0.1, bf16
+    assert sum(bf16[-5:]) / 5 == pytest.approx(sum(fp32[-5:]) / 5, rel=0.1)
+    with pytest.raises(ValueError, match="--precision must be one of float32, bfloat16, got 'fp8'"):
+        train(tiny(qwen3_ckpt, data_file, tmp_path / "bad", precision="fp8"))
+
+
 def test_two_process_ddp_matches_one_process(qwen3_ckpt, data_file, tmp_path) -> None:
     steps = 5
     one = losses(train(tiny(qwen3_ckpt, data_file, tmp_path / "one", steps=steps, eval_every=100)))

@@ -146,7 +146,7 @@ def adamw(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float) 
 # it trains. `steps` may be changed too (raised to train on), as long as it is not below the step the
 # checkpoint has reached.
 RESUMABLE_CHANGES = frozenset({"out", "threads", "eval_every", "ckpt_every", "stop_after", "command",
-                               "save_dtype", "eval_seqs"})
+                               "save_dtype", "eval_seqs", "precision"})
 _PATH_SETTINGS = frozenset({"target", "data", "corpus", "tokenizer"})
 
 

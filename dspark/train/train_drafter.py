@@ -31,6 +31,7 @@ process. At the end the drafter is written to OUT (DSpark/DFlash in DeepSpec's l
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -90,6 +91,7 @@ class TrainDrafterConfig(RunConfig):
     draft_vocab_size: int | None = None   # predict only the N most frequent response tokens (None: all)
     online: bool = False                  # run the target even when the data has stored hidden states
     init_from: str | None = None          # start from this drafter's weights (fine-tuning; not when resuming)
+    precision: str = "float32"            # bfloat16: the drafter's forward under torch.autocast (mixed precision)
 
     def validate(self) -> None:
         if self.drafter not in TRAINABLE_DRAFTERS:
@@ -105,6 +107,8 @@ class TrainDrafterConfig(RunConfig):
         if (self.block_context or self.context_next_token) and self.drafter == "eagle3":
             raise ValueError("--block-context and --context-next-token apply to the dspark and dflash drafters, "
                              "not eagle3")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.markov_head_type not in HEAD_ALIASES:
             raise ValueError(f"--markov-head-type must be one of {', '.join(HEAD_ALIASES)}, "
                              f"got {self.markov_head_type!r}")
@@ -459,10 +463,24 @@ class TargetNormalisers:
         return (logits - lse.gather(1, flat).unsqueeze(-1)).view(*rows.shape, -1)
 
 
+# --precision: the dtype the drafter's forward runs its matrix products in (torch.autocast; None: float32)
+PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16}
+
+
+def autocast(precision: str, device: torch.device):
+    """Mixed precision for the drafter's forward: torch.autocast to `precision` (matrix products in
+    bfloat16, weights, gradients and optimiser state kept in float32), or nothing for float32."""
+    dtype = PRECISIONS[precision]
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
 def compute_terms(model, target, cache, batch: Batch, cfg: "DrafterSettings", decay: float,
-                  stored: StoredFeatures | None = None) -> LossTerms:
+                  stored: StoredFeatures | None = None, precision: str = "float32") -> LossTerms:
+    """The loss terms of one batch. `precision` applies to the drafter's forward only: the target's
+    side (its features and distribution) and the losses (on float32 logits) stay in float32."""
     feats = stored(batch) if stored is not None else target_features(target, cache, batch, cfg.target_layer_ids)
-    out = model(feats.hidden, batch.input_ids, batch.anchors, batch.anchor_mask, batch.loss_mask)
+    with autocast(precision, feats.hidden.device):
+        out = model(feats.hidden, batch.input_ids, batch.anchors, batch.anchor_mask, batch.loss_mask)
     draft_ids = getattr(model, "module", model).draft_ids  # DDP wraps the model
     normalisers = stored.normalisers if stored is not None else None
     if normalisers is not None and draft_ids is not None:
@@ -716,7 +734,7 @@ def _train_loop(cfg, rank, world, target, data, dcfg, model, ddp_model, opt, ckp
         seqs = [data.train[idx[j]] for j in mine]
         anchors = [sample_anchors(s, cfg.anchors_per_seq, [cfg.seed, step, j]) for s, j in zip(seqs, mine)]
         terms = compute_terms(ddp_model, target, cache, make_batch(seqs, anchors, cfg.anchors_per_seq),
-                              dcfg, cfg.decay, stored)
+                              dcfg, cfg.decay, stored, cfg.precision)
         # Divide by the global weight sum: DDP averages gradients over ranks, so scaling by `world`
         # makes the update exactly that of one process on the whole global batch.
         (den,) = _all_reduce([terms.weight_sum], world)
@@ -848,6 +866,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="start from this drafter's weights and draft vocabulary (same shape), e.g. to go on "
                         "training the bundled drafter on more data; a resumed run keeps its own weights "
                         "(default: a fresh initialisation)")
+    p.add_argument("--precision", default=d.precision, choices=list(PRECISIONS),
+                   help="bfloat16: mixed precision, the drafter's matrix products in bfloat16 (torch.autocast) "
+                        "with weights, optimiser state, the target's side, the losses and evaluation in float32, "
+                        "as GPU training usually runs; on a CPU with AMX measured here the products took half "
+                        "the time and the casts around them the rest, so no faster. A resumed run may change it "
+                        f"(default: {d.precision})")
     p.add_argument("--loss-decay", type=float, default=None,
                    help="γ_decay of the position weights exp(-(k-1)/γ_decay) (default: block size)")
     add_config_options(p, d, [
