@@ -1,7 +1,9 @@
 """What an attached but idle drafter costs a decoding step: the median wall time of decode steps with
 exactly B requests (no prefill in the step) in an engine without a drafter and in one with the bundled
 DSpark drafter under the `plain` policy (the speculative engine, drafting nothing: the rounds the
-confidence policy runs when it does not draft), the two engines alternating over the same prompts.
+confidence policy runs when it does not draft), the two engines alternating over the same prompts; and
+the median wall time of the steps that only run prompts (which with a drafter also hand each prompt's
+features to it).
 
     python benchmarks/idle_step_ab.py --data-dir ../shared/benchmarks [--set humaneval] [--batch 8]
         [--max-tokens 64] [--passes 5] [--threads 2]
@@ -32,11 +34,16 @@ def main() -> int:
     steps: dict[str, list[float]] = {}
     run = engine_mod.Engine._run
 
+    prefills: dict[str, list[float]] = {}
+
     def timed_run(self, sched):
         t0 = time.perf_counter()
         out = run(self, sched)
+        tag = getattr(self, "_bench_tag", "?")
         if not sched.prefill and len(sched.decode) == args.batch:
-            steps.setdefault(getattr(self, "_bench_tag", "?"), []).append(time.perf_counter() - t0)
+            steps.setdefault(tag, []).append(time.perf_counter() - t0)
+        elif sched.prefill and not sched.decode:  # the prompts' step (no request decoding yet)
+            prefills.setdefault(tag, []).append(time.perf_counter() - t0)
         return out
     engine_mod.Engine._run = timed_run
     engines = {"no drafter": LLM(), "idle drafter (plain policy)": LLM(drafter="dspark", policy="plain")}
@@ -44,6 +51,7 @@ def main() -> int:
         llm.engine._bench_tag = tag
         llm.chat(msgs, params)  # warm-up
     steps.clear()
+    prefills.clear()
     for _ in range(args.passes):
         for llm in engines.values():
             llm.chat(msgs, params)
@@ -52,6 +60,11 @@ def main() -> int:
         print(f"{tag:30s} median step {v:7.3f} ms over {len(steps[tag])} steps of {args.batch} requests")
     a, b = med["idle drafter (plain policy)"], med["no drafter"]
     print(f"idle drafter / no drafter: {a / b:.3f}")
+    pre = {tag: statistics.median(v) * 1e3 for tag, v in prefills.items()}
+    for tag, v in pre.items():
+        print(f"{tag:30s} median prompt step {v:7.3f} ms over {len(prefills[tag])} steps")
+    if len(pre) == 2:
+        print(f"prompt steps, idle drafter / no drafter: {pre['idle drafter (plain policy)'] / pre['no drafter']:.3f}")
     return 0
 
 
