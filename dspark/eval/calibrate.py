@@ -218,7 +218,6 @@ def calibrate(cfg: CalibrateConfig, *, target=None, drafter=None, progress: bool
         raise EvalError("no speculative rounds were recorded on the fit or the held-out prompts; raise "
                         "--num-prompts or --max-tokens")
     temps = sequential_temperature_scaling(torch.tensor(fit.logits), torch.tensor(fit.accepted)).tolist()
-    drafter.set_confidence_temperatures(temps)
     before = calibration_metrics(test.logits, test.accepted, None)
     after = calibration_metrics(test.logits, test.accepted, temps)
     fit_after = calibration_metrics(fit.logits, fit.accepted, temps)
@@ -283,8 +282,8 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
             f"mean ECE {100 * b:.2f}% -> {100 * a:.2f}%; ROC-AUC {_fmt(result['roc_auc'], False)}; mean Brier "
             f"{result['mean_brier_before']:.4f} -> {result['mean_brier_after']:.4f} "
             f"({result['held_out_rounds']} held-out rounds, {result['fit']['rounds']} fitted)"] + \
-        ([f"stored: T = 1 at every position (the fitted temperatures raised the held-out ECE)"]
-         if result.get("stored_temperatures", result["temperatures"]) != result["temperatures"] else [])
+        (["stored: T = 1 at every position (the fitted temperatures raised the held-out ECE)"]
+         if result["stored_temperatures"] != result["temperatures"] else [])
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
