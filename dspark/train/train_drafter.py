@@ -869,7 +869,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default=d.precision, choices=list(PRECISIONS),
                    help="bfloat16: mixed precision, the drafter's matrix products in bfloat16 (torch.autocast) "
                         "with weights, optimiser state, the target's side, the losses and evaluation in float32, "
-                        "as GPU training usually runs; 1.2-1.5x faster a step on a CPU with AMX (SmolLM2, README). "
+                        "as GPU training usually runs; 1.2-1.9x faster a step on a CPU with AMX (SmolLM2, README). "
                         f"A resumed run may change it (default: {d.precision})")
     p.add_argument("--loss-decay", type=float, default=None,
                    help="γ_decay of the position weights exp(-(k-1)/γ_decay) (default: block size)")
